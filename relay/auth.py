@@ -1,0 +1,39 @@
+"""Local client credentials: argon2 password hashes, verified off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from relay.config import Account, Config
+
+_hasher = PasswordHasher()
+# Verifying against this when the username is unknown keeps the timing of a wrong username
+# the same as a wrong password, so usernames cannot be probed.
+_DUMMY_HASH = _hasher.hash("m365relay-dummy-password")
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def _verify(password_hash: str, password: bytes) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+async def authenticate(config: Config, username: bytes, password: bytes) -> Account | None:
+    """The account these credentials belong to, or None. Hashing runs in a worker thread so
+    one slow argon2 check never stalls other SMTP sessions."""
+    try:
+        name = username.decode("utf-8")
+    except UnicodeDecodeError:
+        name = ""
+    account = config.account_for_user(name) if name else None
+    password_hash = account.password_hash if account and account.password_hash else _DUMMY_HASH
+    ok = await asyncio.to_thread(_verify, password_hash, password)
+    return account if ok and account is not None else None

@@ -1,0 +1,465 @@
+"""Configuration: YAML parsed once into frozen, typed records.
+
+Every problem is reported together, each with its key path
+(``accounts[2].mailbox: not an email address``), so an admin fixes a config in one pass.
+Only the CLI turns a :class:`ConfigError` into an exit code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+EXCHANGE_SCOPE = "https://outlook.office365.com/.default"
+_EMAIL = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?i?b?)\s*$", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists every one by key path."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        count = len(self.problems)
+        super().__init__(f"{source}: {count} problem(s) in the configuration:\n{lines}")
+
+
+# --- value types ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value resolved at load time; repr and str never show it."""
+
+    value: str
+    source: str  # "inline", "env:NAME" or "file:PATH": safe to show in messages
+
+    def __repr__(self) -> str:
+        return f"Secret({self.source})"
+
+    __str__ = __repr__
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    ctx = info.context or {}
+    return Path(ctx.get("base_dir", "."))
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ValueError("expected a file path")
+    path = Path(str(value)).expanduser()
+    # Relative paths are relative to the config file, so a config works from any cwd.
+    return path if path.is_absolute() else _base_dir(info) / path
+
+
+def _secret(value: Any, info: ValidationInfo) -> Secret:
+    if isinstance(value, Secret):
+        return value
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("is empty")
+        return Secret(value, "inline")
+    if isinstance(value, Mapping) and len(value) == 1:
+        (kind, ref), = value.items()
+        if kind == "env" and isinstance(ref, str):
+            found = os.environ.get(ref)
+            if not found:
+                raise ValueError(f"environment variable {ref} is not set or empty; export it "
+                                 "in the service's environment (e.g. systemd EnvironmentFile=)")
+            return Secret(found, f"env:{ref}")
+        if kind == "file" and isinstance(ref, str):
+            path = _resolve_path(ref, info)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file {path}: {exc.strerror}; check the path "
+                                 "and that the relay's user may read it") from None
+            # Files written by editors and `echo` end with a newline that is not part of a secret.
+            text = text.strip() if "BEGIN" not in text else text
+            if not text.strip():
+                raise ValueError(f"secret file {path} is empty")
+            return Secret(text, f"file:{path}")
+    raise ValueError("expected a string, {env: VARIABLE} or {file: PATH}")
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError("expected a duration: seconds, or a number with s, m, h or d (e.g. 5m)")
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        unit = m.group(2).lower()[:1]
+        size = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    else:
+        raise ValueError("expected a size in bytes, or a number with KB, MB or GB (e.g. 35MB)")
+    if size < 0:
+        raise ValueError("must not be negative")
+    return size
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        # pydantic reports ValueError (not TypeError) with the key path.
+        raise ValueError("expected a list of networks such as [192.168.1.0/24, 10.0.0.5]")  # noqa: TRY004
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network (CIDR)") from None
+    return tuple(out)
+
+
+def _email(value: Any) -> str:
+    if not isinstance(value, str) or not _EMAIL.match(value):
+        raise ValueError(f"{value!r} is not an email address")
+    return value
+
+
+SecretValue = Annotated[Secret, BeforeValidator(_secret)]
+FilePath = Annotated[Path, BeforeValidator(_resolve_path)]
+Duration = Annotated[float, BeforeValidator(_duration)]
+Size = Annotated[int, BeforeValidator(_size)]
+Networks = Annotated[tuple[IPNetwork, ...], BeforeValidator(_networks)]
+Email = Annotated[str, BeforeValidator(_email)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True,
+                              populate_by_name=True)
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+class Listener(_Record):
+    name: str
+    bind: str = "127.0.0.1:2525"
+    tls: Literal["none", "starttls", "implicit"] = "none"
+    certificate: FilePath | None = None
+    private_key: FilePath | None = None
+    networks: Networks = LOOPBACK
+    cleartext_auth_networks: Networks = ()
+    require_tls: bool = False
+    hostname: str | None = None
+    max_message_size: Size = 35 * 1024 * 1024
+    max_recipients: int = Field(500, ge=1, le=10000)
+    # Legacy senders emit long lines; RFC 5321 allows 1000 but Postfix accepts far more.
+    max_line_length: Size = 64 * 1024
+    idle_timeout: Duration = 300.0
+
+    @property
+    def host(self) -> str:
+        return _split_bind(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_bind(self.bind)[1]
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, value: str) -> str:
+        _split_bind(value)
+        return value
+
+    @field_validator("certificate", "private_key")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"cannot read {value}; check the path and its permissions")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_needs_files(self) -> Listener:
+        if self.tls != "none" and (self.certificate is None or self.private_key is None):
+            raise ValueError(f"tls: {self.tls} needs both `certificate` and `private_key` "
+                             "(PEM files, e.g. from your CA or Let's Encrypt)")
+        if self.require_tls and self.tls != "starttls":
+            raise ValueError("require_tls only makes sense with tls: starttls")
+        return self
+
+
+def _split_bind(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:587 or [::]:25)")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":587" means all interfaces, as in Postfix
+    return host, int(port)
+
+
+class CertificateCredential(_Record):
+    private_key: SecretValue
+    certificate: SecretValue
+    passphrase: SecretValue | None = None
+
+
+class App(_Record):
+    tenant: str
+    client_id: str
+    client_secret: SecretValue | None = None
+    certificate: CertificateCredential | None = None
+    authority: str | None = None
+    smtp_host: str = "smtp.office365.com"
+    smtp_port: int = Field(587, ge=1, le=65535)
+    ca_file: FilePath | None = None
+    scope: str = EXCHANGE_SCOPE
+
+    @field_validator("client_id")
+    @classmethod
+    def _guid(cls, value: str) -> str:
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a GUID; copy the Application (client) ID from the "
+                             "app registration's Overview page in the Entra admin center") from None
+        return value
+
+    @field_validator("authority")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("https://"):
+            raise ValueError("must be an https:// URL; token requests are never sent in clear")
+        return value.rstrip("/") if value else value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"cannot read {value}; check the path and its permissions")
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> App:
+        if (self.client_secret is None) == (self.certificate is None):
+            raise ValueError("set exactly one of `client_secret` or `certificate` (a certificate "
+                             "is what Microsoft recommends)")
+        return self
+
+    @property
+    def authority_url(self) -> str:
+        return self.authority or f"https://login.microsoftonline.com/{self.tenant}"
+
+
+class Account(_Record):
+    name: str
+    app: str
+    mailbox: Email
+    username: str | None = None
+    password_hash: str | None = None
+    networks: Networks = ()
+    from_: Literal["rewrite", "enforce"] = Field("rewrite", alias="from")
+
+    @field_validator("app")
+    @classmethod
+    def _known_app(cls, value: str, info: ValidationInfo) -> str:
+        apps = (info.context or {}).get("apps")
+        if apps is not None and value not in apps:
+            known = ", ".join(sorted(apps)) or "none defined"
+            raise ValueError(f"no app named {value!r} under `apps` (known: {known})")
+        return value
+
+    @field_validator("password_hash")
+    @classmethod
+    def _argon2(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("$argon2"):
+            raise ValueError("not an argon2 hash; create one with `m365relay hash-password`")
+        return value
+
+    @model_validator(mode="after")
+    def _identity(self) -> Account:
+        if (self.username is None) != (self.password_hash is None):
+            raise ValueError("`username` and `password_hash` go together")
+        if self.username is None and not self.networks:
+            raise ValueError("an account needs `username` + `password_hash`, or `networks` "
+                             "(clients matched by address, no AUTH), or both")
+        return self
+
+
+class SpoolSettings(_Record):
+    directory: FilePath
+    min_free_space: Size = 100 * 1024 * 1024
+
+
+class DeliverySettings(_Record):
+    # Postfix defaults: minimal_backoff_time 300s, maximal_backoff_time 4000s,
+    # maximal_queue_lifetime 5d.
+    min_backoff: Duration = 300.0
+    max_backoff: Duration = 4000.0
+    max_age: Duration = 5 * 86400.0
+    # Exchange Online allows 3 concurrent connections per mailbox, then 432 4.3.2.
+    connections_per_mailbox: int = Field(3, ge=1, le=3)
+    idle_timeout: Duration = 30.0
+    # Exchange rejects tokens close to expiry; refresh well before.
+    token_refresh_margin: Duration = 600.0
+    timeout: Duration = 60.0
+
+
+class Config(_Record):
+    listeners: tuple[Listener, ...] = Field(min_length=1)
+    apps: dict[str, App] = Field(min_length=1)
+    accounts: tuple[Account, ...] = Field(min_length=1)
+    spool: SpoolSettings
+    delivery: DeliverySettings = DeliverySettings()
+    hostname: str | None = None
+
+    def account_for_user(self, username: str) -> Account | None:
+        return next((a for a in self.accounts if a.username == username), None)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"function-after", "function-before"} or str(part).startswith("function-"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _fields_of(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The valid keys at ``loc``, to suggest the intended one for a typo."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        is_model = isinstance(current, type) and issubclass(current, BaseModel)
+        field = current.model_fields.get(part) if is_model else None
+        if field is None:
+            # Mapping keys (app names) have no field; stay on the value type.
+            continue
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [f.alias or name for name, f in current.model_fields.items()]
+    return []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format(error: Mapping[str, Any]) -> list[str]:
+    loc = tuple(error["loc"])
+    path = _key_path(loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        guess = difflib.get_close_matches(str(loc[-1]), _fields_of(Config, loc), n=1)
+        hint = f" (did you mean `{guess[0]}`?)" if guess else ""
+        return [f"{path}: unknown key{hint}"]
+    if kind == "missing":
+        return [f"{path}: required key is missing"]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "model_type":
+        return [f"{path}: expected a mapping of keys"]
+    return [f"{path}: {message}"]
+
+
+def _duplicates(data: Mapping[str, Any]) -> list[str]:
+    """Checks across list items, run on the raw data so they are reported with the rest."""
+    problems = []
+    for section, key in (("listeners", "name"), ("accounts", "name"), ("accounts", "username"),
+                         ("listeners", "bind")):
+        items = data.get(section)
+        if not isinstance(items, list):
+            continue
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            value = item.get(key) if isinstance(item, Mapping) else None
+            if not isinstance(value, str) or value.endswith(":0"):
+                continue
+            if value in seen:
+                problems.append(f"{section}[{i}].{key}: {value!r} is already used by "
+                                f"{section}[{seen[value]}]; it must be unique")
+            seen.setdefault(value, i)
+    return problems
+
+
+def parse(data: Any, *, source: str = "config", base_dir: Path | None = None) -> Config:
+    """Validate already-parsed YAML data; raises ConfigError listing every problem."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, ["(top level): expected a mapping with listeners, apps, "
+                                   "accounts and spool"])
+    apps = data.get("apps")
+    context = {
+        "base_dir": str(base_dir or Path.cwd()),
+        "apps": set(apps) if isinstance(apps, Mapping) else set(),
+    }
+    problems = _duplicates(data)
+    try:
+        config = Config.model_validate(data, context=context)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # A list whose items failed is also reported as "too short"; that is noise.
+        failed = {tuple(e["loc"][:1]) for e in errors if len(e["loc"]) > 1}
+        problems += [line for err in errors
+                     if not (err["type"] == "too_short" and tuple(err["loc"]) in failed)
+                     for line in _format(err)]
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(path), [f"{where}not valid YAML ({problem})"]) from None
+    return parse(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,286 @@
+"""Delivery: take spooled messages to Exchange Online, retry, bounce.
+
+Messages are grouped in *lanes*, one per (app, mailbox), because that is the unit Exchange
+limits (3 concurrent connections per mailbox) and the unit that fails together (a missing
+mailbox permission fails every message of that mailbox). Each lane runs up to
+``connections_per_mailbox`` workers; a worker keeps its authenticated connection while there is
+work and closes it after ``idle_timeout``.
+
+The spool entry is removed only after Exchange said 250 for every recipient. The exception
+class decides the rest: :class:`DeferError` → backoff and retry, :class:`BounceError` → DSN and
+``failed/``; a :class:`LaneError` (connect, TLS, token, login) pauses the whole lane instead of
+letting every queued message hammer a broken path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from relay.config import Config
+from relay.dsn import build_dsn
+from relay.errors import AuthRejected, BounceError, DeferError, DeliveryError, TokenError
+from relay.spool import DeliveryState, Envelope, QueueEntry, Spool, SpoolMissingError
+from relay.tokens import TokenProvider
+from relay.upstream import LaneError, UpstreamConnection
+
+log = logging.getLogger("m365relay.delivery")
+
+
+@dataclass
+class Counters:
+    delivered: int = 0  # recipients accepted upstream
+    deferred: int = 0
+    bounced: int = 0    # recipients failed permanently
+
+
+@dataclass
+class _Lane:
+    app: str
+    mailbox: str
+    ready: deque[QueueEntry] = field(default_factory=deque)
+    workers: set[asyncio.Task[None]] = field(default_factory=set)
+    idle: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    blocked_until: float = 0.0
+    failures: int = 0
+
+
+class Delivery:
+    def __init__(self, config: Config, spool: Spool, tokens: TokenProvider, *,
+                 clock: Callable[[], float] = time.time, hostname: str | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.tokens = tokens
+        self.counters = Counters()
+        self._clock = clock
+        self._hostname = hostname or config.hostname or socket.gethostname()
+        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._stopping = False
+
+    # --- intake ------------------------------------------------------------------------
+
+    def submit(self, entry: QueueEntry) -> None:
+        """Schedule a spooled entry: now, or at its ``next_attempt_at``."""
+        if self._stopping:
+            return  # it stays in the spool; the next start picks it up
+        delay = entry.state.next_attempt_at - self._clock()
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            self._timers[entry.id] = loop.call_later(delay, self._timer_fired, entry)
+            return
+        lane = self._lane(entry.envelope)
+        lane.ready.append(entry)
+        self._kick(lane)
+
+    def pending(self) -> int:
+        """Entries waiting or in flight in memory (not counting ones on a timer)."""
+        return sum(len(lane.ready) + len(lane.workers) - lane.idle for lane in self._lanes.values())
+
+    def workers(self) -> int:
+        """Delivery workers running (each holds at most one upstream connection)."""
+        return sum(len(lane.workers) for lane in self._lanes.values())
+
+    def _timer_fired(self, entry: QueueEntry) -> None:
+        self._timers.pop(entry.id, None)
+        self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
+
+    def _lane(self, envelope: Envelope) -> _Lane:
+        key = (envelope.app, envelope.mailbox.lower())
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(envelope.app, envelope.mailbox)
+        return lane
+
+    def _kick(self, lane: _Lane) -> None:
+        if lane.blocked_until > self._clock():
+            return
+        if lane.idle:
+            lane.wake.set()
+        elif len(lane.workers) < self.config.delivery.connections_per_mailbox:
+            task = asyncio.create_task(self._worker(lane), name=f"deliver {lane.mailbox}")
+            lane.workers.add(task)
+            task.add_done_callback(lambda t: self._worker_done(lane, t))
+
+    def _worker_done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+        lane.workers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery worker for %s crashed", lane.mailbox, exc_info=task.exception())
+        if lane.ready and not self._stopping:
+            self._kick(lane)
+
+    # --- workers -------------------------------------------------------------------------
+
+    async def _worker(self, lane: _Lane) -> None:
+        settings = self.config.delivery
+        conn = UpstreamConnection(app_name=lane.app, app=self.config.apps[lane.app],
+                                  mailbox=lane.mailbox, tokens=self.tokens,
+                                  timeout=settings.timeout, local_hostname=self._hostname)
+        try:
+            while not self._stopping:
+                if lane.blocked_until > self._clock():
+                    return
+                if not lane.ready:
+                    lane.idle += 1
+                    lane.wake.clear()
+                    try:
+                        await asyncio.wait_for(lane.wake.wait(), settings.idle_timeout)
+                    except TimeoutError:
+                        return
+                    finally:
+                        lane.idle -= 1
+                    continue
+                entry = lane.ready.popleft()
+                await self._deliver(lane, conn, entry)
+        finally:
+            await conn.close()
+
+    async def _deliver(self, lane: _Lane, conn: UpstreamConnection, entry: QueueEntry) -> None:
+        env, state = entry.envelope, entry.state
+        rcpts = list(state.pending_rcpts if state.pending_rcpts is not None else env.rcpt_tos)
+        age = self._clock() - env.received_at
+        try:
+            data = await asyncio.to_thread(self.spool.read, entry.id)
+        except SpoolMissingError as exc:
+            # Deleted by an operator, or damaged and already moved to corrupt/ by the spool.
+            log.error("%s: dropped from the delivery schedule: %s", entry.id, exc)
+            return
+        except OSError as exc:
+            log.error("%s: cannot read spooled message: %s; it stays queued", entry.id, exc)
+            await self._defer(entry, rcpts, DeferError(f"spool read failed: {exc}"))
+            return
+        if age > self.config.delivery.max_age:
+            reason = (f"5.4.7 message expired: not delivered in {age / 86400:.1f} days "
+                      f"(delivery.max_age); last error: {state.last_error or 'none'}")
+            await self._bounce(entry, dict.fromkeys(rcpts, reason), rcpts, data)
+            return
+        try:
+            refused = await conn.send(env.mail_from, rcpts, data)
+        except BounceError as exc:
+            await self._bounce(entry, dict.fromkeys(rcpts, exc.describe()), rcpts, data)
+            return
+        except DeferError as exc:
+            if isinstance(exc, LaneError | AuthRejected | TokenError) or exc.code == 432:
+                self._block(lane, exc)
+            await self._defer(entry, rcpts, exc)
+            return
+        except Exception as exc:
+            # A bug must not strand the message in memory: log it and retry on schedule.
+            log.exception("%s: unexpected error while delivering", entry.id)
+            await conn.close()
+            await self._defer(entry, rcpts, DeferError(f"internal error: {exc!r}"))
+            return
+        lane.failures = 0
+        accepted = [r for r in rcpts if r not in refused]
+        for rcpt in accepted:
+            log.info("%s: to=<%s>, relay=%s, delay=%.1f, status=sent", entry.id, rcpt,
+                     conn.relay, age)
+        self.counters.delivered += len(accepted)
+        bounced = {r: e.describe() for r, e in refused.items() if isinstance(e, BounceError)}
+        later = [r for r, e in refused.items() if not isinstance(e, BounceError)]
+        if bounced:
+            await self._bounce(entry, bounced, rcpts, data, keep=later)
+        if later:
+            first = refused[later[0]]
+            await self._defer(entry, later, first)
+        elif not bounced:
+            await asyncio.to_thread(self.spool.remove, entry.id)
+
+    def _block(self, lane: _Lane, exc: DeliveryError) -> None:
+        lane.failures += 1
+        wait = self._backoff(lane.failures)
+        lane.blocked_until = self._clock() + wait
+        log.warning("lane %s paused for %ds: %s", lane.mailbox, wait, exc.describe())
+        asyncio.get_running_loop().call_later(wait, self._unblock, lane)
+
+    def _unblock(self, lane: _Lane) -> None:
+        lane.blocked_until = 0.0
+        if lane.ready and not self._stopping:
+            self._kick(lane)
+
+    def _backoff(self, attempts: int) -> float:
+        settings = self.config.delivery
+        return float(min(settings.max_backoff, settings.min_backoff * 2 ** max(attempts - 1, 0)))
+
+    async def _defer(self, entry: QueueEntry, rcpts: list[str], exc: DeliveryError) -> None:
+        attempts = entry.state.attempts + 1
+        wait = self._backoff(attempts)
+        state = DeliveryState(attempts=attempts, next_attempt_at=self._clock() + wait,
+                              pending_rcpts=tuple(rcpts), last_error=exc.describe()[:2000])
+        self.counters.deferred += 1
+        for rcpt in rcpts:
+            log.warning("%s: to=<%s>, status=deferred (%s), retry in %ds", entry.id, rcpt,
+                        exc.describe(), wait)
+        try:
+            await asyncio.to_thread(self.spool.save_state, entry.id, state)
+        except OSError as exc2:
+            # The message itself is safe; only its retry schedule is lost (it retries sooner).
+            log.error("%s: cannot save retry state: %s", entry.id, exc2)
+        self.submit(replace(entry, state=state))
+
+    async def _bounce(self, entry: QueueEntry, failed: dict[str, str], rcpts: list[str],
+                      data: bytes, keep: list[str] | None = None) -> None:
+        env = entry.envelope
+        self.counters.bounced += len(failed)
+        for rcpt, why in failed.items():
+            log.error("%s: to=<%s>, status=bounced (%s)", entry.id, rcpt, why)
+        if env.bounce_to:
+            await self._send_dsn(entry, failed, data)
+        if not keep:
+            reason = "\n".join(f"<{r}>: {why}" for r, why in failed.items())
+            try:
+                path = await asyncio.to_thread(self.spool.fail, entry.id, reason)
+            except OSError as exc:
+                # The DSN is out; the copy stays in queue/ and is bounced again on the next
+                # start, which is better than losing the evidence.
+                log.error("%s: cannot move to failed/: %s", entry.id, exc)
+            else:
+                log.info("%s: kept in %s", entry.id, path)
+
+    async def _send_dsn(self, entry: QueueEntry, failed: dict[str, str], data: bytes) -> None:
+        env = entry.envelope
+        dsn = build_dsn(queue_id=entry.id, envelope=env, failed=failed, original=data,
+                        reporting_mta=self._hostname, from_addr=env.mailbox,
+                        arrival=env.received_at, now=self._clock())
+        # The DSN goes out through the same mailbox (Exchange only lets us send as it); its own
+        # bounce_to is empty so a failing DSN never produces another DSN.
+        dsn_env = Envelope(mail_from=env.mailbox, rcpt_tos=(env.bounce_to,), account=env.account,
+                           app=env.app, mailbox=env.mailbox, bounce_to="", client="local",
+                           received_at=self._clock(), original_from="", is_dsn=True)
+        try:
+            dsn_id = await asyncio.to_thread(self.spool.commit, dsn_env, dsn)
+        except OSError as exc:
+            log.error("%s: cannot spool the DSN for <%s>: %s", entry.id, env.bounce_to, exc)
+            return
+        log.info("%s: sender non-delivery notification: %s", entry.id, dsn_id)
+        self.submit(QueueEntry(dsn_id, dsn_env, DeliveryState(), len(dsn)))
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work; let in-flight messages finish within ``timeout``, then cancel.
+
+        A cancelled message stays in the spool and is retried on the next start (it may then
+        be delivered twice, which is the safe side: never lost)."""
+        self._stopping = True
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        workers = [t for lane in self._lanes.values() for t in lane.workers]
+        for lane in self._lanes.values():
+            lane.wake.set()
+        if not workers:
+            return
+        _done, pending = await asyncio.wait(workers, timeout=timeout)
+        if pending:
+            log.warning("shutdown: %d delivery in flight after %.0fs; cancelling (the messages "
+                        "stay queued and are retried on the next start)", len(pending), timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=5)

@@ -1,0 +1,455 @@
+"""FakeExchange: smtp.office365.com's submission dialogue, on aiosmtpd, in the running loop.
+
+It speaks the parts of Exchange Online a relay depends on: STARTTLS before AUTH, AUTH
+XOAUTH2 checked against FakeEntra's signed tokens, SendAs enforcement at the end of DATA,
+and Exchange's reply texts. It records every accepted message and can be told to fail any
+stage, so tests assert on what the relay really sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import json
+import logging
+import re
+import ssl
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+
+from relay.sandbox.entra import FakeEntra
+from relay.sandbox.tokens import TokenError
+
+log = logging.getLogger("m365relay.sandbox.exchange")
+
+HOSTNAME = "SANDBOX.outlook.example"
+SIZE_LIMIT = 157_286_400  # what smtp.office365.com advertises
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_FAILED = "535 5.7.3 Authentication unsuccessful [SANDBOX]"
+BASIC_AUTH_DISABLED = ("535 5.7.139 Authentication unsuccessful, basic authentication is "
+                       "disabled. [SANDBOX]")
+NOT_AUTHENTICATED = "530 5.7.57 Client not authenticated to send mail."
+STAGES = frozenset({"connect", "ehlo", "auth", "mail", "rcpt", "data", "drop_after_data"})
+_REPLY = re.compile(r"[2-5]\d\d[ -]")
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes  # as received: dot-unstuffed, CRLF line ends
+    auth_user: str  # user= of XOAUTH2
+    client_id: str  # appid claim of the token used
+    connection_id: int  # which TCP connection carried it, counting from 1
+    path: Path | None  # the .eml file, if the sandbox has a mail directory
+
+
+@dataclass
+class _Injection:
+    stage: str
+    reply: str
+    remaining: int
+    rcpt: str | None
+
+
+@dataclass(frozen=True)
+class _Grant:
+    user: str
+    client_id: str
+
+
+class FakeExchange:
+    """Records what arrives; ``inject`` makes the next command at a stage fail."""
+
+    def __init__(self, entra: FakeEntra, mail_dir: Path | None = None) -> None:
+        self.entra = entra
+        self.mail_dir = mail_dir
+        self.port = 0
+        self.messages: list[ReceivedMessage] = []
+        self.connections = 0
+        self.peak_open_connections = 0
+        self.auth_attempts = 0
+        self.auth_failures = 0
+        self.auth_failure_reasons: list[str] = []
+        self._injections: list[_Injection] = []
+        self._sessions: set[_ExchangeSession] = set()
+        self._server: asyncio.Server | None = None
+        self._arrived = asyncio.Condition()
+        self._seq = 0
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._sessions)
+
+    def inject(self, stage: str, reply: str = "", times: int = 1,
+               rcpt: str | None = None) -> None:
+        """Answer the next ``times`` commands at ``stage`` with ``reply`` instead.
+
+        A 2xx reply keeps the normal effect and changes only the text (except at
+        "connect" and "auth", which always refuse); any other reply refuses. A 421
+        reply also closes the connection, as Exchange does. "drop_after_data" ignores
+        ``reply`` and hangs up after the final dot without answering.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; use one of {sorted(STAGES)}")
+        if times < 1:
+            raise ValueError("times must be at least 1")
+        if rcpt is not None and stage != "rcpt":
+            raise ValueError("rcpt= only applies to the 'rcpt' stage")
+        if stage != "drop_after_data" and not _REPLY.match(reply):
+            raise ValueError(f"reply {reply!r} must start with an SMTP code, e.g. '451 4.3.2 ...'")
+        self._injections.append(_Injection(stage, reply, times, rcpt))
+
+    def reset(self) -> None:
+        """Forget injections and recordings; files already written stay on disk."""
+        self._injections.clear()
+        self.messages.clear()
+        self.connections = 0
+        self.peak_open_connections = len(self._sessions)
+        self.auth_attempts = self.auth_failures = 0
+        self.auth_failure_reasons.clear()
+
+    async def wait_for_messages(self, n: int, timeout: float = 10) -> list[ReceivedMessage]:
+        """All recorded messages once there are at least ``n``; TimeoutError otherwise."""
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                await self._arrived.wait_for(lambda: len(self.messages) >= n)
+        except TimeoutError:
+            raise TimeoutError(f"the sandbox received {len(self.messages)} message(s), not the "
+                               f"{n} expected, within {timeout} s") from None
+        return list(self.messages)
+
+    async def start(self, host: str, port: int, tls: ssl.SSLContext) -> int:
+        if self.mail_dir is not None:
+            self.mail_dir.mkdir(parents=True, exist_ok=True)
+            # Continue numbering so a restarted sandbox never overwrites earlier mail.
+            self._seq = max((int(p.stem) for p in self.mail_dir.glob("*.eml")
+                             if p.stem.isdigit()), default=0)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ExchangeSession(self, tls, loop), host, port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        tasks = [t for t in (s.hang_up() for s in list(self._sessions)) if t is not None]
+        await server.wait_closed()
+        # Let the aborted sessions' tasks finish so no task outlives the loop.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- called by the sessions ------------------------------------------------------------
+
+    def _take(self, stage: str, rcpt: str | None = None) -> str | None:
+        for injection in self._injections:
+            if injection.stage != stage:
+                continue
+            if injection.rcpt is not None and (
+                    rcpt is None or injection.rcpt.casefold() != rcpt.casefold()):
+                continue
+            injection.remaining -= 1
+            if injection.remaining == 0:
+                self._injections.remove(injection)
+            return injection.reply
+        return None
+
+    def _opened(self, session: _ExchangeSession) -> int:
+        self._sessions.add(session)
+        self.connections += 1
+        self.peak_open_connections = max(self.peak_open_connections, len(self._sessions))
+        return self.connections
+
+    def _closed(self, session: _ExchangeSession) -> None:
+        self._sessions.discard(session)
+
+    def _auth_failed(self, reason: str) -> None:
+        self.auth_failures += 1
+        self.auth_failure_reasons.append(reason)
+        log.info("AUTH refused: %s", reason)
+
+    async def _record(self, envelope: Envelope, grant: _Grant,
+                      connection_id: int) -> ReceivedMessage:
+        self._seq += 1
+        data = envelope.original_content or b""
+        path = None
+        if self.mail_dir is not None:
+            path = self.mail_dir / f"{self._seq:05d}.eml"
+            sidecar = {
+                "mail_from": envelope.mail_from,
+                "rcpt_tos": envelope.rcpt_tos,
+                "mail_options": envelope.mail_options,
+                "auth_user": grant.user,
+                "client_id": grant.client_id,
+                "connection_id": connection_id,
+                "size": len(data),
+                "received_at": datetime.now(UTC).isoformat(),
+            }
+            await asyncio.to_thread(_write_message, path, data, sidecar)
+        message = ReceivedMessage(
+            mail_from=envelope.mail_from or "", rcpt_tos=tuple(envelope.rcpt_tos), data=data,
+            auth_user=grant.user, client_id=grant.client_id, connection_id=connection_id,
+            path=path)
+        async with self._arrived:
+            self.messages.append(message)
+            self._arrived.notify_all()
+        return message
+
+
+def _write_message(path: Path, data: bytes, sidecar: dict[str, Any]) -> None:
+    path.write_bytes(data)
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+
+
+def parse_xoauth2(blob: bytes) -> tuple[str, str]:
+    """(user, token) from ``user=U^Aauth=Bearer T^A^A``; ValueError if malformed."""
+    text = blob.decode("utf-8")
+    if not text.endswith("\x01\x01"):
+        raise ValueError("XOAUTH2 response must end with two ^A")
+    fields = dict(f.partition("=")[::2] for f in text[:-2].split("\x01"))
+    scheme, _, token = fields.get("auth", "").partition(" ")
+    user = fields.get("user", "")
+    if not user or scheme.casefold() != "bearer" or not token:
+        raise ValueError("XOAUTH2 response needs user=... and auth=Bearer <token>")
+    return user, token
+
+
+class _QuietSession(Session):
+    """aiosmtpd's own smtp_AUTH sets the deprecated login_data, logging a WARNING per login."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class _ExchangeSession(SMTP):
+    # App tokens make AUTH lines several KB, and devices send long body lines; Exchange
+    # takes both, stock aiosmtpd answers "500 Command line too long".
+    line_length_limit = 1 << 20
+    command_size_limit = 1 << 16
+    command_size_limits: dict[str, int] = collections.defaultdict(lambda: 1 << 16)
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(self, exchange: FakeExchange, tls: ssl.SSLContext,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.exchange = exchange
+        self.connection_id = 0
+        self._drop_next_reply = False
+        self._auth_refusal: str | None = None
+        super().__init__(
+            _ExchangeHandler(exchange),
+            hostname=HOSTNAME,
+            ident=f"Microsoft ESMTP MAIL Service ready at {format_datetime(datetime.now(UTC))}",
+            tls_context=tls,
+            data_size_limit=SIZE_LIMIT,
+            enable_SMTPUTF8=True,
+            auth_exclude_mechanism=["PLAIN"],
+            authenticator=self._refuse_basic_auth,
+            loop=loop,
+        )
+
+    def _create_session(self) -> Session:
+        return _QuietSession(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None  # STARTTLS calls this again for the TLS layer
+        super().connection_made(transport)
+        if first:
+            self.connection_id = self.exchange._opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.exchange._closed(self)
+        super().connection_lost(error)
+
+    def hang_up(self) -> asyncio.Task[None] | None:
+        """Abort the connection now (no TLS goodbye); returns the session task to await."""
+        if isinstance(self.transport, asyncio.Transport):
+            self.transport.abort()
+        elif self.transport is not None:
+            self.transport.close()
+        # Aborting a TLS layer whose handshake the server has not finished never reaches
+        # connection_lost (asyncio sslproto), so end the session task ourselves.
+        self.exchange._closed(self)
+        task = self._handler_coroutine
+        if task is not None:
+            task.cancel()
+        return task
+
+    async def _handle_client(self) -> None:
+        reply = self.exchange._take("connect")
+        if reply is None:
+            await super()._handle_client()
+            return
+        await self.push(reply)  # instead of the banner
+        if self.transport is not None:
+            self.transport.close()
+
+    async def push(self, status: AnyStr) -> None:
+        if self._drop_next_reply:
+            self._drop_next_reply = False
+            self.hang_up()
+            return
+        await super().push(status)
+        closing = status.startswith("421") if isinstance(status, str) \
+            else status.startswith(b"421")
+        if closing and self.transport is not None:
+            self.transport.close()
+
+    def _session(self) -> Session:
+        if self.session is None:  # aiosmtpd sets it in connection_made, before any command
+            raise RuntimeError("SMTP command before the connection was set up")
+        return self.session
+
+    def drop_instead_of_next_reply(self) -> None:
+        self._drop_next_reply = True
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Invalid domain name")
+            return
+        injected = self.exchange._take("ehlo")
+        if injected is not None and not injected.startswith("2"):
+            await self.push(injected)
+            return
+        self.envelope = self._create_envelope()
+        session = self._session()
+        session.extended_smtp = True
+        session.host_name = hostname
+        if injected is not None:
+            await self.push(injected)
+            return
+        peer = session.peer[0] if session.peer else "unknown"
+        # As Exchange: AUTH only appears once the channel is encrypted.
+        security = "STARTTLS" if self._tls_protocol is None else "AUTH LOGIN XOAUTH2"
+        lines = [f"{self.hostname} Hello [{peer}]", f"SIZE {SIZE_LIMIT}", "PIPELINING",
+                 "ENHANCEDSTATUSCODES", security, "8BITMIME", "SMTPUTF8"]
+        await self.push("\r\n".join(
+            f"250{' ' if i == len(lines) - 1 else '-'}{line}" for i, line in enumerate(lines)))
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        session = self._session()
+        self.exchange.auth_attempts += 1
+        if self._tls_protocol is None:
+            self.exchange._auth_failed("AUTH before STARTTLS")
+            await self.push("504 5.7.4 Unrecognized authentication type")
+            return
+        injected = self.exchange._take("auth")
+        if injected is not None:
+            self.exchange._auth_failed(f"injected reply {injected!r}")
+            await self.push(injected)
+            return
+        already = bool(session.authenticated)
+        self._auth_refusal = None
+        await super().smtp_AUTH(arg)
+        if already or not session.authenticated:
+            self.exchange._auth_failed(self._auth_refusal or f"AUTH {arg!r} refused")
+
+    async def auth_XOAUTH2(self, _server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob: Any = await self.challenge_auth("")  # the two-step form: "334 " first
+            if not isinstance(blob, bytes):  # client sent "*" or bad base64; already answered
+                self._auth_refusal = "XOAUTH2 aborted or not base64"
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                self._auth_refusal = "XOAUTH2 initial response is not base64"
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        try:
+            user, token = parse_xoauth2(blob)
+            claims, app = self.exchange.entra.check_token(token)
+        except (ValueError, TokenError) as exc:
+            return self._refuse(str(exc))
+        if not app.may_use(user):
+            return self._refuse(f"app {app.client_id} has no FullAccess on mailbox {user}")
+        return AuthResult(success=True, message=AUTH_OK,
+                          auth_data=_Grant(user, str(claims["appid"])))
+
+    def _refuse(self, reason: str) -> AuthResult:
+        self._auth_refusal = reason
+        return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+
+    def _refuse_basic_auth(self, server: SMTP, session: Session, envelope: Envelope,
+                           mechanism: str, auth_data: Any) -> AuthResult:
+        self._auth_refusal = f"basic authentication (AUTH {mechanism}) is disabled"
+        return AuthResult(success=False, handled=False, message=BASIC_AUTH_DISABLED)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not self._session().authenticated:
+            await self.push(NOT_AUTHENTICATED)
+            return
+        await super().smtp_MAIL(arg)
+
+
+class _ExchangeHandler:
+    """aiosmtpd hooks: Exchange's reply texts, injections, SendAs, and recording."""
+
+    def __init__(self, exchange: FakeExchange) -> None:
+        self.exchange = exchange
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        injected = self.exchange._take("mail")
+        if injected is not None and not injected.startswith("2"):
+            return injected
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return injected or "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        injected = self.exchange._take("rcpt", address)
+        if injected is not None and not injected.startswith("2"):
+            return injected
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return injected or "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: _ExchangeSession, session: Session,
+                          envelope: Envelope) -> str:
+        if self.exchange._take("drop_after_data") is not None:
+            server.drop_instead_of_next_reply()
+            return "451 4.4.2 never sent"
+        grant = session.auth_data
+        if not isinstance(grant, _Grant):  # cannot happen: MAIL needs a successful AUTH
+            return NOT_AUTHENTICATED
+        mail_from = envelope.mail_from or ""
+        if mail_from.casefold() != grant.user.casefold():
+            return (f"554 5.2.252 SendAsDenied; {grant.user} not allowed to send as "
+                    f"{mail_from}; STOREDRV.Submission.Exception:SendAsDeniedException."
+                    "MapiExceptionSendAsDenied")
+        injected = self.exchange._take("data")
+        if injected is not None and not injected.startswith("2"):
+            return injected
+        await self.exchange._record(envelope, grant, server.connection_id)
+        internal_id = 10_000_000_000_000 + self.exchange._seq
+        return injected or (
+            f"250 2.6.0 <{uuid.uuid4().hex.upper()}@{HOSTNAME}> [InternalId={internal_id}, "
+            f"Hostname={HOSTNAME}] Queued mail for delivery")
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return "250 2.0.0 Resetting"
+
+    async def handle_NOOP(self, server: SMTP, session: Session, envelope: Envelope,
+                          arg: str) -> str:
+        return "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return "221 2.0.0 Service closing transmission channel"

@@ -1,0 +1,205 @@
+"""App-only access tokens from Entra ID (client credentials), one msal app per config app.
+
+Upstream code sees only ``await tokens.token(app_name) -> str``. Behind it:
+
+* msal is synchronous and its constructor fetches the OpenID configuration, so every msal call
+  runs in a worker thread;
+* msal has no single-flight, so one ``asyncio.Lock`` per app makes a thousand waiting
+  deliveries share one token request;
+* Exchange Online rejects tokens close to expiry, so we refresh ``token_refresh_margin`` before
+  ``expires_in`` runs out, and drop msal's own cached copy first so msal really asks Entra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import certifi
+import msal
+import msal.exceptions
+import requests
+
+from relay.config import App
+from relay.errors import TokenError
+from relay.explain import Context, explain_connection_error, explain_token_error
+
+log = logging.getLogger("m365relay.tokens")
+
+# Authority hosts msal knows; for any other (sandbox, private cloud proxy) msal's instance
+# discovery against login.microsoftonline.com must be off, or it would call Microsoft.
+_MICROSOFT_HOSTS = frozenset({
+    "login.microsoftonline.com", "login.microsoftonline.us", "login.partner.microsoftonline.cn",
+    "login.chinacloudapi.cn", "login.microsoftonline.de", "login.windows.net",
+    "login.microsoft.com", "sts.windows.net",
+})
+
+
+class _Session(requests.Session):
+    """requests with a default timeout, whose configured ``verify`` wins.
+
+    Plain requests lets REQUESTS_CA_BUNDLE override a session's ``verify`` (requests#3829), so
+    an app's ``ca_file`` would silently be ignored on machines that set it."""
+
+    def __init__(self, verify: str | bool, timeout: float) -> None:
+        super().__init__()
+        self.verify = verify
+        self._timeout = timeout
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
+                                   cert: Any) -> Any:
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self.verify is not True:
+            settings["verify"] = self.verify
+        return settings
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any,
+                **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self._timeout)
+        return super().request(method, url, *args, **kwargs)
+
+
+@dataclass
+class _AppState:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    client: Any = None  # msal.ConfidentialClientApplication, built on first use
+    token: str = ""
+    refresh_at: float = 0.0
+    expires_at: float = 0.0
+    requests: int = 0
+    failures: int = 0
+
+
+class TokenProvider:
+    """Hands out cached app-only tokens; ``await provider.token("contoso")``."""
+
+    def __init__(self, apps: Mapping[str, App], *, margin: float = 600.0,
+                 timeout: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+        self._apps = dict(apps)
+        self._margin = margin
+        self._timeout = timeout
+        self._clock = clock
+        self._states: dict[str, _AppState] = {name: _AppState() for name in apps}
+        self._tmp = tempfile.TemporaryDirectory(prefix="m365relay-ca-")
+
+    def context(self, app_name: str, mailbox: str = "") -> Context:
+        app = self._apps[app_name]
+        return Context(mailbox=mailbox, app=app_name, client_id=app.client_id,
+                       tenant=app.tenant, smtp_host=app.smtp_host)
+
+    def stats(self, app_name: str) -> tuple[int, int]:
+        """(token requests sent to Entra, failed requests) for one app."""
+        state = self._states[app_name]
+        return state.requests, state.failures
+
+    async def token(self, app_name: str) -> str:
+        state = self._states[app_name]
+        if state.token and self._clock() < state.refresh_at:
+            return state.token
+        async with state.lock:
+            # Another delivery may have refreshed it while we waited for the lock.
+            if state.token and self._clock() < state.refresh_at:
+                return state.token
+            return await self._refresh(app_name, state)
+
+    def invalidate(self, app_name: str, token: str) -> None:
+        """Forget ``token`` (Exchange rejected it) so the next call asks Entra again."""
+        state = self._states[app_name]
+        if state.token == token:
+            state.token, state.refresh_at = "", 0.0
+
+    def update(self, apps: Mapping[str, App], *, margin: float) -> None:
+        """Take a reloaded config: apps whose settings changed start afresh."""
+        self._margin = margin
+        for name, app in apps.items():
+            if self._apps.get(name) != app:
+                self._states[name] = _AppState()
+        self._apps = dict(apps)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    async def _refresh(self, app_name: str, state: _AppState) -> str:
+        app = self._apps[app_name]
+        ctx = self.context(app_name)
+        state.requests += 1
+        try:
+            if state.client is None:
+                state.client = await asyncio.to_thread(self._build, app_name, app)
+            result = await asyncio.to_thread(self._acquire, state.client, app.scope)
+        except (requests.RequestException, msal.exceptions.MsalError, OSError, ValueError) as exc:
+            state.failures += 1
+            explanation = explain_connection_error(exc, stage="token", ctx=ctx)
+            error = TokenError(f"token request for app {app_name!r} to {app.authority_url} "
+                               f"failed: {type(exc).__name__}: {exc}", explanation=explanation)
+            log.warning("token app=%s failed: %s", app_name, error.describe())
+            raise error from None
+        if "access_token" not in result:
+            state.failures += 1
+            code = str(result.get("error", "unknown_error"))
+            description = str(result.get("error_description", "")).split("\r\n")[0]
+            explanation = explain_token_error(code, description, status=None, ctx=ctx)
+            error = TokenError(f"Entra ID refused a token for app {app_name!r} "
+                               f"(client_id {app.client_id}): {code}: {description}",
+                               explanation=explanation)
+            log.error("token app=%s refused: %s", app_name, error.describe())
+            raise error
+        now = self._clock()
+        lifetime = float(result.get("expires_in", 3600))
+        state.token = str(result["access_token"])
+        state.expires_at = now + lifetime
+        # Keep the margin, but never refresh more often than every half lifetime.
+        state.refresh_at = now + max(lifetime - self._margin, lifetime / 2)
+        log.info("token app=%s acquired source=%s expires_in=%ds", app_name,
+                 result.get("token_source", "identity_provider"), lifetime)
+        return state.token
+
+    def _build(self, app_name: str, app: App) -> Any:
+        credential: Any
+        if app.certificate is not None:
+            credential = {"private_key": app.certificate.private_key.value,
+                          "public_certificate": app.certificate.certificate.value}
+            if app.certificate.passphrase is not None:
+                credential["passphrase"] = app.certificate.passphrase.value
+        else:
+            assert app.client_secret is not None  # noqa: S101 - config guarantees one credential
+            credential = app.client_secret.value
+        host = urlsplit(app.authority_url).hostname or ""
+        kwargs: dict[str, Any] = {}
+        if host not in _MICROSOFT_HOSTS:
+            kwargs["instance_discovery"] = False
+        return msal.ConfidentialClientApplication(
+            app.client_id,
+            client_credential=credential,
+            authority=app.authority_url,
+            http_client=_Session(self._ca_bundle(app_name, app), self._timeout),
+            **kwargs,
+        )
+
+    def _ca_bundle(self, app_name: str, app: App) -> str | bool:
+        """``ca_file`` adds a trust anchor; requests wants one bundle, so join it to the
+        system's (or certifi's)."""
+        if app.ca_file is None:
+            return True
+        base = Path(os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where())
+        bundle = Path(self._tmp.name) / f"{app_name}.pem"
+        bundle.write_bytes(base.read_bytes() + b"\n" + app.ca_file.read_bytes())
+        return str(bundle)
+
+    @staticmethod
+    def _acquire(client: Any, scope: str) -> dict[str, Any]:
+        # Drop msal's cached access tokens: we decide when to refresh (with our margin),
+        # and msal would otherwise hand back the same token until 5 minutes before expiry.
+        cache = client.token_cache
+        for item in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN)):
+            cache.remove_at(item)
+        result: dict[str, Any] = client.acquire_token_for_client(scopes=[scope])
+        return result

@@ -1,0 +1,168 @@
+"""Shared fixtures: the sandbox (fake Entra + fake Exchange Online) and a real relay on port 0.
+
+Everything talks over real sockets on loopback: msal really calls the fake token endpoint over
+HTTPS, the relay really does STARTTLS + XOAUTH2 to the fake Exchange, and tests use real SMTP
+clients against the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import smtplib
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from relay import config as config_mod
+from relay.auth import hash_password
+from relay.sandbox import DEMO_APP, Sandbox
+from relay.service import Relay
+
+PASSWORD = "correct horse battery staple"
+MAILBOX = "scanner@contoso.example"
+
+
+@dataclass
+class TLSFiles:
+    ca: trustme.CA
+    cert: Path
+    key: Path
+    ca_file: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+@pytest.fixture(scope="session")
+def password_hash() -> str:
+    return hash_password(PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A listener certificate for localhost/127.0.0.1 from a throwaway CA."""
+    folder = tmp_path_factory.mktemp("listener-tls")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
+    server.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    server.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return TLSFiles(ca, cert, key, ca_file)
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    async with Sandbox(tmp_path / "sandbox") as box:
+        yield box
+
+
+def base_config(sandbox: Sandbox, tmp_path: Path, password_hash: str) -> dict[str, Any]:
+    """A config as a user would write it, pointing at the sandbox; tests adjust copies."""
+    return {
+        "listeners": [{"name": "local", "bind": "127.0.0.1:0", "tls": "none"}],
+        "apps": {
+            "contoso": {
+                "tenant": DEMO_APP.tenant,
+                "client_id": DEMO_APP.client_id,
+                "client_secret": {"file": str(sandbox.directory / "demo-client-secret")},
+                "authority": sandbox.authority(DEMO_APP.tenant),
+                "smtp_host": sandbox.smtp_host,
+                "smtp_port": sandbox.smtp_port,
+                "ca_file": str(sandbox.ca_file),
+            },
+        },
+        "accounts": [
+            {"name": "scanner", "username": "scanner01", "password_hash": password_hash,
+             "app": "contoso", "mailbox": MAILBOX},
+            {"name": "printers", "networks": ["127.0.0.0/8"], "app": "contoso",
+             "mailbox": "printers@contoso.example"},
+        ],
+        "spool": {"directory": str(tmp_path / "spool"), "min_free_space": 0},
+        "delivery": {"min_backoff": 0.2, "max_backoff": 1, "idle_timeout": 5},
+    }
+
+
+class RelayFactory:
+    """Starts relays in the test's event loop and stops them at the end of the test."""
+
+    def __init__(self, sandbox: Sandbox, tmp_path: Path, password_hash: str) -> None:
+        self.sandbox = sandbox
+        self.tmp_path = tmp_path
+        self.password_hash = password_hash
+        self.running: list[Relay] = []
+
+    def config(self) -> dict[str, Any]:
+        return copy.deepcopy(base_config(self.sandbox, self.tmp_path, self.password_hash))
+
+    async def start(self, data: dict[str, Any] | None = None) -> Relay:
+        config = config_mod.parse(data or self.config(), base_dir=self.tmp_path)
+        relay = Relay(config)
+        await relay.start()
+        self.running.append(relay)
+        return relay
+
+    async def stop(self, relay: Relay, timeout: float = 5) -> None:
+        await relay.stop(timeout=timeout)
+        self.running.remove(relay)
+
+
+@pytest.fixture
+async def relays(sandbox: Sandbox, tmp_path: Path, password_hash: str
+                 ) -> AsyncIterator[RelayFactory]:
+    factory = RelayFactory(sandbox, tmp_path, password_hash)
+    yield factory
+    for relay in list(factory.running):
+        await factory.stop(relay)
+
+
+def message(subject: str = "hello", body: str = "Scan attached.\r\n",
+            sender: str = "device@printers.example", to: str = "someone@example.org") -> bytes:
+    return (f"From: Device <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '-')}@printers.example>\r\n\r\n{body}"
+            ).encode()
+
+
+@contextlib.contextmanager
+def smtp_client(address: tuple[str, int], **kwargs: Any) -> Iterator[smtplib.SMTP]:
+    client = smtplib.SMTP(address[0], address[1], timeout=15, **kwargs)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            client.quit()
+
+
+def send(address: tuple[str, int], data: bytes, *, sender: str = "device@printers.example",
+         rcpts: tuple[str, ...] = ("someone@example.org",),
+         login: tuple[str, str] | None = None, starttls: ssl.SSLContext | None = None
+         ) -> tuple[int, bytes]:
+    """Send with smtplib (blocking: call through asyncio.to_thread). Returns the DATA reply."""
+    with smtp_client(address) as client:
+        client.ehlo("device.test")
+        if starttls is not None:
+            client.starttls(context=starttls)
+            client.ehlo("device.test")
+        if login is not None:
+            client.login(*login)
+        client.mail(sender)
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        return client.data(data)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition with a deadline (for state that has no event to wait on)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not reached before the deadline")
+        await asyncio.sleep(0.02)
