@@ -161,7 +161,7 @@ class Delivery:
             await self._bounce(entry, dict.fromkeys(rcpts, reason), rcpts, data)
             return
         try:
-            refused = await conn.send(env.mail_from, rcpts, data)
+            refused, reply = await conn.send(env.mail_from, rcpts, data)
         except BounceError as exc:
             await self._bounce(entry, dict.fromkeys(rcpts, exc.describe()), rcpts, data)
             return
@@ -179,8 +179,8 @@ class Delivery:
         lane.failures = 0
         accepted = [r for r in rcpts if r not in refused]
         for rcpt in accepted:
-            log.info("%s: to=<%s>, relay=%s, delay=%.1f, status=sent", entry.id, rcpt,
-                     conn.relay, age)
+            log.info("%s: to=<%s>, relay=%s, delay=%.1f, status=sent (%s)", entry.id, rcpt,
+                     conn.relay, age, reply)
         self.counters.delivered += len(accepted)
         bounced = {r: e.describe() for r, e in refused.items() if isinstance(e, BounceError)}
         later = [r for r, e in refused.items() if not isinstance(e, BounceError)]

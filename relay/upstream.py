@@ -131,9 +131,10 @@ class UpstreamConnection:
             return error_for(text, explanation, code=code, stage=stage)
         return LaneError(text, code=code, explanation=explanation)
 
-    async def send(self, mail_from: str, rcpts: list[str], data: bytes) -> dict[str, DeliveryError]:
-        """Send one message. Returns the recipients Exchange refused (the rest were accepted);
-        raises DeliveryError when the message as a whole failed."""
+    async def send(self, mail_from: str, rcpts: list[str], data: bytes
+                   ) -> tuple[dict[str, DeliveryError], str]:
+        """Send one message. Returns the recipients Exchange refused (the rest were accepted)
+        and Exchange's final reply; raises DeliveryError when the message as a whole failed."""
         if not self.connected:
             self._smtp = await self._connect()
         smtp = self._smtp
@@ -143,9 +144,9 @@ class UpstreamConnection:
             options.append("BODY=8BITMIME")
         ctx = self._ctx(mail_from)
         try:
-            refused, _reply = await smtp.sendmail(mail_from, rcpts, data, mail_options=options)
+            refused, reply = await smtp.sendmail(mail_from, rcpts, data, mail_options=options)
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            return {r.recipient: self._rcpt_error(r, ctx) for r in exc.recipients}
+            return {r.recipient: self._rcpt_error(r, ctx) for r in exc.recipients}, ""
         except aiosmtplib.SMTPSenderRefused as exc:
             raise self._message_error(exc.code, exc.message, "mail", ctx) from None
         except aiosmtplib.SMTPDataError as exc:
@@ -162,7 +163,7 @@ class UpstreamConnection:
         return {
             rcpt: self._rcpt_error(aiosmtplib.SMTPRecipientRefused(r.code, r.message, rcpt), ctx)
             for rcpt, r in refused.items()
-        }
+        }, f"250 {reply}"
 
     def _message_error(self, code: int, message: str, stage: str, ctx: Context) -> DeliveryError:
         if code == 421 or not self.connected:
