@@ -57,6 +57,7 @@ class Context:
     client_id: str = ""
     tenant: str = ""
     smtp_host: str = ""
+    authority_host: str = ""  # token endpoint host; login.microsoftonline.com when unset
 
 
 # ---------------------------------------------------------------------------
@@ -1000,7 +1001,7 @@ def explain_connection_error(exc: BaseException, *, stage: str, ctx: Context) ->
     fields = _fields(ctx, stage)
     app = fields["app"]
     if stage == "token":
-        fields["peer_host"] = "login.microsoftonline.com"
+        fields["peer_host"] = ctx.authority_host or "login.microsoftonline.com"
         fields["port"] = "port 443 (HTTPS)"
         fields["host_key"] = f"`apps.{app}.tenant` and `apps.{app}.authority`"
         fields["port_key"] = f"`apps.{app}.authority`"
