@@ -179,3 +179,18 @@ async def test_rejected_token_is_replaced_once(relays: RelayFactory, sandbox: Sa
     assert b"Subject: second" in got[1].data
     assert sandbox.entra.token_request_count == 2
     assert relay.delivery.counters.deferred == 0  # the fresh token worked on the same attempt
+
+
+async def test_message_older_than_max_age_bounces(relays: RelayFactory, sandbox: Sandbox,
+                                                  tmp_path: Path) -> None:
+    # Three temporary failures; by the fourth attempt the message is older than max_age.
+    sandbox.exchange.inject("data", "451 4.7.500 Server busy, please try again later", times=3)
+    data = relays.config()
+    data["delivery"].update(max_age=0.5, min_backoff=0.2, max_backoff=0.4)
+    relay = await relays.start(data)
+    await asyncio.to_thread(send, relay.addresses["local"], message("too old"))
+    (dsn,) = await sandbox.exchange.wait_for_messages(1, timeout=20)
+    assert dsn.rcpt_tos == (SENDER,)
+    assert b"5.4.7" in dsn.data and b"expired" in dsn.data
+    await wait_until(lambda: not queued(tmp_path / "spool"))
+    assert len(list((tmp_path / "spool" / "failed").glob("*.reason"))) == 1
