@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -111,6 +112,12 @@ def _secret(value: Any, info: ValidationInfo) -> Secret:
     raise ValueError("expected a string, {env: VARIABLE} or {file: PATH}")
 
 
+def _readable(path: Path) -> Path:
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path}; check the path and its permissions")
+    return path
+
+
 def _duration(value: Any) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
@@ -158,6 +165,7 @@ def _email(value: Any) -> str:
 
 SecretValue = Annotated[Secret, BeforeValidator(_secret)]
 FilePath = Annotated[Path, BeforeValidator(_resolve_path)]
+ReadableFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_readable)]
 Duration = Annotated[float, BeforeValidator(_duration)]
 Size = Annotated[int, BeforeValidator(_size)]
 Networks = Annotated[tuple[IPNetwork, ...], BeforeValidator(_networks)]
@@ -176,8 +184,8 @@ class Listener(_Record):
     name: str
     bind: str = "127.0.0.1:2525"
     tls: Literal["none", "starttls", "implicit"] = "none"
-    certificate: FilePath | None = None
-    private_key: FilePath | None = None
+    certificate: ReadableFile | None = None
+    private_key: ReadableFile | None = None
     networks: Networks = LOOPBACK
     cleartext_auth_networks: Networks = ()
     require_tls: bool = False
@@ -200,13 +208,6 @@ class Listener(_Record):
     @classmethod
     def _check_bind(cls, value: str) -> str:
         _split_bind(value)
-        return value
-
-    @field_validator("certificate", "private_key")
-    @classmethod
-    def _readable(cls, value: Path | None) -> Path | None:
-        if value is not None and not os.access(value, os.R_OK):
-            raise ValueError(f"cannot read {value}; check the path and its permissions")
         return value
 
     @model_validator(mode="after")
@@ -241,7 +242,7 @@ class App(_Record):
     authority: str | None = None
     smtp_host: str = "smtp.office365.com"
     smtp_port: int = Field(587, ge=1, le=65535)
-    ca_file: FilePath | None = None
+    ca_file: ReadableFile | None = None
     scope: str = EXCHANGE_SCOPE
 
     @field_validator("client_id")
@@ -260,13 +261,6 @@ class App(_Record):
         if value is not None and not value.startswith("https://"):
             raise ValueError("must be an https:// URL; token requests are never sent in clear")
         return value.rstrip("/") if value else value
-
-    @field_validator("ca_file")
-    @classmethod
-    def _ca_readable(cls, value: Path | None) -> Path | None:
-        if value is not None and not os.access(value, os.R_OK):
-            raise ValueError(f"cannot read {value}; check the path and its permissions")
-        return value
 
     @model_validator(mode="after")
     def _one_credential(self) -> App:

@@ -15,6 +15,13 @@ from conftest import MAILBOX, PASSWORD, RelayFactory, TLSFiles, message, send, s
 from relay.sandbox import Sandbox
 
 
+def mail_from(address: tuple[str, int], sender: str) -> tuple[int, bytes]:
+    """EHLO then MAIL FROM; the server's answer to MAIL."""
+    with smtp_client(address) as client:
+        client.ehlo("x")
+        return client.mail(sender)
+
+
 async def test_network_account_relays_and_rewrites_from(relays: RelayFactory,
                                                         sandbox: Sandbox) -> None:
     relay = await relays.start()
@@ -74,12 +81,8 @@ async def test_unknown_client_cannot_relay(relays: RelayFactory, sandbox: Sandbo
     data["accounts"][1]["networks"] = ["192.0.2.0/24"]  # loopback no longer maps to an account
     relay = await relays.start(data)
 
-    def attempt() -> tuple[int, bytes]:
-        with smtp_client(relay.addresses["local"]) as client:
-            client.ehlo("x")
-            return client.mail("device@printers.example")
-
-    code, reply = await asyncio.to_thread(attempt)
+    code, reply = await asyncio.to_thread(mail_from, relay.addresses["local"],
+                                          "device@printers.example")
     assert code == 530
     assert b"5.7.0" in reply
     assert sandbox.exchange.messages == []
@@ -159,12 +162,7 @@ async def test_starttls_then_auth(relays: RelayFactory, sandbox: Sandbox,
     relay = await relays.start(data)
     address = relay.addresses["local"]
 
-    def before_tls() -> tuple[int, bytes]:
-        with smtp_client(address) as client:
-            client.ehlo("x")
-            return client.mail("device@printers.example")
-
-    code, _ = await asyncio.to_thread(before_tls)
+    code, _ = await asyncio.to_thread(mail_from, address, "device@printers.example")
     assert code == 530  # require_tls: no mail in clear
 
     code, _ = await asyncio.to_thread(
@@ -198,12 +196,7 @@ async def test_enforce_rejects_other_senders(relays: RelayFactory, sandbox: Sand
     relay = await relays.start(data)
     address = relay.addresses["local"]
 
-    def wrong_envelope() -> tuple[int, bytes]:
-        with smtp_client(address) as client:
-            client.ehlo("x")
-            return client.mail("device@printers.example")
-
-    code, reply = await asyncio.to_thread(wrong_envelope)
+    code, reply = await asyncio.to_thread(mail_from, address, "device@printers.example")
     assert code == 550
     assert b"5.7.1" in reply and b"printers@contoso.example" in reply
 
