@@ -16,25 +16,41 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relay import __version__
+from relay import __version__, logsafe, permissions
 from relay import config as config_mod
+from relay.doctor.command import add_parser as add_doctor_parser
+from relay.events import log_fields
+from relay.queuectl.cli import add_parser as add_queue_parser
 
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
 log = logging.getLogger("m365relay")
 
 
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName", logsafe.MARK}
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": self.formatTime(record), "level": record.levelname.lower(),
-               "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        message = record.getMessage()
+        # Fields of maillog lines (queue_id, to, status, ...) and any `extra=`, for collectors.
+        out: dict[str, object] = {**log_fields(message), **{
+            k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}}
+        out.update({"time": self.formatTime(record), "level": record.levelname.lower(),
+                    "logger": record.name, "message": message})
+        # logsafe leaves the traceback only as redacted exc_text.
+        exception = record.exc_text or (
+            self.formatException(record.exc_info) if record.exc_info else "")
+        if exception:
+            out["exception"] = exception
+        return json.dumps(out, default=str)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    logsafe.install()
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(logsafe.RedactingFilter())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     elif os.environ.get("JOURNAL_STREAM"):
@@ -64,6 +80,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EX_CONFIG
+    for warning in permissions.warnings(config, args.config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.listeners)} listener(s), {len(config.apps)} app(s), "
           f"{len(config.accounts)} account(s))")
     return 0
@@ -73,15 +91,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.service import StartupError, run
 
     setup_logging(args.log_level, args.log_format)
-    config = _load(args.config)
-    if config is None:
+    loaded = _load_source(args)
+    if loaded is None:
         return EX_CONFIG
+    config, config_path = loaded
+    for warning in permissions.warnings(config, config_path) if config_path else []:
+        log.warning("%s", warning)
     try:
-        asyncio.run(run(config, config_path=args.config, shutdown_timeout=args.shutdown_timeout))
+        asyncio.run(run(config, config_path=config_path, shutdown_timeout=args.shutdown_timeout))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return EX_UNAVAILABLE
     return 0
+
+
+def _load_source(args: argparse.Namespace) -> tuple[config_mod.Config, Path | None] | None:
+    """--config FILE, --config-from-env, or both (the file if it exists: the container image)."""
+    from relay.envconfig import load_source
+
+    try:
+        return load_source(args.config, from_env_vars=args.config_from_env)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from relay import healthcheck
+
+    # Docker reads 0 as healthy and 1 as unhealthy (2 is reserved): nothing else is returned.
+    if args.address:
+        try:
+            found = [healthcheck.parse_address(a) for a in args.address]
+        except ValueError as exc:
+            print(f"--address: {exc}", file=sys.stderr)
+            return 1
+    else:
+        loaded = _load_source(args)
+        if loaded is None:
+            return 1
+        found = healthcheck.targets(loaded[0])
+    healthy, lines = healthcheck.check(found, args.timeout)
+    print("\n".join(lines), file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -138,13 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
 
+    def add_source(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", type=Path, help="YAML config file")
+        p.add_argument("--config-from-env", action="store_true",
+                       help="build the config from M365RELAY_* variables (one app and mailbox); "
+                            "with --config too, only when that file does not exist")
+
     p = sub.add_parser("serve", help="run the relay")
-    p.add_argument("--config", "-c", type=Path, required=True, help="YAML config file")
+    add_source(p)
     add_log(p)
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds to let sessions and deliveries finish on SIGTERM (default 30)")
+                   help="seconds to let sessions and deliveries finish on SIGTERM (default 30; "
+                        "keep it below systemd's TimeoutStopSec / docker's --stop-timeout)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("healthcheck", help="exit 0 if every listener answers with an SMTP "
+                                           "greeting, else 1 (Docker HEALTHCHECK, monitoring)")
+    add_source(p)
+    p.add_argument("--address", action="append", metavar="HOST:PORT",
+                   help="check this address instead of the config's listeners (repeatable)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per listener (default 5)")
+    p.set_defaults(func=cmd_healthcheck)
 
     p = sub.add_parser("check-config", help="validate a config file and list every problem")
     add_config(p)
@@ -166,12 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p, default="config/demo.yaml")
     add_log(p)
     p.set_defaults(func=cmd_demo)
+
+    add_doctor_parser(sub)
+    add_queue_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (getattr(args, "config_from_env", None) is False and args.config is None
+            and not getattr(args, "address", None)):
+        parser.error(f"{args.command} needs --config FILE or --config-from-env")
+    logsafe.install()
+    try:
+        result: int = args.func(args)
+    except Exception:
+        # Through logging, not Python's default hook, so the traceback is redacted too.
+        log.critical("m365relay stopped on an unexpected error (a bug: please report it with "
+                     "this traceback)", exc_info=True)
+        return 1
     return result
 
 

@@ -193,8 +193,24 @@ class Listener(_Record):
     max_message_size: Size = 35 * 1024 * 1024
     max_recipients: int = Field(500, ge=1, le=10000)
     # Legacy senders emit long lines; RFC 5321 allows 1000 but Postfix accepts far more.
-    max_line_length: Size = 64 * 1024
+    max_line_length: Size = Field(64 * 1024, ge=1000)
     idle_timeout: Duration = 300.0
+    # Bare CR/LF are how SMTP smuggling splits messages; normalize is Postfix 3.9's default.
+    bare_line_endings: Literal["normalize", "reject"] = "normalize"
+    # Postfix: default_process_limit 100, smtpd_client_connection_count_limit 50. A LAN relay
+    # sees one or two connections per device.
+    max_connections: int = Field(100, ge=1, le=100_000)
+    max_connections_per_ip: int = Field(20, ge=1, le=100_000)
+    # What Postfix's smtpd_timeout drops to under stress: at a connection limit, sessions idle
+    # this long (outside a mail transaction) give their slot to the newcomer.
+    stress_idle_timeout: Duration = 10.0
+    session_timeout: Duration = 3600.0
+    # A slow scan over weak Wi-Fi needs minutes; a slowloris is cut by the total.
+    data_idle_timeout: Duration = 300.0
+    data_timeout: Duration = 1800.0
+    # Postfix smtpd_junk_command_limit and smtpd_hard_error_limit; both reset after a message.
+    max_junk_commands: int = Field(100, ge=1)
+    max_errors: int = Field(20, ge=1)
 
     @property
     def host(self) -> str:
@@ -328,12 +344,46 @@ class DeliverySettings(_Record):
     timeout: Duration = 60.0
 
 
+class HttpSettings(_Record):
+    # Off unless the section is present; loopback by default because the status page lists
+    # recipients and errors (never secrets).
+    bind: str = "127.0.0.1:9925"
+    networks: Networks = LOOPBACK
+
+    @property
+    def host(self) -> str:
+        return _split_bind(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_bind(self.bind)[1]
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, value: str) -> str:
+        _split_bind(value)
+        return value
+
+
+class AuthLimits(_Record):
+    """Password guessing: shared by all listeners, so more listeners give no more guesses."""
+
+    failures_per_session: int = Field(3, ge=1, le=100)
+    # 0 turns the per-address or per-user lockout off.
+    failures_per_ip: int = Field(5, ge=0)
+    failures_per_user: int = Field(10, ge=0)
+    window: Duration = 600.0
+    block: Duration = 600.0
+
+
 class Config(_Record):
     listeners: tuple[Listener, ...] = Field(min_length=1)
     apps: dict[str, App] = Field(min_length=1)
     accounts: tuple[Account, ...] = Field(min_length=1)
     spool: SpoolSettings
     delivery: DeliverySettings = DeliverySettings()
+    http: HttpSettings | None = None
+    auth_limits: AuthLimits = AuthLimits()
     hostname: str | None = None
 
     def account_for_user(self, username: str) -> Account | None:

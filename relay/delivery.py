@@ -19,12 +19,13 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from relay.config import Config
 from relay.dsn import build_dsn
 from relay.errors import AuthRejected, BounceError, DeferError, DeliveryError, TokenError
+from relay.events import Events
 from relay.spool import DeliveryState, Envelope, QueueEntry, Spool, SpoolMissingError
 from relay.tokens import TokenProvider
 from relay.upstream import LaneError, UpstreamConnection
@@ -48,7 +49,8 @@ class _Lane:
     idle: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     blocked_until: float = 0.0
-    failures: int = 0
+    failures: int = 0  # path failures in a row; while > 0 only one worker probes the path
+    pauses: int = 0  # identifies the current pause, so an older pause's timer cannot end it
 
 
 class Delivery:
@@ -58,6 +60,8 @@ class Delivery:
         self.spool = spool
         self.tokens = tokens
         self.counters = Counters()
+        self.events = Events()  # per-account outcomes and recent ones, for /metrics and /
+        self.connections: set[UpstreamConnection] = set()  # held by workers, for /metrics
         self._clock = clock
         self._hostname = hostname or config.hostname or socket.gethostname()
         self._lanes: dict[tuple[str, str], _Lane] = {}
@@ -70,6 +74,9 @@ class Delivery:
         """Schedule a spooled entry: now, or at its ``next_attempt_at``."""
         if self._stopping:
             return  # it stays in the spool; the next start picks it up
+        stale = self._timers.pop(entry.id, None)  # one schedule per message, the newest
+        if stale is not None:
+            stale.cancel()
         delay = entry.state.next_attempt_at - self._clock()
         if delay > 0:
             loop = asyncio.get_running_loop()
@@ -87,6 +94,27 @@ class Delivery:
         """Delivery workers running (each holds at most one upstream connection)."""
         return sum(len(lane.workers) for lane in self._lanes.values())
 
+    def forget(self, ids: Collection[str]) -> None:
+        """Drop messages from the in-memory schedule (``m365relay queue hold/delete``).
+
+        One in flight finishes its attempt first: it holds the message's spool claim, which
+        the operator's command waits for."""
+        for queue_id in ids:
+            handle = self._timers.pop(queue_id, None)
+            if handle is not None:
+                handle.cancel()
+        for lane in self._lanes.values():
+            if any(e.id in ids for e in lane.ready):
+                lane.ready = deque(e for e in lane.ready if e.id not in ids)
+
+    def expedite(self, entries: Iterable[QueueEntry]) -> None:
+        """Try now, even on a paused lane: an operator asked (``queue retry/release/bounce``)."""
+        entries = list(entries)
+        self.forget({e.id for e in entries})
+        for entry in entries:
+            self._lane(entry.envelope).blocked_until = 0.0
+            self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
+
     def _timer_fired(self, entry: QueueEntry) -> None:
         self._timers.pop(entry.id, None)
         self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
@@ -101,9 +129,11 @@ class Delivery:
     def _kick(self, lane: _Lane) -> None:
         if lane.blocked_until > self._clock():
             return
+        # A path that just failed gets one probe after its pause, not a worker per message.
+        limit = 1 if lane.failures else self.config.delivery.connections_per_mailbox
         if lane.idle:
             lane.wake.set()
-        elif len(lane.workers) < self.config.delivery.connections_per_mailbox:
+        elif len(lane.workers) < limit:
             task = asyncio.create_task(self._worker(lane), name=f"deliver {lane.mailbox}")
             lane.workers.add(task)
             task.add_done_callback(lambda t: self._worker_done(lane, t))
@@ -119,9 +149,19 @@ class Delivery:
 
     async def _worker(self, lane: _Lane) -> None:
         settings = self.config.delivery
-        conn = UpstreamConnection(app_name=lane.app, app=self.config.apps[lane.app],
+        app = self.config.apps.get(lane.app)
+        if app is None:
+            # A reload renamed or removed the app these messages were accepted for. Without
+            # this pause every kick would start a worker that fails at once, in a busy loop.
+            self._block(lane, DeferError(
+                f"apps.{lane.app} is no longer in the configuration; messages for "
+                f"{lane.mailbox} stay queued until it is back under that name (or give up "
+                "on them: `m365relay queue bounce`)"))
+            return
+        conn = UpstreamConnection(app_name=lane.app, app=app,
                                   mailbox=lane.mailbox, tokens=self.tokens,
                                   timeout=settings.timeout, local_hostname=self._hostname)
+        self.connections.add(conn)
         try:
             while not self._stopping:
                 if lane.blocked_until > self._clock():
@@ -137,9 +177,35 @@ class Delivery:
                         lane.idle -= 1
                     continue
                 entry = lane.ready.popleft()
-                await self._deliver(lane, conn, entry)
+                await self._attempt(lane, conn, entry)
+        except asyncio.CancelledError:
+            conn.abort()  # the shutdown deadline passed mid-send: no polite QUIT to wait on
+            raise
         finally:
+            self.connections.discard(conn)
             await conn.close()
+
+    async def _attempt(self, lane: _Lane, conn: UpstreamConnection, entry: QueueEntry) -> None:
+        """One attempt under the message's spool claim, so ``m365relay queue`` never acts on
+        it at the same moment."""
+        try:
+            claim = await asyncio.to_thread(self.spool.claim, entry.id)
+        except OSError as exc:
+            # e.g. no locks on this filesystem: delivering unlocked beats not delivering.
+            log.warning("%s: cannot lock the queued message (%s); delivering anyway", entry.id,
+                        exc)
+            await self._deliver(lane, conn, entry)
+            return
+        if claim is None:
+            log.info("%s: no longer queued (delivered, held or deleted meanwhile); dropped from "
+                     "the schedule", entry.id)
+            return
+        with claim:
+            # The state on disk has the operator's changes (bounce); the one in memory is newer
+            # only if saving it failed.
+            if claim.state.attempts >= entry.state.attempts:
+                entry = replace(entry, state=claim.state)
+            await self._deliver(lane, conn, entry)
 
     async def _deliver(self, lane: _Lane, conn: UpstreamConnection, entry: QueueEntry) -> None:
         env, state = entry.envelope, entry.state
@@ -155,6 +221,9 @@ class Delivery:
             log.error("%s: cannot read spooled message: %s; it stays queued", entry.id, exc)
             await self._defer(entry, rcpts, DeferError(f"spool read failed: {exc}"))
             return
+        if state.bounce_reason:  # `m365relay queue bounce`: handled like a 5xx
+            await self._bounce(entry, dict.fromkeys(rcpts, state.bounce_reason), rcpts, data)
+            return
         if age > self.config.delivery.max_age:
             reason = (f"5.4.7 message expired: not delivered in {age / 86400:.1f} days "
                       f"(delivery.max_age); last error: {state.last_error or 'none'}")
@@ -166,7 +235,8 @@ class Delivery:
             await self._bounce(entry, dict.fromkeys(rcpts, exc.describe()), rcpts, data)
             return
         except DeferError as exc:
-            if isinstance(exc, LaneError | AuthRejected | TokenError) or exc.code == 432:
+            # 421 closes the session for whatever reason the server has: like 432, the path.
+            if isinstance(exc, LaneError | AuthRejected | TokenError) or exc.code in (421, 432):
                 self._block(lane, exc)
             await self._defer(entry, rcpts, exc)
             return
@@ -176,11 +246,15 @@ class Delivery:
             await conn.close()
             await self._defer(entry, rcpts, DeferError(f"internal error: {exc!r}"))
             return
-        lane.failures = 0
+        if lane.failures:
+            lane.failures = 0
+            for _ in range(len(lane.ready)):  # the path works again: back to full width
+                self._kick(lane)
         accepted = [r for r in rcpts if r not in refused]
         for rcpt in accepted:
             log.info("%s: to=<%s>, relay=%s, delay=%.1f, status=sent (%s)", entry.id, rcpt,
                      conn.relay, age, reply)
+            self.events.record("sent", entry, rcpt, reply)
         self.counters.delivered += len(accepted)
         bounced = {r: e.describe() for r, e in refused.items() if isinstance(e, BounceError)}
         later = [r for r, e in refused.items() if not isinstance(e, BounceError)]
@@ -191,15 +265,21 @@ class Delivery:
             await self._defer(entry, later, first)
         elif not bounced:
             await asyncio.to_thread(self.spool.remove, entry.id)
+            log.info("%s: removed", entry.id)
 
     def _block(self, lane: _Lane, exc: DeliveryError) -> None:
+        if lane.blocked_until > self._clock():
+            return  # a sibling worker's attempt already paused the lane for this outage
         lane.failures += 1
+        lane.pauses += 1
         wait = self._backoff(lane.failures)
         lane.blocked_until = self._clock() + wait
         log.warning("lane %s paused for %ds: %s", lane.mailbox, wait, exc.describe())
-        asyncio.get_running_loop().call_later(wait, self._unblock, lane)
+        asyncio.get_running_loop().call_later(wait, self._unblock, lane, lane.pauses)
 
-    def _unblock(self, lane: _Lane) -> None:
+    def _unblock(self, lane: _Lane, pause: int) -> None:
+        if pause != lane.pauses:
+            return
         lane.blocked_until = 0.0
         if lane.ready and not self._stopping:
             self._kick(lane)
@@ -215,8 +295,9 @@ class Delivery:
                               pending_rcpts=tuple(rcpts), last_error=exc.describe()[:2000])
         self.counters.deferred += 1
         for rcpt in rcpts:
-            log.warning("%s: to=<%s>, status=deferred (%s), retry in %ds", entry.id, rcpt,
-                        exc.describe(), wait)
+            log.warning("%s: to=<%s>, %s, status=deferred (%s), retry in %ds", entry.id, rcpt,
+                        self._trail(entry), exc.describe(), wait)
+            self.events.record("deferred", entry, rcpt, exc.describe(), exc.code)
         try:
             await asyncio.to_thread(self.spool.save_state, entry.id, state)
         except OSError as exc2:
@@ -224,12 +305,20 @@ class Delivery:
             log.error("%s: cannot save retry state: %s", entry.id, exc2)
         self.submit(replace(entry, state=state))
 
+    def _trail(self, entry: QueueEntry) -> str:
+        """relay= and delay= of a maillog line, as Postfix writes them."""
+        app = self.config.apps.get(entry.envelope.app)
+        relay = f"{app.smtp_host}:{app.smtp_port}" if app is not None else "none"
+        return f"relay={relay}, delay={self._clock() - entry.envelope.received_at:.1f}"
+
     async def _bounce(self, entry: QueueEntry, failed: dict[str, str], rcpts: list[str],
                       data: bytes, keep: list[str] | None = None) -> None:
         env = entry.envelope
         self.counters.bounced += len(failed)
         for rcpt, why in failed.items():
-            log.error("%s: to=<%s>, status=bounced (%s)", entry.id, rcpt, why)
+            log.error("%s: to=<%s>, %s, status=bounced (%s)", entry.id, rcpt,
+                      self._trail(entry), why)
+            self.events.record("bounced", entry, rcpt, why)
         if env.bounce_to:
             await self._send_dsn(entry, failed, data)
         if not keep:

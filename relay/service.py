@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -19,11 +20,16 @@ import time
 from pathlib import Path
 
 from relay import config as config_mod
+from relay import logsafe
 from relay.config import Config
 from relay.delivery import Delivery
+from relay.limits import AuthGuard
 from relay.listener import RelayHandler, start_listener
-from relay.spool import Spool
+from relay.notify import Notifier
+from relay.queuectl.control import QueueControl
+from relay.spool import QueueEntry, Spool
 from relay.tokens import TokenProvider
+from relay.web import WebServer
 
 log = logging.getLogger("m365relay.service")
 
@@ -34,21 +40,32 @@ class StartupError(Exception):
 
 class Relay:
     def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+        logsafe.install()  # also when embedded: the host application owns logging
+        logsafe.register_config_secrets(config)
         self.config = config
         self.config_path = config_path
         self.hostname = config.hostname or socket.gethostname()
         self.spool = Spool(config.spool.directory, min_free_bytes=config.spool.min_free_space)
         self.tokens = TokenProvider(config.apps, margin=config.delivery.token_refresh_margin)
         self.delivery = Delivery(config, self.spool, self.tokens, hostname=self.hostname)
+        self.control = QueueControl(self.spool, self.delivery)  # `m365relay queue` notices
         self.handlers: list[RelayHandler] = []
+        self.auth_guard = AuthGuard()  # failed logins count across all listeners
         self.servers: list[asyncio.Server] = []
         self.addresses: dict[str, tuple[str, int]] = {}
+        self.web: WebServer | None = None  # the `http` endpoint, when configured
+        self.http_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
+        self.notifier = Notifier()
 
     async def start(self) -> None:
         try:
+            # The queue control FIFO opens before the spool scan, so a `m365relay queue`
+            # notice sent meanwhile waits in the pipe instead of being missed.
+            await asyncio.to_thread(self.control.open)
             entries = await asyncio.to_thread(self.spool.open)
         except OSError as exc:
+            await self.control.close()
             raise StartupError(f"cannot open the spool {self.config.spool.directory}: "
                                f"{exc.strerror or exc}; check `spool.directory` and that the "
                                "relay's user owns it") from None
@@ -56,9 +73,11 @@ class Relay:
             self.delivery.submit(entry)
         if entries:
             log.info("spool: %d message(s) queued from before the start", len(entries))
+        self.control.start()
         for listener in self.config.listeners:
-            handler = RelayHandler(listener, self.config, self.spool, self.delivery.submit,
-                                   self.hostname)
+            handler = RelayHandler(listener, self.config, self.spool,
+                                   functools.partial(self._accepted, listener.name),
+                                   self.hostname, guard=self.auth_guard)
             try:
                 server = await start_listener(listener, handler)
             except OSError as exc:
@@ -72,6 +91,18 @@ class Relay:
             self.addresses[listener.name] = (host, port)
             log.info("listener %s ready on %s:%d (tls: %s)", listener.name, host, port,
                      listener.tls)
+        if self.config.http is not None:
+            self.web = WebServer(self, self.config.http)
+            try:
+                self.http_address = await self.web.start()
+            except OSError as exc:
+                await self.stop(timeout=0)
+                raise StartupError(f"http: cannot listen on {self.config.http.bind}: "
+                                   f"{exc.strerror or exc}; change http.bind") from None
+
+    def _accepted(self, listener: str, entry: QueueEntry) -> None:
+        self.delivery.events.accepted(listener, entry)
+        self.delivery.submit(entry)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -86,15 +117,35 @@ class Relay:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, callback)
                 handled.append(sig)
+        # READY only now: a `systemctl reload` before the SIGHUP handler exists would kill us.
+        self.notifier.ready(self._status())
+        watchdog = asyncio.create_task(self.notifier.watchdog_loop())
         try:
             await self._stop.wait()
             log.info("stopping: draining for up to %.0fs", shutdown_timeout)
+            self.notifier.stopping(f"draining for up to {shutdown_timeout:.0f}s")
             await self.stop(timeout=shutdown_timeout)
         finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            self.notifier.close()
             for sig in handled:
                 loop.remove_signal_handler(sig)
 
+    def _status(self) -> str:
+        listening = ", ".join(f"{name} on {host}:{port}"
+                              for name, (host, port) in self.addresses.items())
+        return f"relaying: {listening}"
+
     def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            self._reload()
+        finally:
+            self.notifier.ready(self._status())
+
+    def _reload(self) -> None:
         if self.config_path is None:
             log.warning("SIGHUP: no config file to reload")
             return
@@ -108,6 +159,9 @@ class Relay:
             log.warning("SIGHUP: listener changes need a restart; applying the rest")
         if new.spool != self.config.spool:
             log.warning("SIGHUP: spool changes need a restart; applying the rest")
+        if new.http != self.config.http:
+            log.warning("SIGHUP: http changes need a restart; applying the rest")
+        logsafe.register_config_secrets(new)
         self.config = new
         self.tokens.update(new.apps, margin=new.delivery.token_refresh_margin)
         self.delivery.config = new
@@ -125,9 +179,12 @@ class Relay:
             server.close()
         for handler in self.handlers:
             handler.closing = True
+        await self.control.close()
         await self._drain_sessions(deadline)
         await self.delivery.drain(max(deadline - time.monotonic(), 0.0))
         self.tokens.close()
+        if self.web is not None:  # last, so /readyz says "shutting down" while draining
+            await self.web.close()
         log.info("stopped")
 
     async def _drain_sessions(self, deadline: float) -> None:
@@ -149,8 +206,9 @@ class Relay:
                 task.cancel()
         for handler in self.handlers:
             for session in list(handler.sessions):
-                log.warning("shutdown: closing %s mid-transaction (it was not acknowledged; "
-                            "the client will retry)", session.client)
+                if session.in_transaction:
+                    log.warning("shutdown: closing %s mid-transaction (it was not "
+                                "acknowledged; the client will retry)", session.client)
                 session.close_for_shutdown()
 
 

@@ -1,5 +1,9 @@
 """The durable mail queue, modelled on Postfix's: write to ``tmp/``, fsync, rename into ``queue/``.
 
+Whoever moves, removes or re-schedules a message holds its :meth:`Spool.claim` (an ``flock``
+on the file), so a delivery attempt and an operator's ``m365relay queue`` command never act on
+one message at once (see ``relay/queuectl``).
+
 A message is acknowledged to the client (250) only after :meth:`Spool.commit` returns, and by
 then the envelope and content sit together in one fsynced file whose directory entry is also
 fsynced. Everything here is blocking I/O; the async callers run it through
@@ -10,6 +14,7 @@ Layout under the spool directory::
     tmp/      files being written; anything left here at startup was never acknowledged
     queue/    one file per accepted message: magic line, JSON envelope line, raw message
     state/    <id>.json retry state; losing it only means "try again now"
+    hold/     messages an operator put on hold (``m365relay queue hold``); never delivered
     failed/   permanently failed messages, with <id>.reason beside each
     corrupt/  queue files that could not be parsed, kept for inspection, never deleted
 """
@@ -17,6 +22,7 @@ Layout under the spool directory::
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -31,10 +37,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = [
+    "Claim",
     "DeliveryState",
     "Envelope",
     "QueueEntry",
     "Spool",
+    "SpoolBusyError",
     "SpoolCorruptError",
     "SpoolError",
     "SpoolFullError",
@@ -88,6 +96,10 @@ class SpoolCorruptError(SpoolMissingError):
     """A queued file no longer matches what was committed; it has been moved to corrupt/."""
 
 
+class SpoolBusyError(SpoolError):
+    """Another process (a delivery attempt) held the message's lock for longer than we waited."""
+
+
 @dataclass(frozen=True)
 class Envelope:
     mail_from: str  # envelope sender to use upstream
@@ -108,6 +120,7 @@ class DeliveryState:
     next_attempt_at: float = 0.0
     pending_rcpts: tuple[str, ...] | None = None  # None = all of envelope.rcpt_tos pending
     last_error: str = ""
+    bounce_reason: str = ""  # set by `m365relay queue bounce`: bounce with this, don't send
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,29 @@ class QueueEntry:
     envelope: Envelope
     state: DeliveryState
     size: int  # message bytes
+
+
+class Claim:
+    """This process's exclusive right to act on one message, across processes.
+
+    An ``flock`` on the message's file: it belongs to the file, not its name, so it stays valid
+    while the holder renames the file (hold, fail) or unlinks it (remove, delete). Released by
+    :meth:`release`, or when the object is garbage-collected (the file closes).
+    """
+
+    def __init__(self, queue_id: str, file: BinaryIO, state: DeliveryState) -> None:
+        self.id = queue_id
+        self.state = state  # read under the lock, so it includes any operator's change
+        self._file = file
+
+    def release(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class _BadFile(Exception):
@@ -136,15 +172,20 @@ class Spool:
         *,
         min_free_bytes: int = 0,
         opener: Opener | None = None,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.min_free_bytes = min_free_bytes
         self._opener: Opener = opener if opener is not None else os.open
+        # (uid, gid) for files this process creates: root running `m365relay queue` on the
+        # relay's spool must not leave files the relay's own user cannot read.
+        self._owner = owner
         self._tmp = self.directory / "tmp"
         self._queue = self.directory / "queue"
         self._state = self.directory / "state"
         self._failed = self.directory / "failed"
         self._corrupt = self.directory / "corrupt"
+        self._hold = self.directory / "hold"
         self._id_lock = threading.Lock()
         self._last_id_us = 0
 
@@ -154,7 +195,8 @@ class Spool:
         """Create the layout, discard unacknowledged leftovers, and return the queue."""
         try:
             _make_dir(self.directory)
-            for sub in (self._tmp, self._queue, self._state, self._failed, self._corrupt):
+            for sub in (self._tmp, self._queue, self._state, self._failed, self._corrupt,
+                        self._hold):
                 _make_dir(sub)
         except OSError as exc:
             raise SpoolWriteError(
@@ -162,8 +204,9 @@ class Spool:
                 "spool.directory points to a writable local directory owned by the relay's user."
             ) from exc
         self._clean_tmp()
-        entries = self._scan()
-        self._clean_orphan_states({e.id for e in entries})
+        entries = self._scan(self._queue)
+        held = {p.name for p in _listdir(self._hold)}
+        self._clean_orphan_states({e.id for e in entries} | held)
         return entries
 
     def _clean_tmp(self) -> None:
@@ -267,13 +310,13 @@ class Spool:
 
     # ------------------------------------------------------------------ delivery side
 
-    def read(self, queue_id: str) -> bytes:
+    def read(self, queue_id: str, *, held: bool = False) -> bytes:
         """Return exactly the bytes given to :meth:`commit`.
 
         Raises :class:`SpoolCorruptError` (after moving the file to corrupt/) if the stored
         size or checksum no longer match, so damaged mail is never sent upstream.
         """
-        path = self._queue / _check_id(queue_id)
+        path = (self._hold if held else self._queue) / _check_id(queue_id)
         try:
             with path.open("rb") as f:
                 meta = _read_header(f, os.fstat(f.fileno()).st_size)
@@ -311,6 +354,7 @@ class Spool:
                     None if state.pending_rcpts is None else list(state.pending_rcpts)
                 ),
                 "last_error": state.last_error,
+                "bounce_reason": state.bounce_reason,
             }
         ).encode()
         try:
@@ -357,21 +401,133 @@ class Spool:
         log.warning("message %s failed permanently, kept as %s: %s", queue_id, dest, reason)
         return dest
 
-    def entries(self) -> list[QueueEntry]:
-        """The queue as it is on disk now, oldest first. Damaged files are moved to corrupt/."""
-        return self._scan()
+    def entries(self, *, quarantine: bool = True) -> list[QueueEntry]:
+        """The queue as it is on disk now, oldest first.
+
+        Damaged files are moved to corrupt/, or with ``quarantine=False`` (an operator's
+        listing, which must not change the spool) skipped with a warning.
+        """
+        return self._scan(self._queue, quarantine=quarantine)
+
+    # ------------------------------------------------------------------ operator side
+
+    def claim(self, queue_id: str, *, held: bool = False, wait: float | None = None
+              ) -> Claim | None:
+        """Lock a message against every other process; None if it is not (or no longer) there.
+
+        Blocks while another process holds it; with ``wait``, gives up after that many seconds
+        with :class:`SpoolBusyError`. The holder may then move or change it.
+        """
+        path = (self._hold if held else self._queue) / _check_id(queue_id)
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            return None
+        try:
+            _lock(f, queue_id, wait)
+            # The previous holder may have delivered, held or deleted it meanwhile; then the
+            # name is gone or (after a release) names another file.
+            try:
+                same = os.path.samestat(path.stat(), os.fstat(f.fileno()))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                f.close()
+                return None
+            return Claim(queue_id, f, self._load_state(queue_id))
+        except BaseException:
+            f.close()
+            raise
+
+    def is_claimed(self, queue_id: str, *, held: bool = False) -> bool:
+        """Whether another process holds the message now (a delivery attempt in flight)."""
+        try:
+            with ((self._hold if held else self._queue) / _check_id(queue_id)).open("rb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def locate(self, queue_id: str) -> str | None:
+        """Which folder holds the message: "queue", "hold", "failed", "corrupt", or None."""
+        _check_id(queue_id)
+        for folder in (self._queue, self._hold, self._failed, self._corrupt):
+            if (folder / queue_id).is_file():
+                return folder.name
+        return None
+
+    def entry(self, queue_id: str, *, held: bool = False) -> QueueEntry | None:
+        """One message with its state, or None if it is not there; damaged ones are skipped."""
+        path = (self._hold if held else self._queue) / _check_id(queue_id)
+        try:
+            return self._load(path)
+        except FileNotFoundError:
+            return None
+        except _BadFile as exc:
+            log.warning("queue file %s is damaged: %s", path, exc)
+            return None
+
+    def held_entries(self) -> list[QueueEntry]:
+        """Messages on hold, oldest first."""
+        return self._scan(self._hold, quarantine=False)
+
+    def hold(self, queue_id: str) -> None:
+        """Move a message to hold/, out of delivery's reach. Call it holding the claim."""
+        self._move(queue_id, self._queue, self._hold, "put on hold")
+
+    def release(self, queue_id: str) -> None:
+        """Move a held message back to queue/, due now. Call it holding the claim."""
+        self._move(queue_id, self._hold, self._queue, "released")
+        state = self._load_state(queue_id)
+        self.save_state(queue_id, DeliveryState(
+            attempts=state.attempts, next_attempt_at=0.0, pending_rcpts=state.pending_rcpts,
+            last_error=state.last_error, bounce_reason=state.bounce_reason))
+
+    def delete(self, queue_id: str, *, held: bool = False) -> None:
+        """Remove a message for good (`m365relay queue delete`). Call it holding the claim."""
+        folder = self._hold if held else self._queue
+        try:
+            (folder / _check_id(queue_id)).unlink()
+            _fsync_dir(folder)
+            (self._state / f"{queue_id}.json").unlink(missing_ok=True)
+            _fsync_dir(self._state)
+        except FileNotFoundError as exc:
+            raise SpoolMissingError(f"message {queue_id} is not in {folder}") from exc
+        except OSError as exc:
+            raise SpoolWriteError(f"could not delete message {queue_id} from {folder}: {exc}. "
+                                  "Check that you run this as the relay's user or root.") from exc
+
+    def _move(self, queue_id: str, src: Path, dest: Path, what: str) -> None:
+        try:
+            if not dest.is_dir():
+                # A spool from before hold/ existed; the relay's next start would create it.
+                _make_dir(dest)
+                self._own(dest)
+            (src / _check_id(queue_id)).rename(dest / queue_id)
+            _fsync_dir(dest)
+            _fsync_dir(src)
+        except FileNotFoundError as exc:
+            raise SpoolMissingError(f"message {queue_id} is not in {src}") from exc
+        except OSError as exc:
+            raise SpoolWriteError(f"message {queue_id} could not be {what} ({exc}). Check "
+                                  "that you run this as the relay's user or root.") from exc
 
     # ------------------------------------------------------------------ internals
 
-    def _scan(self) -> list[QueueEntry]:
+    def _scan(self, folder: Path, *, quarantine: bool = True) -> list[QueueEntry]:
         entries: list[QueueEntry] = []
-        for path in _listdir(self._queue):
+        for path in _listdir(folder):
             try:
                 entry = self._load(path)
             except FileNotFoundError:
                 continue  # delivered or failed by another thread while we were listing
             except _BadFile as exc:
-                self._quarantine(path, str(exc))
+                if quarantine:
+                    self._quarantine(path, str(exc))
+                else:
+                    log.warning("queue file %s is damaged (%s); skipped", path, exc)
                 continue
             except OSError:
                 log.exception("cannot read queue file %s, skipping it for now", path)
@@ -433,10 +589,15 @@ class Spool:
             # open()'s mode is filtered by the umask; set it exactly. By path rather than fchmod
             # because a test opener may hand back a descriptor for another file (/dev/full).
             path.chmod(FILE_MODE)
+            self._own(path)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _own(self, path: Path) -> None:
+        if self._owner is not None:
+            os.chown(path, *self._owner)
 
     def _write_atomic(self, dest: Path, data: bytes) -> None:
         # Staged in tmp/ (same filesystem) so open() sweeps up any leftover from a crash.
@@ -458,6 +619,24 @@ class Spool:
 # ---------------------------------------------------------------------- file helpers
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _lock(f: BinaryIO, queue_id: str, wait: float | None) -> None:
+    if wait is None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        return
+    # flock has no timeout; a short poll is fine for an operator's command.
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise SpoolBusyError(
+                    f"message {queue_id} is still being delivered after {wait:.0f}s; try "
+                    "again later, or give --wait more seconds") from None
+            time.sleep(0.05)
 
 
 def _make_dir(path: Path) -> None:
@@ -601,4 +780,5 @@ def _state_from(raw: object) -> DeliveryState:
         next_attempt_at=float(_field(raw, "next_attempt_at", (int, float), 0.0)),
         pending_rcpts=None if pending is None else tuple(pending),
         last_error=_field(raw, "last_error", str, ""),
+        bounce_reason=_field(raw, "bounce_reason", str, ""),
     )

@@ -28,6 +28,7 @@ import msal
 import msal.exceptions
 import requests
 
+from relay import logsafe
 from relay.config import App
 from relay.errors import TokenError
 from relay.explain import Context, explain_connection_error, explain_token_error
@@ -76,6 +77,19 @@ class _AppState:
     expires_at: float = 0.0
     requests: int = 0
     failures: int = 0
+    error: str = ""  # why the last request failed, with the fix; "" after a success
+    failed: TokenError | None = None  # the last request's failure; None after a success
+    answered: int = 0  # requests that have finished, either way
+
+
+@dataclass(frozen=True)
+class TokenStatus:
+    """An app's token state for metrics and the status page; never the token itself."""
+
+    requests: int
+    failures: int
+    expires_at: float  # unix time; 0 before the first token
+    error: str
 
 
 class TokenProvider:
@@ -101,21 +115,39 @@ class TokenProvider:
         state = self._states[app_name]
         return state.requests, state.failures
 
+    def status(self, app_name: str) -> TokenStatus:
+        state = self._states.get(app_name) or _AppState()
+        return TokenStatus(state.requests, state.failures, state.expires_at, state.error)
+
     async def token(self, app_name: str) -> str:
         state = self._states[app_name]
         if state.token and self._clock() < state.refresh_at:
             return state.token
+        answered = state.answered
         async with state.lock:
             # Another delivery may have refreshed it while we waited for the lock.
             if state.token and self._clock() < state.refresh_at:
                 return state.token
-            return await self._refresh(app_name, state)
+            if state.answered != answered and state.failed is not None:
+                # ...or failed to: share that answer, or a broken secret would send Entra one
+                # request per waiting delivery.
+                raise TokenError(str(state.failed), explanation=state.failed.explanation)
+            try:
+                return await self._refresh(app_name, state)
+            finally:
+                state.answered += 1
 
     def invalidate(self, app_name: str, token: str) -> None:
         """Forget ``token`` (Exchange rejected it) so the next call asks Entra again."""
         state = self._states[app_name]
         if state.token == token:
             state.token, state.refresh_at = "", 0.0
+
+    def http_session(self, app_name: str) -> requests.Session:
+        """An HTTP session that trusts exactly what msal's does for this app, so
+        ``m365relay doctor`` probes the authority the way token requests reach it."""
+        app = self._apps[app_name]
+        return _Session(self._ca_bundle(app_name, app), self._timeout)
 
     def update(self, apps: Mapping[str, App], *, margin: float) -> None:
         """Take a reloaded config: apps whose settings changed start afresh."""
@@ -141,6 +173,8 @@ class TokenProvider:
             explanation = explain_connection_error(exc, stage="token", ctx=ctx)
             error = TokenError(f"token request for app {app_name!r} to {app.authority_url} "
                                f"failed: {type(exc).__name__}: {exc}", explanation=explanation)
+            state.error = error.describe()
+            state.failed = error
             log.warning("token app=%s failed: %s", app_name, error.describe())
             raise error from None
         if "access_token" not in result:
@@ -151,12 +185,16 @@ class TokenProvider:
             error = TokenError(f"Entra ID refused a token for app {app_name!r} "
                                f"(client_id {app.client_id}): {code}: {description}",
                                explanation=explanation)
+            state.error = error.describe()
+            state.failed = error
             log.error("token app=%s refused: %s", app_name, error.describe())
             raise error
         now = self._clock()
         lifetime = float(result.get("expires_in", 3600))
         state.token = str(result["access_token"])
+        logsafe.register_token(state.token)
         state.expires_at = now + lifetime
+        state.error, state.failed = "", None
         # Keep the margin, but never refresh more often than every half lifetime.
         state.refresh_at = now + max(lifetime - self._margin, lifetime / 2)
         log.info("token app=%s acquired source=%s expires_in=%ds", app_name,

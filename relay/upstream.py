@@ -67,6 +67,12 @@ class UpstreamConnection:
                        client_id=self.app.client_id, tenant=self.app.tenant,
                        smtp_host=self.app.smtp_host)
 
+    def abort(self) -> None:
+        """Drop the connection without QUIT: a command may still be waiting for its reply."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
     async def close(self) -> None:
         smtp, self._smtp = self._smtp, None
         if smtp is None or not smtp.is_connected:
@@ -75,6 +81,12 @@ class UpstreamConnection:
             await smtp.quit(timeout=5)
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             smtp.close()
+
+    async def login(self) -> None:
+        """Connect and sign in without sending anything (``m365relay doctor``); raises what
+        ``send`` would raise for the same failure."""
+        if not self.connected:
+            self._smtp = await self._connect()
 
     async def _connect(self) -> aiosmtplib.SMTP:
         smtp = aiosmtplib.SMTP(hostname=self.app.smtp_host, port=self.app.smtp_port,

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 import yaml
-from conftest import base_config, message
+from conftest import base_config, message, wait_until
 
 from relay.sandbox import Sandbox
 
@@ -69,10 +70,10 @@ def config_file(sandbox: Sandbox, tmp_path: Path, password_hash: str) -> Path:
 async def spawn(config_file: Path) -> AsyncIterator[Any]:
     started: list[RelayProcess] = []
 
-    async def start() -> RelayProcess:
+    async def start(shutdown_timeout: float = 10) -> RelayProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", "serve", "--config", str(config_file),
-            "--shutdown-timeout", "10", stderr=asyncio.subprocess.PIPE,
+            "--shutdown-timeout", str(shutdown_timeout), stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         relay = RelayProcess(proc)
         started.append(relay)
@@ -107,8 +108,12 @@ async def test_sigkill_loses_no_acknowledged_message(spawn: Any, sandbox: Sandbo
                                           message(subject, body="x" * rng.randint(10, 20000)))
                     acked.append(subject)  # only after the relay said 250
 
+    tmp = tmp_path / "spool" / "tmp"
+    orphans: set[Path] = set()
     for round_no in range(kills):
         relay = await spawn()
+        survivors = orphans & set(tmp.iterdir())
+        assert not survivors, f"temp files of the killed relay survived the restart: {survivors}"
         stop = asyncio.Event()
         senders = [asyncio.create_task(sender(relay.port, f"r{round_no}c{c}", stop))
                    for c in range(3)]
@@ -116,12 +121,16 @@ async def test_sigkill_loses_no_acknowledged_message(spawn: Any, sandbox: Sandbo
         async with asyncio.timeout(60):
             while len(acked) < target:
                 await asyncio.sleep(0.005)  # watching a counter that other tasks advance
-        relay.proc.send_signal(signal.SIGKILL)  # mid-transaction for some of the senders
+        # Then a random moment on top: the kill lands mid-DATA, mid-commit or mid-delivery.
+        await asyncio.sleep(rng.random() * 0.05)
+        relay.proc.send_signal(signal.SIGKILL)
         await relay.wait()
+        orphans = set(tmp.iterdir())
         stop.set()
         await asyncio.gather(*senders)
 
     final = await spawn()
+    assert not orphans & set(tmp.iterdir()), "temp files of the killed relay survived"
 
     def delivered() -> list[str]:
         return [subject_of(m.data) for m in sandbox.exchange.messages]
@@ -222,3 +231,44 @@ async def test_sighup_reload_applies_new_accounts_and_refuses_bad_config(
         assert relay.config.accounts[1].mailbox == "reloaded@contoso.example"
     finally:
         await relay.stop(timeout=5)
+
+
+async def test_sigterm_mid_delivery_finishes_it_within_the_deadline(
+        spawn: Any, sandbox: Sandbox, tmp_path: Path) -> None:
+    sandbox.exchange.delay("data", 1.0)  # Exchange takes a second to accept the message
+    relay = await spawn(shutdown_timeout=10)
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port) as client:
+        await client.sendmail("device@printers.example", ["a@example.org"], message("drained"))
+    await wait_until(lambda: sandbox.exchange.delays_started == 1)  # delivery in flight
+    started = time.monotonic()
+    relay.proc.send_signal(signal.SIGTERM)
+    assert await relay.wait() == 0
+    assert time.monotonic() - started < 10
+    assert [subject_of(m.data) for m in sandbox.exchange.messages] == ["drained"]
+    assert any("status=sent" in line for line in relay.lines)
+    assert not any((tmp_path / "spool" / "queue").iterdir())  # so a restart sends nothing
+
+
+async def test_sigterm_mid_delivery_past_the_deadline_keeps_it_queued(
+        spawn: Any, sandbox: Sandbox, tmp_path: Path) -> None:
+    sandbox.exchange.delay("data", 60)  # Exchange hangs after the final dot
+    relay = await spawn(shutdown_timeout=1)
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port) as client:
+        await client.sendmail("device@printers.example", ["a@example.org"], message("cut off"))
+    await wait_until(lambda: sandbox.exchange.delays_started == 1)
+    started = time.monotonic()
+    relay.proc.send_signal(signal.SIGTERM)
+    assert await relay.wait() == 0
+    assert time.monotonic() - started < 1 + 2  # the deadline, and a moment to hang up
+    assert any("cancelling" in line for line in relay.lines)
+    assert not any("status=sent" in line for line in relay.lines)  # nothing claimed sent
+    assert sandbox.exchange.messages == []
+    assert len(list((tmp_path / "spool" / "queue").iterdir())) == 1
+
+    await spawn()  # the next start delivers it, once
+    (got,) = await sandbox.exchange.wait_for_messages(1)
+    assert subject_of(got.data) == "cut off"
+    async with asyncio.timeout(10):
+        while any((tmp_path / "spool" / "queue").iterdir()):
+            await asyncio.sleep(0.02)
+    assert len(sandbox.exchange.messages) == 1

@@ -50,6 +50,9 @@ class ReceivedMessage:
     client_id: str  # appid claim of the token used
     connection_id: int  # which TCP connection carried it, counting from 1
     path: Path | None  # the .eml file, if the sandbox has a mail directory
+    # With record_wire: the DATA bytes exactly as sent after 354, dot-stuffing and final
+    # ".\r\n" included, to check what a relay puts on the wire.
+    wire: bytes | None = None
 
 
 @dataclass
@@ -58,6 +61,13 @@ class _Injection:
     reply: str
     remaining: int
     rcpt: str | None
+
+
+@dataclass
+class _Delay:
+    stage: str
+    seconds: float
+    remaining: int
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class FakeExchange:
     def __init__(self, entra: FakeEntra, mail_dir: Path | None = None) -> None:
         self.entra = entra
         self.mail_dir = mail_dir
+        self.record_wire = False  # keep each message's raw DATA bytes (ReceivedMessage.wire)
         self.port = 0
         self.messages: list[ReceivedMessage] = []
         self.connections = 0
@@ -80,6 +91,8 @@ class FakeExchange:
         self.auth_failures = 0
         self.auth_failure_reasons: list[str] = []
         self._injections: list[_Injection] = []
+        self._delays: list[_Delay] = []
+        self.delays_started = 0  # delayed commands so far, to know one is in progress
         self._sessions: set[_ExchangeSession] = set()
         self._server: asyncio.Server | None = None
         self._arrived = asyncio.Condition()
@@ -108,9 +121,20 @@ class FakeExchange:
             raise ValueError(f"reply {reply!r} must start with an SMTP code, e.g. '451 4.3.2 ...'")
         self._injections.append(_Injection(stage, reply, times, rcpt))
 
+    def delay(self, stage: str, seconds: float, times: int = 1) -> None:
+        """Think ``seconds`` before answering the next ``times`` commands at ``stage``: "mail",
+        "rcpt", or "data" (after the final dot), as a slow Exchange does. A client that hangs
+        up meanwhile gets nothing done: the message is not recorded."""
+        if stage not in {"mail", "rcpt", "data"}:
+            raise ValueError(f"cannot delay {stage!r}; use mail, rcpt or data")
+        if seconds <= 0 or times < 1:
+            raise ValueError("seconds must be positive and times at least 1")
+        self._delays.append(_Delay(stage, seconds, times))
+
     def reset(self) -> None:
         """Forget injections and recordings; files already written stay on disk."""
         self._injections.clear()
+        self._delays.clear()
         self.messages.clear()
         self.connections = 0
         self.peak_open_connections = len(self._sessions)
@@ -129,7 +153,9 @@ class FakeExchange:
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext) -> int:
         if self.mail_dir is not None:
-            self.mail_dir.mkdir(parents=True, exist_ok=True)
+            # Received mail is private: readable by the sandbox's user only.
+            self.mail_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.mail_dir.chmod(0o700)
             # Continue numbering so a restarted sandbox never overwrites earlier mail.
             self._seq = max((int(p.stem) for p in self.mail_dir.glob("*.eml")
                              if p.stem.isdigit()), default=0)
@@ -164,6 +190,17 @@ class FakeExchange:
             return injection.reply
         return None
 
+    async def _pause(self, stage: str) -> None:
+        delay = next((d for d in self._delays if d.stage == stage), None)
+        if delay is None:
+            return
+        delay.remaining -= 1
+        if delay.remaining == 0:
+            self._delays.remove(delay)
+        self.delays_started += 1
+        # aiosmtpd cancels this hook when the client disconnects, so nothing happens after.
+        await asyncio.sleep(delay.seconds)
+
     def _opened(self, session: _ExchangeSession) -> int:
         self._sessions.add(session)
         self.connections += 1
@@ -179,7 +216,7 @@ class FakeExchange:
         log.info("AUTH refused: %s", reason)
 
     async def _record(self, envelope: Envelope, grant: _Grant,
-                      connection_id: int) -> ReceivedMessage:
+                      connection_id: int, wire: bytes | None = None) -> ReceivedMessage:
         self._seq += 1
         data = envelope.original_content or b""
         path = None
@@ -199,7 +236,7 @@ class FakeExchange:
         message = ReceivedMessage(
             mail_from=envelope.mail_from or "", rcpt_tos=tuple(envelope.rcpt_tos), data=data,
             auth_user=grant.user, client_id=grant.client_id, connection_id=connection_id,
-            path=path)
+            path=path, wire=wire)
         async with self._arrived:
             self.messages.append(message)
             self._arrived.notify_all()
@@ -251,6 +288,7 @@ class _ExchangeSession(SMTP):
         self.connection_id = 0
         self._drop_next_reply = False
         self._auth_refusal: str | None = None
+        self._wire: bytearray | None = None
         super().__init__(
             _ExchangeHandler(exchange),
             hostname=HOSTNAME,
@@ -304,6 +342,8 @@ class _ExchangeSession(SMTP):
             self._drop_next_reply = False
             self.hang_up()
             return
+        if self.exchange.record_wire and status[:3] in ("354", b"354"):
+            self._wire = bytearray()  # the client sends DATA content only after this reply
         await super().push(status)
         closing = status.startswith("421") if isinstance(status, str) \
             else status.startswith(b"421")
@@ -314,6 +354,15 @@ class _ExchangeSession(SMTP):
         if self.session is None:  # aiosmtpd sets it in connection_made, before any command
             raise RuntimeError("SMTP command before the connection was set up")
         return self.session
+
+    def data_received(self, data: bytes) -> None:
+        if self._wire is not None:
+            self._wire += data
+        super().data_received(data)
+
+    def take_wire(self) -> bytes | None:
+        wire, self._wire = self._wire, None
+        return bytes(wire) if wire is not None else None
 
     def drop_instead_of_next_reply(self) -> None:
         self._drop_next_reply = True
@@ -406,6 +455,7 @@ class _ExchangeHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        await self.exchange._pause("mail")
         injected = self.exchange._take("mail")
         if injected is not None and not injected.startswith("2"):
             return injected
@@ -415,6 +465,7 @@ class _ExchangeHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
+        await self.exchange._pause("rcpt")
         injected = self.exchange._take("rcpt", address)
         if injected is not None and not injected.startswith("2"):
             return injected
@@ -424,6 +475,7 @@ class _ExchangeHandler:
 
     async def handle_DATA(self, server: _ExchangeSession, session: Session,
                           envelope: Envelope) -> str:
+        await self.exchange._pause("data")
         if self.exchange._take("drop_after_data") is not None:
             server.drop_instead_of_next_reply()
             return "451 4.4.2 never sent"
@@ -438,7 +490,7 @@ class _ExchangeHandler:
         injected = self.exchange._take("data")
         if injected is not None and not injected.startswith("2"):
             return injected
-        await self.exchange._record(envelope, grant, server.connection_id)
+        await self.exchange._record(envelope, grant, server.connection_id, server.take_wire())
         internal_id = 10_000_000_000_000 + self.exchange._seq
         return injected or (
             f"250 2.6.0 <{uuid.uuid4().hex.upper()}@{HOSTNAME}> [InternalId={internal_id}, "

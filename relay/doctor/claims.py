@@ -1,0 +1,150 @@
+"""The claims link: is the token Entra issued one Exchange Online SMTP will take?
+
+The signature is not checked: we are the client, not the resource, and Exchange checks it. The
+claims still tell a lot: which tenant and app Entra thinks we are, whether admin consent for
+SMTP.SendAsApp reached the token, its audience and lifetime, and the object id of the app's
+service principal, which is exactly the id ``New-ServicePrincipal -ObjectId`` and
+``Add-MailboxPermission -User`` need.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from relay.config import App
+from relay.doctor.report import Check, Status
+
+SEND_ROLE = "SMTP.SendAsApp"
+# Entra may name Exchange Online by its first-party app id instead of its URL.
+EXCHANGE_APP_ID = "00000002-0000-0ff1-ce00-000000000000"
+CLOCK_SKEW = 300  # what Entra and Exchange tolerate
+# Claims worth showing; the rest (aio, rh, uti, signatures) mean nothing to an admin.
+SHOWN = ("tid", "appid", "azp", "oid", "roles", "aud", "iss", "iat", "nbf", "exp", "ver")
+
+
+class NotAJwt(ValueError):
+    pass
+
+
+def decode_claims(token: str) -> dict[str, Any]:
+    """The payload of a compact JWS, signature unchecked."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise NotAJwt(f"{len(parts)} dot-separated parts instead of 3 (an encrypted token?)")
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+    except (binascii.Error, UnicodeError, ValueError) as exc:
+        raise NotAJwt(f"the payload is not base64url JSON ({exc})") from None
+    if not isinstance(claims, dict):
+        raise NotAJwt("the payload is not a JSON object")
+    return claims
+
+
+@dataclass(frozen=True)
+class ClaimsResult:
+    check: Check
+    claims: dict[str, Any]  # the SHOWN subset, for the JSON report
+    object_id: str  # oid: the service principal's object id ("" if absent)
+    role_missing: bool  # no SMTP.SendAsApp: fine only with RBAC for Applications
+
+
+def expected_tenant(app: App) -> str:
+    """The tenant the token should be from, or "" when configured as a domain name."""
+    segment = next((p for p in urlsplit(app.authority_url).path.split("/") if p), app.tenant)
+    return "" if "." in segment else segment
+
+
+def expected_audiences(app: App) -> set[str]:
+    resource = app.scope.removesuffix("/.default").rstrip("/")
+    return {resource, resource + "/", EXCHANGE_APP_ID}
+
+
+def consent_url(app: App) -> str:
+    parts = urlsplit(app.authority_url)
+    return f"{parts.scheme}://{parts.netloc}/{app.tenant}/adminconsent?client_id={app.client_id}"
+
+
+def role_fix(app_name: str, app: App, mailbox: str = "<mailbox>") -> str:
+    return (
+        "Either grant the permission (the usual way):\n"
+        f"  Entra admin center > App registrations > {app.client_id} > API permissions > Add a "
+        "permission > APIs my organization uses > Office 365 Exchange Online > Application "
+        f"permissions > {SEND_ROLE}, then 'Grant admin consent'. Or let a Global or Privileged "
+        f"Role Administrator open {consent_url(app)}\n"
+        "Or, with RBAC for Applications (no Entra permission at all), assign the role in "
+        "Exchange Online PowerShell:\n"
+        f"  New-ManagementRoleAssignment -Role 'Application {SEND_ROLE}' -App {app.client_id} "
+        f"-CustomResourceScope <management scope that includes {mailbox}>\n"
+        f"New consent can take a few minutes to reach new tokens; then run doctor again."
+    )
+
+
+def check_claims(app_name: str, app: App, token: str, now: float | None = None
+                 ) -> ClaimsResult:
+    now = time.time() if now is None else now
+    try:
+        claims = decode_claims(token)
+    except NotAJwt as exc:
+        check = Check("claims", Status.WARN, detail=f"cannot read the token's claims: {exc}",
+                      summary="The token's claims could not be read, so doctor cannot check "
+                              "tenant, role and audience; Exchange's answer below decides.")
+        return ClaimsResult(check, {}, "", role_missing=False)
+    shown = {k: claims[k] for k in SHOWN if k in claims}
+    tid, appid = str(claims.get("tid", "")), str(claims.get("appid") or claims.get("azp") or "")
+    oid, aud = str(claims.get("oid", "")), str(claims.get("aud", ""))
+    raw_roles = claims.get("roles")
+    roles = [str(r) for r in raw_roles] if isinstance(raw_roles, list) else []
+    exp = claims.get("exp") if isinstance(claims.get("exp"), int | float) else None
+    nbf = claims.get("nbf") if isinstance(claims.get("nbf"), int | float) else None
+    lifetime = f"expires in {int((exp - now) // 60)} min" if exp else "no expiry"
+    detail = (f"tenant {tid or '?'}, app {appid or '?'}, roles "
+              f"{', '.join(roles) or 'none'}, audience {aud or '?'}, {lifetime}, "
+              f"service principal object id {oid or '?'}")
+
+    def fail(summary: str, fix: str) -> ClaimsResult:
+        return ClaimsResult(Check("claims", Status.FAIL, detail=detail, summary=summary, fix=fix),
+                            shown, oid, role_missing=SEND_ROLE not in roles)
+
+    tenant = expected_tenant(app)
+    if tenant and tid and tid.casefold() != tenant.casefold():
+        return fail(f"The token is from tenant {tid}, but `apps.{app_name}` asks tenant {tenant}.",
+                    f"Set `apps.{app_name}.tenant` to the Directory (tenant) ID of the tenant "
+                    f"that holds the mailboxes, and check `apps.{app_name}.authority` (it "
+                    "overrides the tenant when set).")
+    if appid and appid.casefold() != app.client_id.casefold():
+        return fail(f"The token belongs to app {appid}, not to `apps.{app_name}.client_id` "
+                    f"({app.client_id}).",
+                    f"Check `apps.{app_name}.authority`: something other than Entra ID answers "
+                    "there. Remove the key to use login.microsoftonline.com.")
+    if aud and aud not in expected_audiences(app):
+        return fail(f"The token is for {aud}, but Exchange Online SMTP takes only tokens for "
+                    "https://outlook.office365.com.",
+                    f"Set `apps.{app_name}.scope` to https://outlook.office365.com/.default "
+                    "(or remove it: that is the default).")
+    if exp is not None and exp <= now:
+        stamp = datetime.fromtimestamp(exp, UTC)
+        return fail(f"The token Entra just issued expired at {stamp:%Y-%m-%d %H:%M:%S} UTC by "
+                    "this host's clock, so this host's clock is ahead.",
+                    "Sync the clock: `timedatectl status`, and enable NTP "
+                    "(`timedatectl set-ntp true`).")
+    if nbf is not None and nbf > now + CLOCK_SKEW:
+        return fail("The token is not valid yet by this host's clock, so this host's clock is "
+                    "behind.", "Sync the clock: `timedatectl status`, and enable NTP "
+                               "(`timedatectl set-ntp true`).")
+    if SEND_ROLE not in roles:
+        # Not yet a failure: RBAC for Applications grants SMTP in Exchange, with no role in
+        # the token. Exchange's answer at XOAUTH2 decides (see chain.resolve_role).
+        check = Check("claims", Status.WARN, detail=detail,
+                      summary=f"The token carries no {SEND_ROLE} role. That is right only with "
+                              "RBAC for Applications; the XOAUTH2 link tells.",
+                      fix=role_fix(app_name, app))
+        return ClaimsResult(check, shown, oid, role_missing=True)
+    return ClaimsResult(Check("claims", Status.OK, detail=detail), shown, oid, role_missing=False)
