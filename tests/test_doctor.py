@@ -535,3 +535,20 @@ def test_checklist_falls_back_to_ascii_marks() -> None:
     assert "What happened: DNS failed." in text
     assert "--   test message sent" in text
     assert "not asked for (use --send-to)" in text
+
+
+async def test_config_from_env_as_in_the_container(sandbox: Sandbox, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "M365RELAY_TENANT": DEMO_APP.tenant, "M365RELAY_CLIENT_ID": DEMO_APP.client_id,
+        "M365RELAY_CLIENT_SECRET_FILE": str(sandbox.directory / "demo-client-secret"),
+        "M365RELAY_AUTHORITY": sandbox.authority(DEMO_APP.tenant),
+        "M365RELAY_SMTP_HOST": sandbox.smtp_host, "M365RELAY_SMTP_PORT": str(sandbox.smtp_port),
+        "M365RELAY_CA_FILE": str(sandbox.ca_file), "M365RELAY_MAILBOX": "scanner@contoso.example",
+        "M365RELAY_NETWORKS": "127.0.0.0/8", "M365RELAY_SPOOL": str(tmp_path / "spool"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = await run_cli("doctor", "--config", str(tmp_path / "absent.yaml"),
+                                   "--config-from-env", "--json")
+    assert code == 0, out + err
+    assert json.loads(out)["accounts"][0]["mailbox"] == "scanner@contoso.example"

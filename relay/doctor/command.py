@@ -22,10 +22,13 @@ class UnknownAccount(LookupError):
 
 
 async def diagnose(path: Path, *, account: str | None = None, send_to: str | None = None,
-                   timeout: float = 20.0) -> Report:
-    """Walk the chain for every account (or the one named) of the config at ``path``."""
+                   timeout: float = 20.0, from_env: bool = False) -> Report:
+    """Walk the chain for every account (or the one named) of the config at ``path`` (or of
+    the M365RELAY_* variables with ``from_env``, as in the container image)."""
+    from relay.envconfig import load_source
+
     try:
-        config = config_mod.load(path)
+        config, _ = load_source(path, from_env_vars=from_env)
     except config_mod.ConfigError as exc:
         return Report(str(path), Check(
             "config", Status.FAIL, detail=f"{len(exc.problems)} problem(s)",
@@ -54,7 +57,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     setup_logging("debug" if args.verbose else "critical")
     try:
         report = asyncio.run(diagnose(args.config, account=args.account, send_to=args.send_to,
-                                      timeout=args.timeout))
+                                      timeout=args.timeout, from_env=args.config_from_env))
     except UnknownAccount as exc:
         print(f"m365relay doctor: {exc}", file=sys.stderr)
         return EX_USAGE
@@ -81,6 +84,9 @@ def add_parser(sub: Any) -> None:
                     "2 usage error, 78 invalid config.")
     p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG,
                    help=f"YAML config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--config-from-env", action="store_true",
+                   help="build the config from M365RELAY_* variables when the --config file "
+                        "does not exist (what the container image does)")
     p.add_argument("--account", metavar="NAME", help="check only this account")
     p.add_argument("--send-to", metavar="ADDRESS", type=_address,
                    help="also send a test message to ADDRESS through each checked mailbox")
