@@ -20,6 +20,7 @@ from relay import __version__, logsafe, permissions
 from relay import config as config_mod
 from relay.doctor.command import add_parser as add_doctor_parser
 from relay.events import log_fields
+from relay.login import add_parser as add_login_parser
 from relay.queuectl.cli import add_parser as add_queue_parser
 
 EX_CONFIG = 78
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_doctor_parser(sub)
     add_queue_parser(sub)
+    add_login_parser(sub)
     return parser
 
 

@@ -30,12 +30,25 @@ from pydantic import (
     model_validator,
 )
 
+from relay import clouds, identity
+from relay.clouds import CloudName
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
 )
 EXCHANGE_SCOPE = "https://outlook.office365.com/.default"
+# Delegated (user) sign-in: msal adds offline_access itself and refuses it in scope lists.
+DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send"
+# Personal Outlook.com/Hotmail SMTP (MICROSOFT365.md §10, [P]: configurable via smtp_host).
+CONSUMER_SMTP_HOST = "smtp-mail.outlook.com"
+GRAPH_ENDPOINT = "https://graph.microsoft.com"
+# Microsoft Graph per `cloud` (MICROSOFT365.md §6 names graph.microsoft.us for GCC High; DoD
+# and 21Vianet hosts are UNVERIFIED, from Microsoft's national cloud deployment list).
+_GRAPH_CLOUDS = {"global": GRAPH_ENDPOINT, "usgov": "https://graph.microsoft.us",
+                 "usgov-dod": "https://dod-graph.microsoft.us",
+                 "china": "https://microsoftgraph.chinacloudapi.cn"}
 _EMAIL = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -170,6 +183,7 @@ Duration = Annotated[float, BeforeValidator(_duration)]
 Size = Annotated[int, BeforeValidator(_size)]
 Networks = Annotated[tuple[IPNetwork, ...], BeforeValidator(_networks)]
 Email = Annotated[str, BeforeValidator(_email)]
+Patterns = Annotated[tuple[str, ...], BeforeValidator(identity.check_patterns)]
 
 
 class _Record(BaseModel):
@@ -211,6 +225,8 @@ class Listener(_Record):
     # Postfix smtpd_junk_command_limit and smtpd_hard_error_limit; both reset after a message.
     max_junk_commands: int = Field(100, ge=1)
     max_errors: int = Field(20, ge=1)
+    # Per account `delivery` wins; see README "Delivery modes".
+    delivery: Literal["spool", "passthrough"] = "spool"
 
     @property
     def host(self) -> str:
@@ -244,10 +260,49 @@ def _split_bind(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _pfx_path(value: Any, info: ValidationInfo) -> Path:
+    if isinstance(value, Mapping) and set(value) == {"file"}:
+        value = value["file"]
+    return _resolve_path(value, info)
+
+
+PfxFile = Annotated[Path, BeforeValidator(_pfx_path), AfterValidator(_readable)]
+
+
 class CertificateCredential(_Record):
-    private_key: SecretValue
-    certificate: SecretValue
+    private_key: SecretValue | None = None
+    certificate: SecretValue | None = None
+    # PKCS#12 holding both key and certificate, as Windows and Key Vault export them.
+    pfx: PfxFile | None = None
     passphrase: SecretValue | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> CertificateCredential:
+        pem = self.private_key is not None or self.certificate is not None
+        if pem == (self.pfx is not None):
+            raise ValueError("set either `pfx` (a .pfx/.p12 file) or both `private_key` and "
+                             "`certificate` (PEM)")
+        if pem and (self.private_key is None or self.certificate is None):
+            raise ValueError("`private_key` and `certificate` go together")
+        return self
+
+
+class ClientAssertion(_Record):
+    # Not checked at load: the issuer (kubelet, CI runner) may write it after the relay starts.
+    file: FilePath
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_from_env(cls, data: Any) -> Any:
+        # {env: AZURE_FEDERATED_TOKEN_FILE}: the path Azure Workload Identity's webhook injects.
+        if isinstance(data, Mapping) and set(data) == {"env"} and isinstance(data["env"], str):
+            path = os.environ.get(data["env"])
+            if not path:
+                raise ValueError(f"environment variable {data['env']} is not set or empty; with "
+                                 "Azure Workload Identity, label the pod "
+                                 "azure.workload.identity/use: \"true\"")
+            return {"file": path}
+        return data
 
 
 class App(_Record):
@@ -255,11 +310,27 @@ class App(_Record):
     client_id: str
     client_secret: SecretValue | None = None
     certificate: CertificateCredential | None = None
+    client_assertion: ClientAssertion | None = None
+    cloud: CloudName = "global"
+    hve: bool = False
     authority: str | None = None
+    # Defaults for these three come from `cloud` and `hve` (relay/clouds.py).
     smtp_host: str = "smtp.office365.com"
     smtp_port: int = Field(587, ge=1, le=65535)
     ca_file: ReadableFile | None = None
     scope: str = EXCHANGE_SCOPE
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cloud_defaults(cls, data: Any) -> Any:
+        return clouds.fill_defaults(data)
+    # Graph sendMail instead of SMTP AUTH (relay/graph.py), for tenants with SMTP AUTH off.
+    transport: Literal["smtp", "graph"] = "smtp"
+    graph_endpoint: str = GRAPH_ENDPOINT
+    # Graph refuses requests over about 4 MB (413); larger mail goes draft + upload session.
+    graph_request_limit: Size = Field(4 * 1024 * 1024, ge=64 * 1024)
+    # "delegated": a person signs in once (`m365relay login`), relay/delegated.py.
+    flow: Literal["client_credentials", "delegated"] = "client_credentials"
 
     @field_validator("client_id")
     @classmethod
@@ -278,16 +349,61 @@ class App(_Record):
             raise ValueError("must be an https:// URL; token requests are never sent in clear")
         return value.rstrip("/") if value else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _graph_scope(cls, data: Any) -> Any:
+        # The token's audience must match the transport; an explicit `scope` still wins.
+        if not isinstance(data, Mapping) or data.get("transport") != "graph":
+            return data
+        out = dict(data)
+        cloud = _GRAPH_CLOUDS.get(str(data.get("cloud", "global")), GRAPH_ENDPOINT)
+        out.setdefault("graph_endpoint", cloud)
+        endpoint = str(out["graph_endpoint"]).rstrip("/")
+        # A national cloud's Graph is its own audience; anything else (a proxy, the sandbox)
+        # stands in for the cloud's.
+        known = endpoint if endpoint in _GRAPH_CLOUDS.values() else cloud
+        out.setdefault("scope", f"{known}/.default")
+        return out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _delegated_defaults(cls, data: Any) -> Any:
+        # Defined after the other "before" validators so it runs first and its defaults win.
+        if isinstance(data, Mapping) and data.get("flow") == "delegated":
+            personal = str(data.get("tenant", "")).casefold() == "consumers"
+            return {"scope": DELEGATED_SCOPE,
+                    "smtp_host": CONSUMER_SMTP_HOST if personal else "smtp.office365.com",
+                    **data}
+        return data
+
+    @field_validator("graph_endpoint")
+    @classmethod
+    def _graph_https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError("must be an https:// URL such as https://graph.microsoft.com "
+                             "(GCC High: https://graph.microsoft.us)")
+        return value.rstrip("/")
+
     @model_validator(mode="after")
     def _one_credential(self) -> App:
-        if (self.client_secret is None) == (self.certificate is None):
-            raise ValueError("set exactly one of `client_secret` or `certificate` (a certificate "
-                             "is what Microsoft recommends)")
+        given = (self.client_secret, self.certificate, self.client_assertion)
+        if self.flow == "delegated":
+            if self.certificate is not None or self.client_assertion is not None:
+                raise ValueError("`flow: delegated` takes no credential (a public client) or "
+                                 "`client_secret` (a confidential one)")
+            if self.transport != "smtp":
+                raise ValueError("`flow: delegated` sends over SMTP only; remove `transport`")
+            return self
+        if sum(c is not None for c in given) != 1:
+            raise ValueError("set exactly one of `client_secret`, `certificate` or "
+                             "`client_assertion` (a certificate is what Microsoft recommends; "
+                             "`client_assertion` is federated, with no secret)")
         return self
 
     @property
     def authority_url(self) -> str:
-        return self.authority or f"https://login.microsoftonline.com/{self.tenant}"
+        host = clouds.CLOUDS[self.cloud].authority_host
+        return self.authority or f"https://{host}/{self.tenant}"
 
 
 class Account(_Record):
@@ -297,7 +413,12 @@ class Account(_Record):
     username: str | None = None
     password_hash: str | None = None
     networks: Networks = ()
-    from_: Literal["rewrite", "enforce"] = Field("rewrite", alias="from")
+    from_: Literal["rewrite", "enforce", "allow"] = Field("rewrite", alias="from")
+    # Sending identity and recipient policy: relay/identity.py.
+    allowed_from: Patterns = ()
+    send_as: Literal["authenticate", "sendas"] = "authenticate"
+    allowed_recipients: Patterns = ()  # empty: any recipient
+    delivery: Literal["spool", "passthrough"] | None = None  # None: the listener's
 
     @field_validator("app")
     @classmethod
@@ -322,12 +443,21 @@ class Account(_Record):
         if self.username is None and not self.networks:
             raise ValueError("an account needs `username` + `password_hash`, or `networks` "
                              "(clients matched by address, no AUTH), or both")
+        if self.from_ == "allow" and not self.allowed_from:
+            raise ValueError("`from: allow` needs `allowed_from` (addresses or `*@domain`)")
         return self
 
 
 class SpoolSettings(_Record):
     directory: FilePath
     min_free_space: Size = 100 * 1024 * 1024
+
+
+class PacingSettings(_Record):
+    # Exchange Online: 30 messages a minute and 10,000 recipients a rolling day per mailbox.
+    # 0 switches pacing (or the warning) off, e.g. for benchmarks against a fake upstream.
+    messages_per_minute: float = Field(30.0, ge=0)
+    recipients_per_day_warning: int = Field(9000, ge=0)
 
 
 class DeliverySettings(_Record):
@@ -342,6 +472,7 @@ class DeliverySettings(_Record):
     # Exchange rejects tokens close to expiry; refresh well before.
     token_refresh_margin: Duration = 600.0
     timeout: Duration = 60.0
+    pacing: PacingSettings = PacingSettings()
 
 
 class HttpSettings(_Record):
@@ -376,6 +507,22 @@ class AuthLimits(_Record):
     block: Duration = 600.0
 
 
+class TokenStoreSettings(_Record):
+    """Where `m365relay login` keeps delegated sign-ins: one encrypted file per account."""
+
+    directory: FilePath
+    # A Fernet key (`m365relay login --new-key`), from {env: VAR} or {file: PATH} only.
+    key: SecretValue
+
+    @field_validator("key")
+    @classmethod
+    def _not_inline(cls, value: Secret) -> Secret:
+        if value.source == "inline":
+            raise ValueError("must be {env: VARIABLE} or {file: PATH}, never inline: the key "
+                             "decrypts every stored sign-in")
+        return value
+
+
 class Config(_Record):
     listeners: tuple[Listener, ...] = Field(min_length=1)
     apps: dict[str, App] = Field(min_length=1)
@@ -385,6 +532,15 @@ class Config(_Record):
     http: HttpSettings | None = None
     auth_limits: AuthLimits = AuthLimits()
     hostname: str | None = None
+    token_store: TokenStoreSettings | None = None
+
+    @model_validator(mode="after")
+    def _delegated_store(self) -> Config:
+        delegated = sorted(name for name, app in self.apps.items() if app.flow == "delegated")
+        if delegated and self.token_store is None:
+            raise ValueError(f"apps {', '.join(delegated)} use `flow: delegated`; set "
+                             "`token_store` (directory + key) to keep their sign-ins")
+        return self
 
     def account_for_user(self, username: str) -> Account | None:
         return next((a for a in self.accounts if a.username == username), None)

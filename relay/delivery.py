@@ -15,22 +15,26 @@ letting every queued message hammer a broken path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from relay.config import Config
 from relay.dsn import build_dsn
 from relay.errors import AuthRejected, BounceError, DeferError, DeliveryError, TokenError
 from relay.events import Events
+from relay.graph import GraphConnection
+from relay.pacing import Pacer
 from relay.spool import DeliveryState, Envelope, QueueEntry, Spool, SpoolMissingError
 from relay.tokens import TokenProvider
 from relay.upstream import LaneError, UpstreamConnection
 
 log = logging.getLogger("m365relay.delivery")
+Upstream = UpstreamConnection | GraphConnection  # apps.<name>.transport: smtp | graph
 
 
 @dataclass
@@ -51,6 +55,9 @@ class _Lane:
     blocked_until: float = 0.0
     failures: int = 0  # path failures in a row; while > 0 only one worker probes the path
     pauses: int = 0  # identifies the current pause, so an older pause's timer cannot end it
+    borrowed: int = 0  # connection slots lent to passthrough transactions (relay/passthrough.py)
+    waiting: int = 0  # passthrough transactions waiting for a slot; idle workers make room
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Delivery:
@@ -61,12 +68,15 @@ class Delivery:
         self.tokens = tokens
         self.counters = Counters()
         self.events = Events()  # per-account outcomes and recent ones, for /metrics and /
-        self.connections: set[UpstreamConnection] = set()  # held by workers, for /metrics
+        self.connections: set[Upstream] = set()  # held by workers, for /metrics
         self._clock = clock
         self._hostname = hostname or config.hostname or socket.gethostname()
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._stopping = False
+        # Within Exchange's per-mailbox limits (delivery.pacing); reads the settings live so a
+        # reload applies.
+        self.pacer = Pacer(lambda: self.config.delivery.pacing, spool.directory, clock)
 
     # --- intake ------------------------------------------------------------------------
 
@@ -115,6 +125,50 @@ class Delivery:
             self._lane(entry.envelope).blocked_until = 0.0
             self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
 
+    def upstream(self, app_name: str, mailbox: str) -> Upstream | None:
+        """A new connection as the workers make them (passthrough uses it); None if the app
+        is no longer configured."""
+        app = self.config.apps.get(app_name)
+        if app is None:
+            return None
+        kind = GraphConnection if app.transport == "graph" else UpstreamConnection
+        return kind(app_name=app_name, app=app, mailbox=mailbox, tokens=self.tokens,
+                    timeout=self.config.delivery.timeout, local_hostname=self._hostname)
+
+    @contextlib.asynccontextmanager
+    async def borrow(self, app: str, mailbox: str, timeout: float) -> AsyncIterator[bool]:
+        """One of the mailbox's ``connections_per_mailbox`` slots for a passthrough transaction,
+        shared with this lane's workers so Exchange never sees more; yields False if none
+        came free within ``timeout``."""
+        lane = self._lane(Envelope(mail_from="", rcpt_tos=(), account="", app=app,
+                                   mailbox=mailbox, bounce_to="", client="", received_at=0.0))
+        limit = self.config.delivery.connections_per_mailbox
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        lane.waiting += 1
+        try:
+            while len(lane.workers) + lane.borrowed >= limit:
+                lane.freed.clear()
+                if lane.idle:
+                    lane.wake.set()
+                try:
+                    await asyncio.wait_for(lane.freed.wait(), deadline - loop.time())
+                except TimeoutError:
+                    break
+        finally:
+            lane.waiting -= 1
+        if len(lane.workers) + lane.borrowed >= limit:
+            yield False
+            return
+        lane.borrowed += 1
+        try:
+            yield True
+        finally:
+            lane.borrowed -= 1
+            lane.freed.set()
+            if lane.ready and not self._stopping:
+                self._kick(lane)
+
     def _timer_fired(self, entry: QueueEntry) -> None:
         self._timers.pop(entry.id, None)
         self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
@@ -133,13 +187,14 @@ class Delivery:
         limit = 1 if lane.failures else self.config.delivery.connections_per_mailbox
         if lane.idle:
             lane.wake.set()
-        elif len(lane.workers) < limit:
+        elif len(lane.workers) + lane.borrowed < limit:
             task = asyncio.create_task(self._worker(lane), name=f"deliver {lane.mailbox}")
             lane.workers.add(task)
             task.add_done_callback(lambda t: self._worker_done(lane, t))
 
     def _worker_done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
         lane.workers.discard(task)
+        lane.freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery worker for %s crashed", lane.mailbox, exc_info=task.exception())
         if lane.ready and not self._stopping:
@@ -158,15 +213,17 @@ class Delivery:
                 f"{lane.mailbox} stay queued until it is back under that name (or give up "
                 "on them: `m365relay queue bounce`)"))
             return
-        conn = UpstreamConnection(app_name=lane.app, app=app,
-                                  mailbox=lane.mailbox, tokens=self.tokens,
-                                  timeout=settings.timeout, local_hostname=self._hostname)
+        upstream = GraphConnection if app.transport == "graph" else UpstreamConnection
+        conn = upstream(app_name=lane.app, app=app, mailbox=lane.mailbox, tokens=self.tokens,
+                        timeout=settings.timeout, local_hostname=self._hostname)
         self.connections.add(conn)
         try:
             while not self._stopping:
                 if lane.blocked_until > self._clock():
                     return
                 if not lane.ready:
+                    if lane.waiting:
+                        return  # an idle connection gives its slot to a waiting passthrough
                     lane.idle += 1
                     lane.wake.clear()
                     try:
@@ -176,8 +233,16 @@ class Delivery:
                     finally:
                         lane.idle -= 1
                     continue
-                entry = lane.ready.popleft()
-                await self._attempt(lane, conn, entry)
+                key = (lane.app, lane.mailbox.lower())
+                if not await self.pacer.admit(key):
+                    return
+                try:
+                    if not lane.ready or lane.blocked_until > self._clock():
+                        continue  # emptied or paused while this worker waited for the pace
+                    entry = lane.ready.popleft()
+                    await self._attempt(lane, conn, entry)
+                finally:
+                    self.pacer.done(key)
         except asyncio.CancelledError:
             conn.abort()  # the shutdown deadline passed mid-send: no polite QUIT to wait on
             raise
@@ -185,7 +250,7 @@ class Delivery:
             self.connections.discard(conn)
             await conn.close()
 
-    async def _attempt(self, lane: _Lane, conn: UpstreamConnection, entry: QueueEntry) -> None:
+    async def _attempt(self, lane: _Lane, conn: Upstream, entry: QueueEntry) -> None:
         """One attempt under the message's spool claim, so ``m365relay queue`` never acts on
         it at the same moment."""
         try:
@@ -207,7 +272,7 @@ class Delivery:
                 entry = replace(entry, state=claim.state)
             await self._deliver(lane, conn, entry)
 
-    async def _deliver(self, lane: _Lane, conn: UpstreamConnection, entry: QueueEntry) -> None:
+    async def _deliver(self, lane: _Lane, conn: Upstream, entry: QueueEntry) -> None:
         env, state = entry.envelope, entry.state
         rcpts = list(state.pending_rcpts if state.pending_rcpts is not None else env.rcpt_tos)
         age = self._clock() - env.received_at
@@ -236,6 +301,7 @@ class Delivery:
             return
         except DeferError as exc:
             # 421 closes the session for whatever reason the server has: like 432, the path.
+            self.pacer.throttled((lane.app, lane.mailbox.lower()), exc)
             if isinstance(exc, LaneError | AuthRejected | TokenError) or exc.code in (421, 432):
                 self._block(lane, exc)
             await self._defer(entry, rcpts, exc)
@@ -256,12 +322,14 @@ class Delivery:
                      conn.relay, age, reply)
             self.events.record("sent", entry, rcpt, reply)
         self.counters.delivered += len(accepted)
+        self.pacer.sent(lane.mailbox, len(accepted))
         bounced = {r: e.describe() for r, e in refused.items() if isinstance(e, BounceError)}
         later = [r for r, e in refused.items() if not isinstance(e, BounceError)]
         if bounced:
             await self._bounce(entry, bounced, rcpts, data, keep=later)
         if later:
             first = refused[later[0]]
+            self.pacer.throttled((lane.app, lane.mailbox.lower()), first)
             await self._defer(entry, later, first)
         elif not bounced:
             await asyncio.to_thread(self.spool.remove, entry.id)
@@ -272,7 +340,7 @@ class Delivery:
             return  # a sibling worker's attempt already paused the lane for this outage
         lane.failures += 1
         lane.pauses += 1
-        wait = self._backoff(lane.failures)
+        wait = max(self._backoff(lane.failures), exc.retry_after)
         lane.blocked_until = self._clock() + wait
         log.warning("lane %s paused for %ds: %s", lane.mailbox, wait, exc.describe())
         asyncio.get_running_loop().call_later(wait, self._unblock, lane, lane.pauses)
@@ -290,7 +358,7 @@ class Delivery:
 
     async def _defer(self, entry: QueueEntry, rcpts: list[str], exc: DeliveryError) -> None:
         attempts = entry.state.attempts + 1
-        wait = self._backoff(attempts)
+        wait = max(self._backoff(attempts), exc.retry_after)
         state = DeliveryState(attempts=attempts, next_attempt_at=self._clock() + wait,
                               pending_rcpts=tuple(rcpts), last_error=exc.describe()[:2000])
         self.counters.deferred += 1
@@ -309,6 +377,8 @@ class Delivery:
         """relay= and delay= of a maillog line, as Postfix writes them."""
         app = self.config.apps.get(entry.envelope.app)
         relay = f"{app.smtp_host}:{app.smtp_port}" if app is not None else "none"
+        if app is not None and app.transport == "graph":
+            relay = app.graph_endpoint.removeprefix("https://")
         return f"relay={relay}, delay={self._clock() - entry.envelope.received_at:.1f}"
 
     async def _bounce(self, entry: QueueEntry, failed: dict[str, str], rcpts: list[str],
@@ -364,6 +434,7 @@ class Delivery:
         workers = [t for lane in self._lanes.values() for t in lane.workers]
         for lane in self._lanes.values():
             lane.wake.set()
+        await self.pacer.close()  # wakes workers waiting for their pace; saves the counts
         if not workers:
             return
         _done, pending = await asyncio.wait(workers, timeout=timeout)

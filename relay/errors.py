@@ -19,10 +19,12 @@ class DeliveryError(RelayError):
     """Delivering a message failed; the subclass says whether to retry."""
 
     def __init__(self, message: str, *, code: int | None = None,
-                 explanation: Explanation | None = None) -> None:
+                 explanation: Explanation | None = None, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.code = code
         self.explanation = explanation
+        # The upstream's own wait (Graph 429 Retry-After): a retry must not come sooner.
+        self.retry_after = retry_after
 
     def describe(self) -> str:
         """One line for logs and the spool state: reply, meaning and fix."""

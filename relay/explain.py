@@ -256,14 +256,17 @@ _SEND_AS = _Advice(
     "Exchange Online refused to send as {sender}: the relay signed in as {mailbox}, which may "
     "not send as that address ({status}).",
     "Pick one:\n"
-    "1. (recommended) Give the app FullAccess on the sender's mailbox, "
-    "`Add-MailboxPermission -Identity {sender} -User <service principal id> -AccessRights "
-    "FullAccess`, and give the device an m365relay account whose `mailbox` is {sender}. "
-    "Sent Items then stays right.\n"
-    "2. Let {mailbox} send as {sender}: "
-    "`Add-RecipientPermission -Identity {sender} -Trustee {mailbox} -AccessRights SendAs`.\n"
-    "3. Set `from: rewrite` on the m365relay account that sends this mail, so the From "
-    "becomes {mailbox}.",
+    "1. (recommended) Sign in as the sender itself: give the app FullAccess on the sender's "
+    "mailbox, `Add-MailboxPermission -Identity {sender} -User <service principal id> "
+    "-AccessRights FullAccess`, list {sender} (or `*@its-domain`) in the account's "
+    "`accounts[].allowed_from` and keep `accounts[].send_as: authenticate` (the default); or "
+    "give the device an m365relay account whose `mailbox` is {sender}. Sent Items then "
+    "stays right.\n"
+    "2. Keep signing in as {mailbox} and let it send as {sender}: "
+    "`Add-RecipientPermission -Identity {sender} -Trustee {mailbox} -AccessRights SendAs`, "
+    "with `accounts[].send_as: sendas` and {sender} in `accounts[].allowed_from`.\n"
+    "3. Set `from: rewrite` on the m365relay account that sends this mail and leave {sender} "
+    "out of `accounts[].allowed_from`, so the From becomes {mailbox}.",
 )
 _TOO_BIG = _Advice(
     _BOUNCE,
@@ -657,6 +660,15 @@ _CERT_REJECTED = _Advice(
     "`apps.{app}.certificate` names that certificate and its private key, and that it has not "
     "expired.",
 )
+_NO_FEDERATION = _Advice(
+    _ADMIN,
+    "Entra ID found no federated credential of app {app} (client ID {client_id}) matching the "
+    "token in `apps.{app}.client_assertion.file` ({label}).",
+    "In Entra admin center > App registrations > {client_id} > Certificates & secrets > "
+    "Federated credentials, the issuer, subject and audience must equal the token's `iss`, "
+    "`sub` and `aud` (Kubernetes: the cluster's OIDC issuer URL, "
+    "system:serviceaccount:<namespace>:<service account>, api://AzureADTokenExchange).",
+)
 _CLOCK_SKEW = _Advice(
     _ADMIN,
     "Entra ID says the signed assertion of app {app} is outside its valid time range "
@@ -696,6 +708,15 @@ _INVALID_CLIENT = _Advice(
     "Check `apps.{app}.client_id` and `apps.{app}.client_secret` (or "
     "`apps.{app}.certificate`) against Entra admin center > App registrations > {client_id}. "
     "Details: {lookup}",
+)
+_SIGN_IN_AGAIN = _Advice(
+    _ADMIN,
+    "The sign-in of mailbox {mailbox} (delegated app {app}) is no longer valid ({label}: "
+    "{detail}): the refresh token was revoked (password change, admin action) or expired "
+    "(about 90 days unused).",
+    "Mail for {mailbox} waits in the queue. Sign in again with `m365relay login <account> "
+    "--config <config file>` (the log line names the exact command); the running relay picks "
+    "the new sign-in up without a restart and delivers what is queued. Details: {lookup}",
 )
 _TOKEN_REFUSED = _Advice(
     _ADMIN,
@@ -744,12 +765,15 @@ TOKEN_RULES: tuple[_TokenRule, ...] = (
     _TokenRule(_TENANT_MISSING, aadsts=r"50059"),
     _TokenRule(_BAD_SCOPE, aadsts=r"70011"),
     _TokenRule(_CERT_REJECTED, aadsts=r"700027"),
+    _TokenRule(_NO_FEDERATION, aadsts=r"70021|700211|700212|700213"),
     _TokenRule(_CLOCK_SKEW, aadsts=r"700024"),
     _TokenRule(_NO_CONSENT, aadsts=r"65001|650057"),
     _TokenRule(_CONDITIONAL_ACCESS, aadsts=r"53003"),
     _TokenRule(_APP_DISABLED, aadsts=r"7000112"),
     _TokenRule(_NO_EXCHANGE, aadsts=r"500011"),
+    _TokenRule(_SIGN_IN_AGAIN, aadsts=r"70000|50173|700082|700084|70043|50076"),
     _TokenRule(_BAD_SCOPE, error=r"invalid_scope"),
+    _TokenRule(_SIGN_IN_AGAIN, error=r"invalid_grant|interaction_required"),
     _TokenRule(_INVALID_CLIENT, error=r"invalid_client|unauthorized_client"),
     _TokenRule(_NO_ANSWER, aadsts=r"", error=r"", status=lambda s: s is None),
     _TokenRule(_TOKEN_REFUSED),

@@ -11,9 +11,12 @@ Policy, in the order a session meets it:
    contain the client; anyone else gets ``530 5.7.0`` (no open relay). Recipients are passed
    to Exchange Online as given (``%`` and ``!`` are not interpreted; a source route
    ``<@a,@b:user@c>`` is reduced to ``user@c`` as RFC 5321 C asks);
+   The account's ``from``/``allowed_from`` check the sender, ``allowed_recipients`` each RCPT
+   (:mod:`relay.identity`);
 4. DATA: the message is prepared (From rewrite, Message-ID, lines over 998 octets folded),
    committed to the spool with fsync, and only then answered ``250``. If the spool cannot take
-   it the client gets a 4xx and keeps its copy.
+   it the client gets a 4xx and keeps its copy. With ``delivery: passthrough`` it goes to
+   Exchange Online instead while the client waits (:mod:`relay.passthrough`).
 
 The session itself (timeouts, DATA parsing, command limits, AUTH) is in
 :mod:`relay.smtpsession`; the counters are in :mod:`relay.limits`.
@@ -31,9 +34,10 @@ from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session
 
-from relay import rewrite
+from relay import identity, rewrite
 from relay.config import Account, Config, Listener
 from relay.limits import AuthGuard, ConnectionSlots, LogThrottle, raise_open_files_limit
+from relay.passthrough import Passthrough
 from relay.smtpdata import fold_long_lines
 from relay.smtpsession import RelaySMTP, in_networks, peer_ip, safe
 from relay.spool import DeliveryState, QueueEntry, Spool, SpoolFullError
@@ -72,6 +76,7 @@ class RelayHandler:
         self.guard = guard or AuthGuard()
         self.slots = ConnectionSlots()
         self.quiet = LogThrottle()
+        self.passthrough: Passthrough | None = None  # set by the service (delivery: passthrough)
 
     # -- admission -----------------------------------------------------------------------
 
@@ -138,9 +143,9 @@ class RelayHandler:
                      "networks", server.client, safe(address))
             return ("530 5.7.0 Authentication required: log in with AUTH, or add this client's "
                     "address to an account's networks")
-        if account.from_ == "enforce" and address.lower() != account.mailbox.lower():
-            return (f"550 5.7.1 Sender <{address}> refused: account {account.name} may only send "
-                    f"as <{account.mailbox}> (from: enforce)")
+        refusal = identity.sender_refusal(account, address, "Sender")
+        if refusal is not None:
+            return refusal
         server.mail_account = account
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -152,6 +157,12 @@ class RelayHandler:
             return f"452 4.5.3 Too many recipients (at most {self.listener.max_recipients})"
         if "@" not in address or address.startswith("@"):
             return "553 5.1.3 Recipient must be a full address (user@domain)"
+        account = server.mail_account
+        refusal = None if account is None else identity.recipient_refusal(account, address)
+        if refusal is not None:
+            log.info("%s: RCPT <%s> refused by accounts[%s].allowed_recipients", server.client,
+                     safe(address), account.name if account else "")
+            return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient OK"
@@ -161,22 +172,24 @@ class RelayHandler:
         if account is None or envelope.mail_from is None:  # aiosmtpd checks MAIL came first
             return "503 5.5.1 Error: need MAIL command"
         content = envelope.original_content or b""
-        if account.from_ == "enforce":
-            fields, _ = rewrite.split_headers(content)
-            header_from = rewrite.header_address(fields, "from")
-            if header_from is not None and header_from.lower() != account.mailbox.lower():
-                return (f"550 5.7.1 From: header <{header_from}> refused: account {account.name} "
-                        f"may only send as <{account.mailbox}> (from: enforce)")
-        rewrite_from = account.from_ == "rewrite"
-        data = rewrite.prepare(content, mailbox=account.mailbox, rewrite_from=rewrite_from,
+        fields, _ = rewrite.split_headers(content)
+        header_from = rewrite.header_address(fields, "from")
+        if header_from:
+            refusal = identity.sender_refusal(account, header_from, "From: header")
+            if refusal is not None:
+                return refusal
+        sending = identity.sending_identity(account, header_from, envelope.mail_from)
+        data = rewrite.prepare(content, mailbox=sending.sender, rewrite_from=not sending.keep_from,
                                hostname=self.hostname, received=self._received(server, session))
         # Spooled as it will be sent, so every hop after us takes it (RFC 5322 2.1.1).
         data = fold_long_lines(data)
-        sender = account.mailbox if rewrite_from else envelope.mail_from
         spooled = SpoolEnvelope(
-            mail_from=sender, rcpt_tos=tuple(envelope.rcpt_tos), account=account.name,
-            app=account.app, mailbox=account.mailbox, bounce_to=envelope.mail_from,
+            mail_from=sending.mail_from, rcpt_tos=tuple(envelope.rcpt_tos), account=account.name,
+            app=account.app, mailbox=sending.mailbox, bounce_to=envelope.mail_from,
             client=server.client, received_at=time.time(), original_from=envelope.mail_from)
+        mode = account.delivery or self.listener.delivery
+        if mode == "passthrough" and self.passthrough is not None:
+            return await self.passthrough.transact(server.client, spooled, data)
         try:
             queue_id = await asyncio.to_thread(self.spool.commit, spooled, data)
         except SpoolFullError as exc:

@@ -81,6 +81,7 @@ class RelayCollector(Collector):
         yield from self._queue()
         yield from self._tokens()
         yield from self._connections()
+        yield from self._pacing()
         info = InfoMetricFamily("m365relay_build", "m365relay version")
         info.add_metric([], {"version": __version__})
         yield info
@@ -155,7 +156,13 @@ class RelayCollector(Collector):
             failures.add_metric([app], status.failures)
             failing.add_metric([app], 1 if status.error else 0)
             expiry.add_metric([app], max(status.expires_at - now, 0.0))
-        yield from (requests, failures, failing, expiry)
+        signin = GaugeMetricFamily(
+            "m365relay_signin_needed", "1 if an account of a `flow: delegated` app must sign in "
+            "again with `m365relay login ACCOUNT`", labels=["account"])
+        delegated = self.relay.tokens.delegated
+        for account in delegated.statuses() if delegated is not None else []:
+            signin.add_metric([account.account], 1 if account.needs_login else 0)
+        yield from (requests, failures, failing, expiry, signin)
 
     def _connections(self) -> Iterator[Metric]:
         delivery = self.relay.delivery
@@ -175,6 +182,24 @@ class RelayCollector(Collector):
             sessions.add_metric([handler.listener.name], len(handler.sessions))
         yield auth
         yield sessions
+
+
+    def _pacing(self) -> Iterator[Metric]:
+        pacer = self.relay.delivery.pacer
+        recipients = GaugeMetricFamily(
+            "m365relay_mailbox_recipients_24h",
+            "Recipients accepted per sending mailbox in the last 24 hours (Exchange Online "
+            "refuses more than 10,000)", labels=["mailbox"])
+        for mailbox, count in pacer.recipients_24h().items():
+            recipients.add_metric([mailbox], count)
+        yield recipients
+        rate = GaugeMetricFamily(
+            "m365relay_mailbox_pacing_rate",
+            "Messages a minute a mailbox may send now (below delivery.pacing.messages_per_minute "
+            "after a throttling reply)", labels=["app", "mailbox"])
+        for (app, mailbox) in sorted(pacer.lanes):
+            rate.add_metric([app, mailbox], pacer.rate((app, mailbox)))
+        yield rate
 
 
 def new_registry(collector: RelayCollector) -> CollectorRegistry:

@@ -31,6 +31,9 @@ def warnings(config: Config, config_path: Path) -> list[str]:
              if s.source.startswith("file:")]
     files += [(f"listeners[{i}].private_key", lis.private_key)
               for i, lis in enumerate(config.listeners) if lis.private_key is not None]
+    files += [(f"apps.{name}.certificate.pfx", app.certificate.pfx)
+              for name, app in config.apps.items()
+              if app.certificate is not None and app.certificate.pfx is not None]
     seen = set()
     for key, path in files:
         who = _other_readers(path)
@@ -46,7 +49,8 @@ def _secrets(config: Config) -> Iterator[tuple[str, Secret]]:
         if app.client_secret is not None:
             yield f"apps.{name}.client_secret", app.client_secret
         if app.certificate is not None:
-            yield f"apps.{name}.certificate.private_key", app.certificate.private_key
+            if app.certificate.private_key is not None:
+                yield f"apps.{name}.certificate.private_key", app.certificate.private_key
             if app.certificate.passphrase is not None:
                 yield f"apps.{name}.certificate.passphrase", app.certificate.passphrase
 

@@ -26,6 +26,7 @@ from relay.delivery import Delivery
 from relay.limits import AuthGuard
 from relay.listener import RelayHandler, start_listener
 from relay.notify import Notifier
+from relay.passthrough import Passthrough
 from relay.queuectl.control import QueueControl
 from relay.spool import QueueEntry, Spool
 from relay.tokens import TokenProvider
@@ -47,6 +48,7 @@ class Relay:
         self.hostname = config.hostname or socket.gethostname()
         self.spool = Spool(config.spool.directory, min_free_bytes=config.spool.min_free_space)
         self.tokens = TokenProvider(config.apps, margin=config.delivery.token_refresh_margin)
+        self.tokens.use_delegated(config, config_path)
         self.delivery = Delivery(config, self.spool, self.tokens, hostname=self.hostname)
         self.control = QueueControl(self.spool, self.delivery)  # `m365relay queue` notices
         self.handlers: list[RelayHandler] = []
@@ -78,6 +80,7 @@ class Relay:
             handler = RelayHandler(listener, self.config, self.spool,
                                    functools.partial(self._accepted, listener.name),
                                    self.hostname, guard=self.auth_guard)
+            handler.passthrough = Passthrough(self.delivery, self.spool)
             try:
                 server = await start_listener(listener, handler)
             except OSError as exc:
@@ -164,6 +167,7 @@ class Relay:
         logsafe.register_config_secrets(new)
         self.config = new
         self.tokens.update(new.apps, margin=new.delivery.token_refresh_margin)
+        self.tokens.use_delegated(new, self.config_path)
         self.delivery.config = new
         for handler in self.handlers:
             listener = next((lis for lis in new.listeners if lis.name == handler.listener.name),

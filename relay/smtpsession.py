@@ -351,6 +351,24 @@ class RelaySMTP(SMTP):
 
     # AUTH PLAIN/LOGIN as in aiosmtpd, but the password check is awaited (argon2 runs in a
     # thread) instead of aiosmtpd's synchronous authenticator callback.
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """aiosmtpd's challenge, but an over-long answer is refused instead of crashing the
+        command with a ValueError (StreamReader.readline raises it past the buffer limit)."""
+        try:
+            return await super().challenge_auth(challenge, encode_to_b64)
+        except ValueError as exc:
+            # readline() has dropped what it buffered; when the line's LF had not arrived
+            # yet, the rest of that line is still to come: drop it up to its LF.
+            while "not found" in str(exc):
+                try:
+                    await self._reader.readuntil(b"\n")
+                    break
+                except asyncio.LimitOverrunError as more:
+                    await self._reader.read(more.consumed)
+            await self.push("501 5.5.2 Authentication answer too long")
+            return MISSING
+
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
             blob = await self.challenge_auth("")

@@ -96,7 +96,8 @@ def _tokens(relay: Relay, now: float) -> str:
     for name, app in sorted(relay.config.apps.items()):
         status = relay.tokens.status(name)
         if status.error:
-            state, css, detail = "failing", "failing", status.error
+            state = "needs sign-in" if app.flow == "delegated" else "failing"
+            css, detail = "failing", status.error
         elif status.expires_at > now:
             state, css, detail = "ok", "ok", ""
         elif status.expires_at:

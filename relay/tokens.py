@@ -28,8 +28,10 @@ import msal
 import msal.exceptions
 import requests
 
-from relay import logsafe
-from relay.config import App
+from relay import clouds, logsafe
+from relay.config import App, Config
+from relay.credentials import build_credential
+from relay.delegated import DelegatedTokens
 from relay.errors import TokenError
 from relay.explain import Context, explain_connection_error, explain_token_error
 
@@ -103,6 +105,7 @@ class TokenProvider:
         self._clock = clock
         self._states: dict[str, _AppState] = {name: _AppState() for name in apps}
         self._tmp = tempfile.TemporaryDirectory(prefix="m365relay-ca-")
+        self.delegated: DelegatedTokens | None = None
 
     def context(self, app_name: str, mailbox: str = "") -> Context:
         app = self._apps[app_name]
@@ -115,11 +118,35 @@ class TokenProvider:
         state = self._states[app_name]
         return state.requests, state.failures
 
+    def use_delegated(self, config: Config, config_path: Path | None) -> None:
+        """Serve the apps with ``flow: delegated`` too (relay/delegated.py), per mailbox."""
+        if self.delegated is None:
+            self.delegated = DelegatedTokens(config, config_path, margin=self._margin,
+                                             session=self.http_session, clock=self._clock)
+        else:
+            self.delegated.configure(config, config_path, margin=self._margin)
+
     def status(self, app_name: str) -> TokenStatus:
+        if self.delegated is not None and self._is_delegated(app_name):
+            signins = [s for s in self.delegated.statuses() if s.app == app_name]
+            waiting = [s for s in signins if s.needs_login]
+            error = "; ".join(s.error or f"account {s.account} needs sign-in: run "
+                              f"`{s.login_command}`" for s in waiting)
+            return TokenStatus(0, len(waiting), min((s.expires_at for s in signins), default=0),
+                               error)
         state = self._states.get(app_name) or _AppState()
         return TokenStatus(state.requests, state.failures, state.expires_at, state.error)
 
-    async def token(self, app_name: str) -> str:
+    def _is_delegated(self, app_name: str) -> bool:
+        app = self._apps.get(app_name)
+        return app is not None and app.flow == "delegated"
+
+    async def token(self, app_name: str, mailbox: str = "") -> str:
+        if self._is_delegated(app_name):
+            if self.delegated is None:
+                raise TokenError(f"app {app_name!r} uses flow: delegated but the relay was "
+                                 "started without token_store support")
+            return await self.delegated.token(app_name, mailbox)
         state = self._states[app_name]
         if state.token and self._clock() < state.refresh_at:
             return state.token
@@ -137,8 +164,12 @@ class TokenProvider:
             finally:
                 state.answered += 1
 
-    def invalidate(self, app_name: str, token: str) -> None:
+    def invalidate(self, app_name: str, token: str, mailbox: str = "") -> None:
         """Forget ``token`` (Exchange rejected it) so the next call asks Entra again."""
+        if self._is_delegated(app_name):
+            if self.delegated is not None:
+                self.delegated.invalidate(app_name, mailbox, token)
+            return
         state = self._states[app_name]
         if state.token == token:
             state.token, state.refresh_at = "", 0.0
@@ -196,21 +227,14 @@ class TokenProvider:
         state.expires_at = now + lifetime
         state.error, state.failed = "", None
         # Keep the margin, but never refresh more often than every half lifetime.
-        state.refresh_at = now + max(lifetime - self._margin, lifetime / 2)
+        margin = clouds.refresh_margin(self._margin, hve=app.hve)
+        state.refresh_at = now + max(lifetime - margin, lifetime / 2)
         log.info("token app=%s acquired source=%s expires_in=%ds", app_name,
                  result.get("token_source", "identity_provider"), lifetime)
         return state.token
 
     def _build(self, app_name: str, app: App) -> Any:
-        credential: Any
-        if app.certificate is not None:
-            credential = {"private_key": app.certificate.private_key.value,
-                          "public_certificate": app.certificate.certificate.value}
-            if app.certificate.passphrase is not None:
-                credential["passphrase"] = app.certificate.passphrase.value
-        else:
-            assert app.client_secret is not None  # noqa: S101 - config guarantees one credential
-            credential = app.client_secret.value
+        credential = build_credential(app_name, app)
         host = urlsplit(app.authority_url).hostname or ""
         kwargs: dict[str, Any] = {}
         if host not in _MICROSOFT_HOSTS:

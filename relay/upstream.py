@@ -113,7 +113,7 @@ class UpstreamConnection:
 
     async def _login(self, smtp: aiosmtplib.SMTP) -> None:
         for attempt in (1, 2):
-            token = await self._tokens.token(self.app_name)
+            token = await self._tokens.token(self.app_name, self.mailbox)
             try:
                 await smtp.auth_xoauth2(self.mailbox, token)
                 return
@@ -121,7 +121,7 @@ class UpstreamConnection:
                 explanation = explain_smtp(exc.code, exc.message, stage="auth", ctx=self._ctx())
                 # A rejected token may be stale or revoked: one fresh token is worth a try.
                 if attempt == 1 and explanation.verdict is Verdict.RETRY_NEW_TOKEN:
-                    self._tokens.invalidate(self.app_name, token)
+                    self._tokens.invalidate(self.app_name, token, self.mailbox)
                     log.info("upstream auth rejected (%s %s); retrying once with a new token",
                              exc.code, exc.message)
                     if smtp.is_connected:

@@ -86,7 +86,10 @@ def base_config(sandbox: Sandbox, tmp_path: Path, password_hash: str) -> dict[st
              "mailbox": "printers@contoso.example"},
         ],
         "spool": {"directory": str(tmp_path / "spool"), "min_free_space": 0},
-        "delivery": {"min_backoff": 0.2, "max_backoff": 1, "idle_timeout": 5},
+        # Pacing off: most tests send a few messages and must not wait 2 s between them
+        # (tests/test_pacing.py switches it on).
+        "delivery": {"min_backoff": 0.2, "max_backoff": 1, "idle_timeout": 5,
+                     "pacing": {"messages_per_minute": 0}},
     }
 
 

@@ -235,7 +235,7 @@ async def test_outage_retries_on_schedule_and_recovers_after_reload(
         broken: str) -> None:
     good = relays.config()
     good["delivery"] = {"min_backoff": MIN_BACKOFF, "max_backoff": MAX_BACKOFF,
-                        "idle_timeout": 5}
+                        "idle_timeout": 5, "pacing": {"messages_per_minute": 0}}
     bad = json.loads(json.dumps(good))
     app = bad["apps"]["contoso"]
     if broken == "smtp_port":
@@ -280,7 +280,7 @@ async def test_token_endpoint_errors_are_not_hammered(relays: RelayFactory,
                                                       sandbox: Sandbox) -> None:
     data = relays.config()
     data["delivery"] = {"min_backoff": MIN_BACKOFF, "max_backoff": MAX_BACKOFF,
-                        "idle_timeout": 5}
+                        "idle_timeout": 5, "pacing": {"messages_per_minute": 0}}
     sandbox.entra.inject(401, {"error": "invalid_client",
                                "error_description": "AADSTS7000222: secret expired"}, times=1000)
     relay = await relays.start(data)
@@ -302,7 +302,7 @@ async def test_queued_mail_for_an_app_removed_by_reload_waits_quietly(
     caplog.set_level(logging.INFO, logger="m365relay")  # whatever earlier tests left
     good = relays.config()
     good["delivery"] = {"min_backoff": MIN_BACKOFF, "max_backoff": MAX_BACKOFF,
-                        "idle_timeout": 5}
+                        "idle_timeout": 5, "pacing": {"messages_per_minute": 0}}
     bad = json.loads(json.dumps(good))
     bad["apps"]["contoso"]["smtp_port"] = blackhole.port
     relay = await start_from_file(relays, tmp_path / "relay.yaml", bad)

@@ -135,7 +135,8 @@ async def test_wrong_secret_is_aadsts7000215(sandbox: Sandbox) -> None:
 @pytest.mark.parametrize(("tenant", "form", "expected"), [
     ("nowhere.example", {}, (400, "invalid_request", 90002)),
     (DEMO_APP.tenant, {"client_id": "unknown-app"}, (400, "unauthorized_client", 700016)),
-    (DEMO_APP.tenant, {"scope": "https://graph.microsoft.com/.default"},
+    # (Graph's scope is valid: the sandbox issues Graph tokens for the Graph transport.)
+    (DEMO_APP.tenant, {"scope": "https://management.azure.com/.default"},
      (400, "invalid_scope", 70011)),
     (DEMO_APP.tenant, {"grant_type": "password"}, (400, "unsupported_grant_type", 70003)),
     (DEMO_APP.tenant, {"client_secret": ""}, (401, "invalid_client", 7000216)),

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,7 +28,9 @@ import requests.utils
 from relay.config import Account, App, Config
 from relay.doctor.claims import SEND_ROLE, check_claims, role_fix
 from relay.doctor.credential import CertificateFacts, check_credential
+from relay.doctor.graphlink import graph_checks
 from relay.doctor.report import AccountReport, Check, Status
+from relay.doctor.signin import signin_checks
 from relay.errors import DeliveryError, TokenError
 from relay.explain import (
     Context,
@@ -65,12 +68,13 @@ class _AppResult:
 
 class Doctor:
     def __init__(self, config: Config, *, timeout: float = 20.0,
-                 send_to: str | None = None) -> None:
+                 send_to: str | None = None, config_path: Path | None = None) -> None:
         self.config = config
         self.timeout = timeout
         self.send_to = send_to
         self.tokens = TokenProvider(config.apps, margin=config.delivery.token_refresh_margin,
                                     timeout=timeout)
+        self.tokens.use_delegated(config, config_path)
         self._apps: dict[str, _AppResult] = {}
         self._accepted: dict[str, list[str]] = {}  # app -> mailboxes Exchange let it use
 
@@ -86,7 +90,15 @@ class Doctor:
     # -- per account ------------------------------------------------------------------------
 
     async def _account(self, account: Account) -> AccountReport:
-        report = AccountReport(account.name, account.app, account.mailbox)
+        report = AccountReport(account.name, account.app, account.mailbox,
+                               transport=self.config.apps[account.app].transport)
+        if self.config.apps[account.app].flow == "delegated":
+            report.checks = await signin_checks(self.tokens, self.config.apps[account.app],
+                                                account)
+            if all(c.status is not Status.FAIL for c in report.checks):
+                await self._mailbox(account, _AppResult(), report)
+            report.complete(send_asked=self.send_to is not None)
+            return report
         if account.app not in self._apps:
             self._apps[account.app] = await self._app(account.app)
         result = self._apps[account.app]
@@ -99,6 +111,12 @@ class Doctor:
 
     async def _mailbox(self, account: Account, result: _AppResult, report: AccountReport) -> None:
         app = self.config.apps[account.app]
+        if app.transport == "graph":
+            report.checks += await graph_checks(
+                self.tokens, account.app, app, account, timeout=self.timeout,
+                send_to=self.send_to, message=None if self.send_to is None else
+                _test_message(account, self.send_to, self.config.hostname))
+            return
         conn = UpstreamConnection(app_name=account.app, app=app, mailbox=account.mailbox,
                                   tokens=self.tokens, timeout=self.timeout,
                                   local_hostname=self.config.hostname)
@@ -225,8 +243,8 @@ class Doctor:
         result.checks.append(claims.check)
         result.claims, result.object_id = claims.claims, claims.object_id
         result.role_missing = claims.role_missing
-        if claims.check.status is Status.FAIL:
-            return result
+        if claims.check.status is Status.FAIL or app.transport == "graph":
+            return result  # Graph: no SMTP links; graphlink checks the mailbox
         if await self._tcp(name, app, result):
             await self._starttls(name, app, result)
         return result
@@ -285,7 +303,8 @@ class Doctor:
             result.checks.append(Check("token", Status.FAIL, detail=f"from {app.authority_url}",
                                        summary=explanation.summary, fix=fix, code=code))
             return None
-        kind = "certificate" if app.certificate is not None else "client secret"
+        kind = ("certificate" if app.certificate is not None else "federated assertion"
+                if app.client_assertion is not None else "client secret")
         result.checks.append(Check("token", Status.OK,
                                    detail=f"from {app.authority_url} with the {kind}"))
         return token

@@ -18,7 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from relay.clouds import HVE_ROLE
 from relay.config import App
+from relay.doctor.graphlink import GRAPH_ROLE, graph_role_fix
 from relay.doctor.report import Check, Status
 
 SEND_ROLE = "SMTP.SendAsApp"
@@ -73,6 +75,13 @@ def consent_url(app: App) -> str:
 
 
 def role_fix(app_name: str, app: App, mailbox: str = "<mailbox>") -> str:
+    if app.transport == "graph":
+        return graph_role_fix(app, mailbox)
+    if app.hve:
+        return (f"Entra admin center > App registrations > {app.client_id} > API permissions > "
+                "Add a permission > APIs my organization uses > Office 365 Exchange Online > "
+                f"Application permissions > {HVE_ROLE}, then 'Grant admin consent' (High Volume "
+                "Email takes Mail.Send, not SMTP.SendAsApp).")
     return (
         "Either grant the permission (the usual way):\n"
         f"  Entra admin center > App registrations > {app.client_id} > API permissions > Add a "
@@ -90,6 +99,8 @@ def role_fix(app_name: str, app: App, mailbox: str = "<mailbox>") -> str:
 def check_claims(app_name: str, app: App, token: str, now: float | None = None
                  ) -> ClaimsResult:
     now = time.time() if now is None else now
+    # High Volume Email apps hold Mail.Send instead of SMTP.SendAsApp (MICROSOFT365.md §5).
+    role = HVE_ROLE if app.hve else GRAPH_ROLE if app.transport == "graph" else SEND_ROLE
     try:
         claims = decode_claims(token)
     except NotAJwt as exc:
@@ -111,7 +122,7 @@ def check_claims(app_name: str, app: App, token: str, now: float | None = None
 
     def fail(summary: str, fix: str) -> ClaimsResult:
         return ClaimsResult(Check("claims", Status.FAIL, detail=detail, summary=summary, fix=fix),
-                            shown, oid, role_missing=SEND_ROLE not in roles)
+                            shown, oid, role_missing=role not in roles)
 
     tenant = expected_tenant(app)
     if tenant and tid and tid.casefold() != tenant.casefold():
@@ -139,11 +150,11 @@ def check_claims(app_name: str, app: App, token: str, now: float | None = None
         return fail("The token is not valid yet by this host's clock, so this host's clock is "
                     "behind.", "Sync the clock: `timedatectl status`, and enable NTP "
                                "(`timedatectl set-ntp true`).")
-    if SEND_ROLE not in roles:
+    if role not in roles:
         # Not yet a failure: RBAC for Applications grants SMTP in Exchange, with no role in
         # the token. Exchange's answer at XOAUTH2 decides (see chain.resolve_role).
         check = Check("claims", Status.WARN, detail=detail,
-                      summary=f"The token carries no {SEND_ROLE} role. That is right only with "
+                      summary=f"The token carries no {role} role. That is right only with "
                               "RBAC for Applications; the XOAUTH2 link tells.",
                       fix=role_fix(app_name, app))
         return ClaimsResult(check, shown, oid, role_missing=True)

@@ -46,7 +46,8 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
     detail = (f"{len(config.listeners)} listener(s), {len(config.apps)} app(s), "
               f"{len(config.accounts)} account(s)")
     report = Report(str(path), Check("config", Status.OK, detail=detail))
-    report.accounts = await Doctor(config, timeout=timeout, send_to=send_to).run(accounts)
+    report.accounts = await Doctor(config, timeout=timeout, send_to=send_to,
+                                   config_path=path).run(accounts)
     return report
 
 

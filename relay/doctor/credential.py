@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.config import App, CertificateCredential
+from relay.credentials import AssertionFile, CredentialError, certificate_pems
+from relay.doctor.claims import NotAJwt, decode_claims
 from relay.doctor.report import Check, Status
 
 RENEW_WARNING = timedelta(days=30)
@@ -45,6 +47,8 @@ def check_credential(app_name: str, app: App, now: datetime | None = None
     now = now or datetime.now(UTC)
     if app.certificate is not None:
         return _check_certificate(app_name, app, app.certificate, now)
+    if app.client_assertion is not None:
+        return _check_assertion(app_name, app), None
     secret = app.client_secret
     assert secret is not None  # noqa: S101 - config guarantees exactly one credential
     detail = f"client secret ({secret.source})"
@@ -59,6 +63,36 @@ def check_credential(app_name: str, app: App, now: datetime | None = None
                           "Microsoft recommends a certificate instead (`apps." + app_name
                           + ".certificate`).")), None
     return Check("credential", Status.OK, detail=detail), None
+
+
+def _check_assertion(app_name: str, app: App) -> Check:
+    assert app.client_assertion is not None  # noqa: S101 - caller checked
+    path = app.client_assertion.file
+    try:
+        value = AssertionFile(app_name, path)()
+    except CredentialError as exc:
+        return Check("credential", Status.FAIL, detail=f"federated assertion from {path}",
+                     summary=f"{exc}.",
+                     fix=f"Point `apps.{app_name}.client_assertion.file` at the token file the "
+                         "issuer keeps fresh (Kubernetes workload identity: the path in "
+                         "AZURE_FEDERATED_TOKEN_FILE).")
+    detail = f"federated assertion from {path}"
+    try:
+        claims = decode_claims(value)
+    except NotAJwt as exc:
+        return Check("credential", Status.FAIL, detail=detail,
+                     summary=f"{path} does not hold a JWT ({exc}).",
+                     fix="The file must hold the OIDC token itself (header.payload.signature).")
+    detail += (f": issuer {claims.get('iss', '?')}, subject {claims.get('sub', '?')}, "
+               f"audience {claims.get('aud', '?')}")
+    exp = claims.get("exp")
+    if isinstance(exp, int | float) and exp <= datetime.now(UTC).timestamp():
+        return Check("credential", Status.FAIL, detail=detail,
+                     summary=f"The token in {path} expired at "
+                             f"{datetime.fromtimestamp(exp, UTC):%Y-%m-%d %H:%M:%S} UTC.",
+                     fix="The issuer stopped refreshing it: check the projected token volume "
+                         "(Kubernetes) or the job that writes the file.")
+    return Check("credential", Status.OK, detail=detail)
 
 
 def _is_guid(value: str) -> bool:
@@ -84,13 +118,23 @@ def _check_certificate(app_name: str, app: App, cred: CertificateCredential, now
     key_key = f"`apps.{app_name}.certificate.private_key`"
     cert_key = f"`apps.{app_name}.certificate.certificate`"
     pass_key = f"`apps.{app_name}.certificate.passphrase`"
-    key_pem, cert_pem = cred.private_key.value, cred.certificate.value
-    password = cred.passphrase.value.encode() if cred.passphrase else None
+    try:
+        key_pem, cert_pem, passphrase = certificate_pems(app_name, cred)
+    except CredentialError as exc:
+        return _fail(f"{exc}.", f"Check `apps.{app_name}.certificate.pfx` and {pass_key}; or "
+                                "convert to PEM: `openssl pkcs12 -in app.pfx -nocerts -nodes "
+                                "-out m365relay.key` and `openssl pkcs12 -in app.pfx -clcerts "
+                                "-nokeys -out m365relay.crt`.")
+    key_src = cred.private_key.source if cred.private_key else f"pfx:{cred.pfx}"
+    cert_src = cred.certificate.source if cred.certificate else f"pfx:{cred.pfx}"
+    if cred.pfx is not None:
+        key_key = cert_key = f"`apps.{app_name}.certificate.pfx`"
+    password = passphrase.encode() if passphrase is not None else None
     try:
         key = serialization.load_pem_private_key(key_pem.encode(), password)
     except TypeError as exc:
         if password is None:  # "Password was not given but private key is encrypted"
-            return _fail(f"The private key in {key_key} ({cred.private_key.source}) is "
+            return _fail(f"The private key in {key_key} ({key_src}) is "
                          "encrypted, but no passphrase is configured.",
                          f"Set {pass_key} (a secret: inline, {{env: VAR}} or {{file: PATH}}).")
         return _fail(f"The private key in {key_key} is not encrypted, but {pass_key} is set "
@@ -100,17 +144,17 @@ def _check_certificate(app_name: str, app: App, cred: CertificateCredential, now
             return _fail(f"{pass_key} does not open the private key in {key_key}.",
                          f"Put the key's passphrase into {pass_key}.")
         if "PRIVATE KEY" not in key_pem and "CERTIFICATE" in key_pem:
-            return _fail(f"{key_key} ({cred.private_key.source}) holds a certificate, not a "
+            return _fail(f"{key_key} ({key_src}) holds a certificate, not a "
                          "private key.", f"Point {key_key} at the PEM private key and "
                          f"{cert_key} at the certificate.")
-        return _fail(f"{key_key} ({cred.private_key.source}) is not a PEM private key.",
+        return _fail(f"{key_key} ({key_src}) is not a PEM private key.",
                      "m365relay reads PEM (-----BEGIN PRIVATE KEY-----). From a .pfx file: "
                      "`openssl pkcs12 -in app.pfx -nocerts -nodes -out m365relay.key` and "
                      "`openssl pkcs12 -in app.pfx -clcerts -nokeys -out m365relay.crt`.")
     try:
         cert = x509.load_pem_x509_certificates(cert_pem.encode())[0]
     except ValueError:
-        return _fail(f"{cert_key} ({cred.certificate.source}) holds no PEM certificate.",
+        return _fail(f"{cert_key} ({cert_src}) holds no PEM certificate.",
                      f"Point {cert_key} at the certificate you uploaded to the app "
                      "(-----BEGIN CERTIFICATE-----), not at the key or a .pfx file.")
     if not isinstance(key, rsa.RSAPrivateKey):
@@ -120,10 +164,10 @@ def _check_certificate(app_name: str, app: App, cred: CertificateCredential, now
                      f"{_uploaded(app)}, and point {key_key} and {cert_key} at the two files.")
     sha1 = cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - Entra shows SHA-1
     sha256 = cert.fingerprint(hashes.SHA256()).hex().upper()
-    facts = CertificateFacts(sha1, sha256, cred.certificate.source)
+    facts = CertificateFacts(sha1, sha256, cert_src)
     subject = cert.subject.rfc4514_string() or "(empty subject)"
     if _spki(cert.public_key()) != _spki(key.public_key()):
-        return _fail(f"The private key in {key_key} ({cred.private_key.source}) does not belong "
+        return _fail(f"The private key in {key_key} ({key_src}) does not belong "
                      f"to the certificate in {cert_key} ({subject}, thumbprint {sha1}).",
                      "Use the key the certificate was made with. To compare, both commands "
                      "must print the same: `openssl x509 -noout -pubkey -in CERT | openssl "

@@ -24,8 +24,10 @@ LINKS: tuple[tuple[str, str], ...] = (
     ("upstream", "upstream reachable"),
     ("starttls", "STARTTLS ok"),
     ("xoauth2", "XOAUTH2 accepted"),
+    ("graph", "Graph accepts the token"),  # instead of the three above, for transport: graph
     ("send", "test message sent"),
 )
+_SMTP_LINKS = frozenset({"upstream", "starttls", "xoauth2"})
 TITLES = dict(LINKS)
 
 
@@ -62,6 +64,7 @@ class AccountReport:
     mailbox: str
     checks: list[Check] = field(default_factory=list)
     claims: dict[str, Any] | None = None  # selected claims of the token, for scripts
+    transport: str = "smtp"  # the app's; decides which upstream links the chain has
 
     @property
     def broken(self) -> Check | None:
@@ -71,7 +74,8 @@ class AccountReport:
         """List every link: those not reached are SKIPPED, so the checklist shows the chain."""
         seen = {c.link for c in self.checks}
         why = "not checked: an earlier link is broken" if self.broken else "not checked"
-        for link, _ in LINKS:
+        skip = _SMTP_LINKS if self.transport == "graph" else {"graph"}
+        for link in (link for link, _ in LINKS if link not in skip):
             if link in seen:
                 continue
             reason = why if link != "send" or send_asked else "not asked for (use --send-to)"

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relay.sandbox.federated import FederatedCredential
+
 # What Exchange Online SMTP expects from an app-only token (see MICROSOFT365.md §1).
 AUDIENCE = "https://outlook.office365.com"
 SCOPE = f"{AUDIENCE}/.default"
 SEND_ROLE = "SMTP.SendAsApp"
 # Entra also issues tokens whose aud is Exchange Online's first-party app id; accept both.
 AUDIENCE_APP_ID = "00000002-0000-0ff1-ce00-000000000000"
+# What Microsoft Graph sendMail expects (MICROSOFT365.md §6).
+GRAPH_AUDIENCE = "https://graph.microsoft.com"
+GRAPH_SCOPE = f"{GRAPH_AUDIENCE}/.default"
+GRAPH_SEND_ROLE = "Mail.Send"
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,11 @@ class SandboxApp:
     client_secret: str | None = None
     # Public certificate for client-assertion (private_key_jwt) sign-in.
     certificate_pem: bytes | None = None
+    # Workload identity federation: trust tokens from this external issuer (no secret at all).
+    federated: FederatedCredential | None = None
     roles: tuple[str, ...] = (SEND_ROLE,)
+    # Microsoft Graph application permissions (roles of a token for GRAPH_SCOPE).
+    graph_roles: tuple[str, ...] = (GRAPH_SEND_ROLE,)
     # Mailboxes the service principal has FullAccess on; None means any mailbox.
     mailboxes: frozenset[str] | None = None
 

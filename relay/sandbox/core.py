@@ -14,6 +14,7 @@ import trustme
 from relay.sandbox.apps import DEMO_APP, SandboxApp
 from relay.sandbox.entra import FakeEntra
 from relay.sandbox.exchange import FakeExchange
+from relay.sandbox.graph import FakeGraph
 
 SECRET_FILE = "demo-client-secret"  # noqa: S105 - a file name, not a secret
 
@@ -23,7 +24,7 @@ class Sandbox:
 
     def __init__(self, directory: Path, *, apps: Sequence[SandboxApp] = (DEMO_APP,),
                  entra_port: int = 0, smtp_port: int = 0, token_lifetime: int = 3600,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", graph: bool = False) -> None:
         if not apps:
             raise ValueError("the sandbox needs at least one app registration")
         self.directory = Path(directory)
@@ -36,10 +37,20 @@ class Sandbox:
         self.entra_port = entra_port
         self.entra = FakeEntra(self.apps, token_lifetime=token_lifetime)
         self.exchange = FakeExchange(self.entra, mail_dir=self.directory / "mail")
+        # Microsoft Graph (sendMail) only when asked: most setups use SMTP.
+        self.graph = FakeGraph(self.entra, mail_dir=self.directory / "graph-mail") if graph \
+            else None
         self._running = False
 
     def authority(self, tenant: str) -> str:
         return f"https://localhost:{self.entra_port}/{tenant}"
+
+    @property
+    def graph_url(self) -> str:
+        """The fake Graph's base URL, for ``apps.<name>.graph_endpoint``."""
+        if self.graph is None:
+            raise RuntimeError("this sandbox was started without Graph (Sandbox(graph=True))")
+        return f"https://localhost:{self.graph.port}"
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts only the sandbox CA (what a relay should build)."""
@@ -48,6 +59,8 @@ class Sandbox:
     def reset(self) -> None:
         self.entra.reset()
         self.exchange.reset()
+        if self.graph is not None:
+            self.graph.reset()
 
     async def start(self) -> None:
         if self._running:
@@ -63,10 +76,19 @@ class Sandbox:
         except OSError as exc:
             await self.entra.stop()
             raise _bind_error("Exchange (SMTP)", self.host, self.smtp_port, exc) from exc
+        if self.graph is not None:
+            try:
+                self.graph.start(self.host, 0, tls)
+            except OSError as exc:
+                await self.exchange.stop()
+                await self.entra.stop()
+                raise _bind_error("Graph (HTTPS)", self.host, 0, exc) from exc
         self._running = True
 
     async def stop(self) -> None:
         self._running = False
+        if self.graph is not None:
+            await self.graph.stop()
         await self.exchange.stop()
         await self.entra.stop()
 

@@ -26,12 +26,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from relay.sandbox.apps import AUDIENCE, AUDIENCE_APP_ID, SCOPE, SEND_ROLE, SandboxApp
+from relay.sandbox.apps import (
+    AUDIENCE,
+    AUDIENCE_APP_ID,
+    GRAPH_AUDIENCE,
+    GRAPH_SCOPE,
+    SCOPE,
+    SEND_ROLE,
+    SandboxApp,
+)
+from relay.sandbox.delegated import (
+    DELEGATED_AUDIENCE,
+    DELEGATED_SCOPE,
+    DEVICE_CODE_GRANT,
+    SEND_SCOPE,
+    DelegatedGrants,
+)
+from relay.sandbox.federated import verify_federated_assertion
 from relay.sandbox.tokens import (
     CLOCK_SKEW,
     JWT_BEARER,
     AssertionRejected,
     TokenError,
+    b64url_encode,
     sign_hs256,
     verify_client_assertion,
     verify_hs256,
@@ -39,7 +56,7 @@ from relay.sandbox.tokens import (
 
 log = logging.getLogger("m365relay.sandbox.entra")
 
-_SECRET_FIELDS = frozenset({"client_secret", "client_assertion"})
+_SECRET_FIELDS = frozenset({"client_secret", "client_assertion", "refresh_token", "device_code"})
 # msal may add these to any scope list; Entra ignores them for client credentials.
 _RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access"})
 _MAX_BODY = 1 << 20
@@ -79,6 +96,7 @@ class FakeEntra:
         self._revoked: set[str] = set()
         self._server: _EntraServer | None = None
         self._thread: threading.Thread | None = None
+        self.delegated = DelegatedGrants()
 
     # -- recordings and fault injection (the test-facing API) --------------------------
 
@@ -99,6 +117,14 @@ class FakeEntra:
         """Make Exchange refuse every token issued so far (535 5.7.3), as after a revocation."""
         with self._lock:
             self._revoked.update(self._issued_ids)
+
+    def approve_device_code(self, user_code: str, user: str) -> None:
+        """The person signs in at the verification URL as ``user`` and enters ``user_code``."""
+        self.delegated.approve(user_code, user)
+
+    def revoke_refresh_tokens(self, user: str) -> int:
+        """Revoke ``user``'s refresh tokens, as a password change or admin action does."""
+        return self.delegated.revoke(user)
 
     def reset(self) -> None:
         with self._lock:
@@ -154,7 +180,10 @@ class FakeEntra:
             raise TokenError(f"token expired at {_iso(exp)}")
         if not isinstance(nbf, int) or nbf > now + CLOCK_SKEW:
             raise TokenError(f"token not valid before {_iso(nbf)}")
-        if claims.get("aud") not in (AUDIENCE, AUDIENCE_APP_ID):
+        delegated = "scp" in claims
+        if delegated and claims.get("aud") == DELEGATED_AUDIENCE:
+            pass
+        elif claims.get("aud") not in (AUDIENCE, AUDIENCE_APP_ID):
             raise TokenError(f"token audience {claims.get('aud')!r} is not {AUDIENCE!r}; "
                              f"request scope {SCOPE!r}")
         app = self._by_id.get((str(claims.get("tid")).casefold(),
@@ -166,10 +195,35 @@ class FakeEntra:
             revoked = claims.get("uti") in self._revoked
         if revoked:
             raise TokenError("token was revoked")
+        if delegated:
+            if SEND_SCOPE not in str(claims.get("scp", "")).split():
+                raise TokenError(f"token has no {SEND_SCOPE} scope (add the delegated "
+                                 "permission and sign in again)")
+            return claims, app
         roles = claims.get("roles")
         if not isinstance(roles, list) or SEND_ROLE not in roles:
             raise TokenError(f"token has no {SEND_ROLE} role (grant the application "
                              "permission and admin consent)")
+        return claims, app
+
+    def check_graph_token(self, token: str) -> tuple[dict[str, Any], SandboxApp]:
+        """Claims and app of an app-only token Microsoft Graph accepts for sendMail."""
+        claims = verify_hs256(token, self._key)
+        exp = claims.get("exp")
+        if not isinstance(exp, int) or exp <= time.time():
+            raise TokenError(f"token expired at {_iso(exp)}")
+        if claims.get("aud") != GRAPH_AUDIENCE:
+            raise TokenError(f"token audience {claims.get('aud')!r} is not {GRAPH_AUDIENCE!r}; "
+                             f"request scope {GRAPH_SCOPE!r}")
+        app = self._by_id.get((str(claims.get("tid")).casefold(),
+                               str(claims.get("appid")).casefold()))
+        if app is None:
+            raise TokenError(f"app {claims.get('appid')} has no service principal in tenant "
+                             f"{claims.get('tid')}")
+        with self._lock:
+            revoked = claims.get("uti") in self._revoked
+        if revoked:
+            raise TokenError("token was revoked")
         return claims, app
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -206,10 +260,13 @@ class FakeEntra:
             return self._openid_configuration(parts[0], base)
         if method == "GET" and parts[1:] == ["discovery", "instance"]:
             return self._instance_discovery(parse_qs(url.query), base)
-        if method == "POST" and parts[1:] == ["oauth2", "v2.0", "token"]:
+        if method == "POST" and parts[1:3] == ["oauth2", "v2.0"] and len(parts) == 4:
             form = {k: v[0] for k, v in
                     parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
-            return self._token(parts[0], form, headers)
+            if parts[3] == "token":
+                return self._token(parts[0], form, headers)
+            if parts[3] == "devicecode":
+                return self._device_code(parts[0], form, base)
         return _Response(404, {"error": "not_found",
                                "error_description": f"The sandbox has no {method} {url.path}."})
 
@@ -266,6 +323,8 @@ class FakeEntra:
         if tenant.casefold() not in self._tenants:
             return _error(400, "invalid_request", 90002, _unknown_tenant(tenant), correlation)
         grant = form.get("grant_type", "")
+        if grant in (DEVICE_CODE_GRANT, "refresh_token"):
+            return self._delegated_token(tenant, grant, form, correlation)
         if grant != "client_credentials":
             return _error(400, "unsupported_grant_type", 70003,
                           f"The app requested an unsupported grant type '{grant}'. The sandbox "
@@ -284,13 +343,18 @@ class FakeEntra:
             code, message = refusal
             return _error(401, "invalid_client", code, message, correlation)
         scopes = set(form.get("scope", "").split()) - _RESERVED_SCOPES
+        if scopes == {GRAPH_SCOPE}:  # Microsoft Graph: its own audience and roles
+            return self._issue(app, correlation, self.mint_token(
+                app, audience=GRAPH_AUDIENCE, roles=app.graph_roles))
         if scopes != {SCOPE}:
             return _error(400, "invalid_scope", 70011,
                           "The provided request must include a 'scope' input parameter. The "
                           "provided value for the input parameter 'scope' is not valid. The "
                           f"scope '{form.get('scope', '')}' does not exist. Exchange Online "
                           f"SMTP needs exactly '{SCOPE}'.", correlation)
-        token = self.mint_token(app)
+        return self._issue(app, correlation, self.mint_token(app))
+
+    def _issue(self, app: SandboxApp, correlation: str, token: str) -> _Response:
         log.info("issued a token to app %s in tenant %s", app.client_id, app.tenant)
         return _Response(200, {
             "token_type": "Bearer",
@@ -298,6 +362,77 @@ class FakeEntra:
             "ext_expires_in": self.token_lifetime,
             "access_token": token,
         }, {"client-request-id": correlation})
+
+    def _device_code(self, tenant: str, form: Mapping[str, str], base: str) -> _Response:
+        app = self._by_id.get((tenant.casefold(), form.get("client_id", "").casefold()))
+        if app is None:
+            return _error(400, "unauthorized_client", 700016,
+                          f"Application with identifier '{form.get('client_id')}' was not found "
+                          f"in the directory '{tenant}'.", None)
+        if DELEGATED_SCOPE not in form.get("scope", "").split():
+            return _error(400, "invalid_scope", 70011,
+                          f"The scope '{form.get('scope', '')}' does not include "
+                          f"'{DELEGATED_SCOPE}'.", None)
+        return _Response(200, self.delegated.new_device_code(tenant, app.client_id, base))
+
+    def _delegated_token(self, tenant: str, grant: str, form: Mapping[str, str],
+                         correlation: str) -> _Response:
+        app = self._by_id.get((tenant.casefold(), form.get("client_id", "").casefold()))
+        if app is None:
+            return _error(400, "unauthorized_client", 700016,
+                          f"Application with identifier '{form.get('client_id')}' was not found "
+                          f"in the directory '{tenant}'.", correlation)
+        if app.client_secret is not None:  # a confidential client must still prove itself
+            refusal = self._check_credentials(app, form, f"/{tenant}/oauth2/v2.0/token")
+            if refusal is not None:
+                return _error(401, "invalid_client", refusal[0], refusal[1], correlation)
+        if grant == DEVICE_CODE_GRANT:
+            outcome = self.delegated.redeem_device_code(tenant, form)
+        else:
+            outcome = self.delegated.redeem_refresh_token(tenant, form)
+        if not isinstance(outcome, str):
+            status, error, code, description = outcome
+            return _error(status, error, code, description, correlation)
+        user = outcome
+        token = self.mint_delegated_token(app, user)
+        refresh = self.delegated.issue_refresh_token(tenant, app.client_id, user)
+        uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandbox-user:{user.casefold()}"))
+        client_info = {"uid": uid, "utid": app.tenant}
+        id_claims = {"iss": self._issuer(tenant), "aud": app.client_id, "sub": uid, "oid": uid,
+                     "tid": app.tenant, "preferred_username": user,
+                     "iat": int(time.time()), "exp": int(time.time()) + 3600}
+        log.info("issued a delegated token for %s to app %s (%s)", user, app.client_id, grant)
+        return _Response(200, {
+            "token_type": "Bearer",
+            "scope": f"{DELEGATED_SCOPE}",
+            "expires_in": self.token_lifetime,
+            "ext_expires_in": self.token_lifetime,
+            "access_token": token,
+            "refresh_token": refresh,
+            "id_token": sign_hs256(id_claims, self._key),
+            "client_info": b64url_encode(json.dumps(client_info).encode("utf-8")),
+        }, {"client-request-id": correlation})
+
+    def _issuer(self, tenant: str) -> str:
+        return f"https://localhost:{self.port}/{tenant}/v2.0"
+
+    def mint_delegated_token(self, app: SandboxApp, user: str, *,
+                             lifetime: int | None = None) -> str:
+        """A user token (scp SMTP.Send, upn = the signed-in mailbox) for Outlook SMTP."""
+        now = int(time.time())
+        lifetime = self.token_lifetime if lifetime is None else lifetime
+        token_id = _random_id()
+        claims: dict[str, Any] = {
+            "aud": DELEGATED_AUDIENCE, "iss": f"https://sts.windows.net/{app.tenant}/",
+            "iat": now - CLOCK_SKEW, "nbf": now - CLOCK_SKEW, "exp": now + lifetime,
+            "appid": app.client_id, "tid": app.tenant, "scp": SEND_SCOPE,
+            "upn": user, "preferred_username": user, "uti": token_id, "ver": "1.0",
+        }
+        token = sign_hs256(claims, self._key)
+        with self._lock:
+            self.issued_tokens.append(token)
+            self._issued_ids.append(token_id)
+        return token
 
     def _check_credentials(self, app: SandboxApp, form: Mapping[str, str],
                            token_path: str) -> tuple[int, str] | None:
@@ -313,6 +448,12 @@ class FakeEntra:
         if assertion:
             if form.get("client_assertion_type") != JWT_BEARER:
                 return 7000216, f"'client_assertion_type' must be '{JWT_BEARER}'."
+            if app.federated is not None and app.certificate_pem is None:
+                try:
+                    verify_federated_assertion(assertion, app.federated, now=time.time())
+                except AssertionRejected as exc:
+                    return exc.code, str(exc)
+                return None
             if app.certificate_pem is None:
                 return 700027, ("The certificate with identifier used to sign the client "
                                 "assertion is not registered on application.")

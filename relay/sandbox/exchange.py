@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import email.utils
 import json
 import logging
 import re
@@ -39,6 +40,7 @@ BASIC_AUTH_DISABLED = ("535 5.7.139 Authentication unsuccessful, basic authentic
 NOT_AUTHENTICATED = "530 5.7.57 Client not authenticated to send mail."
 STAGES = frozenset({"connect", "ehlo", "auth", "mail", "rcpt", "data", "drop_after_data"})
 _REPLY = re.compile(r"[2-5]\d\d[ -]")
+THROTTLED = "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,11 @@ class FakeExchange:
         self.entra = entra
         self.mail_dir = mail_dir
         self.record_wire = False  # keep each message's raw DATA bytes (ReceivedMessage.wire)
+        # SendAs grants, mailbox -> addresses it may send as (Add-RecipientPermission). With
+        # check_from_header the From header must be the signed-in mailbox or a granted address,
+        # as Exchange checks it; off by default so tests of other parts stay header-agnostic.
+        self.check_from_header = False
+        self.send_as: dict[str, set[str]] = {}
         self.port = 0
         self.messages: list[ReceivedMessage] = []
         self.connections = 0
@@ -97,6 +104,9 @@ class FakeExchange:
         self._server: asyncio.Server | None = None
         self._arrived = asyncio.Condition()
         self._seq = 0
+        self._rate: tuple[int, float, str] | None = None
+        self._accepted_at: dict[str, collections.deque[float]] = {}
+        self.throttled = 0  # messages refused by rate_limit()
 
     @property
     def open_connections(self) -> int:
@@ -130,6 +140,29 @@ class FakeExchange:
         if seconds <= 0 or times < 1:
             raise ValueError("seconds must be positive and times at least 1")
         self._delays.append(_Delay(stage, seconds, times))
+
+    def rate_limit(self, messages: int, window: float = 60.0, reply: str = THROTTLED) -> None:
+        """Refuse a mailbox's message at DATA with ``reply`` while it already had ``messages``
+        accepted in the last ``window`` seconds, as Exchange Online's 30-a-minute limit does.
+        ``messages=0`` lifts the limit."""
+        if not _REPLY.match(reply):
+            raise ValueError(f"reply {reply!r} must start with an SMTP code")
+        self._rate = (messages, window, reply) if messages > 0 else None
+        self._accepted_at.clear()
+
+    def _over_rate(self, mailbox: str) -> str | None:
+        if self._rate is None:
+            return None
+        messages, window, reply = self._rate
+        now = asyncio.get_running_loop().time()
+        times = self._accepted_at.setdefault(mailbox.casefold(), collections.deque())
+        while times and times[0] <= now - window:
+            times.popleft()
+        if len(times) >= messages:
+            self.throttled += 1
+            return reply
+        times.append(now)
+        return None
 
     def reset(self) -> None:
         """Forget injections and recordings; files already written stay on disk."""
@@ -246,6 +279,12 @@ class FakeExchange:
 def _write_message(path: Path, data: bytes, sidecar: dict[str, Any]) -> None:
     path.write_bytes(data)
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+
+
+def _header_from(data: bytes) -> str:
+    head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    match = re.search(r"^From:(.*(?:\r\n[ \t].*)*)", head, re.IGNORECASE | re.MULTILINE)
+    return email.utils.parseaddr(match.group(1))[1] if match else ""
 
 
 def parse_xoauth2(blob: bytes) -> tuple[str, str]:
@@ -426,7 +465,10 @@ class _ExchangeSession(SMTP):
             claims, app = self.exchange.entra.check_token(token)
         except (ValueError, TokenError) as exc:
             return self._refuse(str(exc))
-        if not app.may_use(user):
+        if "scp" in claims:  # a delegated token sends only as the person who signed in
+            if user.casefold() != str(claims.get("upn", "")).casefold():
+                return self._refuse(f"user={user} but the token was issued to {claims.get('upn')}")
+        elif not app.may_use(user):
             return self._refuse(f"app {app.client_id} has no FullAccess on mailbox {user}")
         return AuthResult(success=True, message=AUTH_OK,
                           auth_data=_Grant(user, str(claims["appid"])))
@@ -483,10 +525,18 @@ class _ExchangeHandler:
         if not isinstance(grant, _Grant):  # cannot happen: MAIL needs a successful AUTH
             return NOT_AUTHENTICATED
         mail_from = envelope.mail_from or ""
+        if self.exchange.check_from_header:
+            mail_from = _header_from(envelope.original_content or b"") or grant.user
+            granted = {a.casefold() for a in self.exchange.send_as.get(grant.user.casefold(), ())}
+            if mail_from.casefold() in granted:
+                mail_from = grant.user
         if mail_from.casefold() != grant.user.casefold():
             return (f"554 5.2.252 SendAsDenied; {grant.user} not allowed to send as "
                     f"{mail_from}; STOREDRV.Submission.Exception:SendAsDeniedException."
                     "MapiExceptionSendAsDenied")
+        throttled = self.exchange._over_rate(grant.user)
+        if throttled is not None:
+            return throttled
         injected = self.exchange._take("data")
         if injected is not None and not injected.startswith("2"):
             return injected

@@ -1,0 +1,73 @@
+"""The scenarios of issue 6, at full size and in a quick size for iteration and the smoke test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from bench.targets import TARGETS
+
+KIB = 1024
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str                  # "load" | "large" | "idle" | "cold"
+    messages: int = 0
+    clients: int = 1
+    per_connection: int = 1
+    mailboxes: int = 1
+    size: int = 8 * KIB
+    idle_connections: int = 0
+    drop: float = 0.0          # share of DATA attempts hung up on after the final dot
+    data_432: float = 0.0      # share of DATA attempts answered 432 4.3.2
+    targets: tuple[str, ...] = TARGETS
+    timeout: float = 900.0     # the whole run, delivery included
+
+    @property
+    def title(self) -> str:
+        if self.kind == "large":
+            return f"one {self.size / MIB:g} MiB message"
+        if self.kind == "idle":
+            return f"{self.idle_connections:,} idle client connections"
+        if self.kind == "cold":
+            return "cold start: process start to first accepted connection, then 1 message"
+        text = (f"{self.messages:,} msgs of {self.size // KIB} KiB, {self.clients} client(s), "
+                f"{self.per_connection} msg(s)/connection, {self.mailboxes} mailbox(es)")
+        if self.drop or self.data_432:
+            text += (f"; upstream answers 432 4.3.2 to {self.data_432:.0%} and hangs up after "
+                     f"DATA on {self.drop:.0%} of attempts")
+        return text
+
+
+FULL: tuple[Scenario, ...] = (
+    Scenario("burst", "load",
+             messages=1000, clients=10, per_connection=10, mailboxes=5),
+    Scenario("printer", "load",
+             messages=200, clients=1, per_connection=1, mailboxes=1),
+    Scenario("large", "large", messages=1, size=30 * MIB),
+    Scenario("idle", "idle", idle_connections=1000,
+             targets=("m365relay", "emailproxy")),
+    Scenario("faults", "load", messages=500, clients=10, per_connection=10, mailboxes=5,
+             drop=0.05, data_432=0.20),
+    Scenario("cold", "cold", messages=1, targets=("m365relay", "emailproxy")),
+)
+
+
+def quick(scenario: Scenario) -> Scenario:
+    """A few seconds per run: same shape, fewer messages."""
+    if scenario.kind == "load":
+        return replace(scenario, messages=max(scenario.messages // 10, scenario.clients * 2),
+                       timeout=120)
+    if scenario.kind == "large":
+        return replace(scenario, size=3 * MIB, timeout=120)
+    if scenario.kind == "idle":
+        return replace(scenario, idle_connections=100, timeout=120)
+    return replace(scenario, timeout=120)
+
+
+def select(names: list[str] | None, quick_mode: bool) -> list[Scenario]:
+    known = {s.name: s for s in FULL}
+    chosen = [known[n] for n in names] if names else list(FULL)
+    return [quick(s) for s in chosen] if quick_mode else chosen

@@ -1,0 +1,166 @@
+"""`m365relay login ACCOUNT`: device-code sign-in for an account whose app has `flow: delegated`.
+
+The device-code flow needs no browser on this machine (SSH, containers): it prints a URL and a
+code, the person signs in anywhere, and we poll Entra until they have. The resulting msal
+cache (with the refresh token) goes to the account's encrypted file in ``token_store``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import msal
+
+from relay import config as config_mod
+from relay.delegated import build_client
+from relay.queuectl import control
+from relay.queuectl.ops import QueueOps
+from relay.spool import Spool
+from relay.tokens import TokenProvider
+from relay.tokenstore import TokenStore, TokenStoreError, new_key
+
+DEFAULT_CONFIG = Path("/etc/m365relay/config.yaml")
+EX_CONFIG = 78
+EX_UNAVAILABLE = 69
+
+
+class LoginError(Exception):
+    """Sign-in did not complete; the message says why and what to do."""
+
+
+def poll_device_flow(client: Any, flow: dict[str, Any], *,
+                     sleep: Callable[[float], None] = time.sleep,
+                     clock: Callable[[], float] = time.time) -> dict[str, Any]:
+    """Poll until the person finishes, honouring ``interval`` and RFC 8628's slow_down.
+
+    Our own loop (one msal attempt per round) so tests can pass a fake ``sleep``."""
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # msal's "Attempted too soon" under a fake sleep
+            result: dict[str, Any] = client.acquire_token_by_device_flow(
+                flow, exit_condition=lambda _flow: True)
+        # msal itself adds 5 s to flow["interval"] on slow_down.
+        if result.get("error") not in ("authorization_pending", "slow_down"):
+            return result
+        if clock() >= float(flow.get("expires_at", 0)):
+            return {"error": "expired_token",
+                    "error_description": "the code expired before sign-in finished"}
+        sleep(float(flow.get("interval", 5)))
+
+
+def run_login(config: config_mod.Config, config_path: Path | None, account_name: str, *,
+              out: TextIO = sys.stdout, sleep: Callable[[float], None] = time.sleep) -> str:
+    """Sign ``account_name`` in; returns the signed-in address. Raises LoginError."""
+    account = next((a for a in config.accounts if a.name == account_name), None)
+    if account is None:
+        known = ", ".join(a.name for a in config.accounts)
+        raise LoginError(f"no account named {account_name!r} (accounts: {known})")
+    app = config.apps[account.app]
+    if app.flow != "delegated" or config.token_store is None:
+        raise LoginError(f"account {account_name!r} uses app {account.app!r}, which has no "
+                         "`flow: delegated`; only delegated apps sign in with a person")
+    store = TokenStore(config.token_store.directory, config.token_store.key.value)
+    provider = TokenProvider(config.apps)
+    try:
+        cache = msal.SerializableTokenCache()
+        client = build_client(app, cache, provider.http_session(account.app))
+        flow = client.initiate_device_flow(scopes=[app.scope])
+        if "user_code" not in flow:
+            raise LoginError(f"Entra ID refused to start a sign-in for app {app.client_id}: "
+                             f"{flow.get('error')}: {flow.get('error_description')}. Check that "
+                             "the app registration allows public client flows (Authentication "
+                             "> Allow public client flows) and has the delegated SMTP.Send "
+                             "permission")
+        print(flow.get("message") or f"Open {flow['verification_uri']} and enter the code "
+              f"{flow['user_code']}", file=out, flush=True)
+        print(f"Sign in as {account.mailbox}. Waiting...", file=out, flush=True)
+        result = poll_device_flow(client, flow, sleep=sleep)
+    finally:
+        provider.close()
+    if "access_token" not in result:
+        error = result.get("error")
+        hint = ("the code expired: run the command again and finish within the time shown"
+                if error == "expired_token" else "run the command again")
+        raise LoginError(f"sign-in failed: {error}: "
+                         f"{str(result.get('error_description', '')).splitlines()[0:1]}; {hint}")
+    user = str((result.get("id_token_claims") or {}).get("preferred_username", ""))
+    if user and user.casefold() != account.mailbox.casefold():
+        raise LoginError(f"signed in as {user}, but accounts[{account_name}].mailbox is "
+                         f"{account.mailbox}: Outlook accepts XOAUTH2 only for the signed-in "
+                         "address; sign in as that mailbox or change `mailbox`")
+    store.save(account.name, cache.serialize())
+    print(f"Signed in as {user or account.mailbox}; sign-in stored in "
+          f"{store.path(account.name)} (a running relay picks it up by itself).",
+          file=out, flush=True)
+    try:
+        waiting = retry_waiting(config, account.app, account.mailbox)
+    except (OSError, ValueError) as exc:
+        print(f"Could not reschedule queued mail ({exc}); it goes out at its next retry, or "
+              f"now with `m365relay queue retry --all --config {config_path}`.", file=out)
+    else:
+        if waiting:
+            print(f"{waiting} queued message(s) for {account.mailbox} are due now.", file=out)
+    return user or account.mailbox
+
+
+def retry_waiting(config: config_mod.Config, app: str, mailbox: str) -> int:
+    """Make the mailbox's deferred mail due now and tell a running relay, as `m365relay queue
+    retry` does, so a new sign-in does not wait out the backoff (up to delivery.max_backoff)."""
+    directory = config.spool.directory
+    if not directory.is_dir():
+        return 0
+    st = directory.stat()
+    # Files we rewrite must stay the relay's when an admin runs this as root.
+    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
+    spool = Spool(directory, owner=owner)  # never Spool.open(): it cleans a live relay's tmp/
+    ops = QueueOps(spool, wait=0)
+    ids = [e.id for e in spool.entries(quarantine=False)
+           if e.envelope.app == app and e.envelope.mailbox.casefold() == mailbox.casefold()]
+    done = [o.id for o in (ops.retry(i, wait=0) for i in ids) if o.result == "ok"]
+    if done:
+        control.notify(directory, [f"retry {i}" for i in done])
+    return len(done)
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    if args.new_key:
+        print(new_key())
+        return 0
+    if not args.account:
+        print("m365relay login: name the ACCOUNT to sign in (or use --new-key)", file=sys.stderr)
+        return 2
+    try:
+        config = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG
+    try:
+        run_login(config, args.config, args.account)
+    except (LoginError, TokenStoreError) as exc:
+        print(f"m365relay login: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, msal.exceptions.MsalError) as exc:
+        print(f"m365relay login: cannot reach Entra ID: {type(exc).__name__}: {exc}; check "
+              "the network and `apps.<app>.authority`", file=sys.stderr)
+        return EX_UNAVAILABLE
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "login", help="sign an account of a `flow: delegated` app in (device code)",
+        description="Print a URL and a code; sign in with them in any browser. The sign-in is "
+                    "stored encrypted in token_store.directory for the relay to use.")
+    p.add_argument("account", nargs="?", help="accounts[].name to sign in")
+    p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG,
+                   help=f"YAML config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--new-key", action="store_true",
+                   help="print a new token_store key and exit")
+    p.set_defaults(func=cmd_login)

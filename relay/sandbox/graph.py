@@ -1,0 +1,446 @@
+"""FakeGraph: the Microsoft Graph mail-sending endpoints over real HTTPS, for tests and demos.
+
+Implements what the relay's Graph transport uses, with Graph's rules: ``sendMail`` with base64
+MIME (413 over ``request_limit``), drafts as JSON, attachments (3 MB inline limit) and upload
+sessions (pre-authenticated URL, exact Content-Range sequence), ``send``. Tokens are checked
+against the sandbox's Entra (audience https://graph.microsoft.com); the ``roles`` claim must
+hold Mail.Send. Like FakeEntra it is a threading HTTP server; recordings are behind one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.policy
+import email.utils
+import json
+import logging
+import re
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.parser import BytesParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from relay.sandbox.apps import GRAPH_SEND_ROLE
+from relay.sandbox.entra import FakeEntra
+from relay.sandbox.tokens import TokenError
+
+log = logging.getLogger("m365relay.sandbox.graph")
+
+REQUEST_LIMIT = 4 * 1024 * 1024  # Graph's single-request limit for sendMail (§6)
+ATTACHMENT_LIMIT = 3 * 1024 * 1024  # larger attachments need an upload session
+_MAX_BODY = 64 * 1024 * 1024
+_USER_PATH = re.compile(r"^/v1\.0/users/([^/]+)(/.*)$")
+
+
+@dataclass(frozen=True)
+class GraphMessage:
+    """A message Graph accepted, in the shape of the fake Exchange's ReceivedMessage."""
+
+    mail_from: str  # the From header's address
+    rcpt_tos: tuple[str, ...]  # To, Cc and Bcc addresses: what Graph delivers to
+    data: bytes  # the decoded MIME (sendMail) or the MIME rebuilt from the draft
+    auth_user: str  # the mailbox in the URL
+    client_id: str  # appid claim of the token used
+    route: str  # "sendMail" or "draft"
+    attachments: tuple[tuple[str, int], ...] = ()  # (name, size) of draft attachments
+    path: Path | None = None
+
+
+@dataclass
+class _Draft:
+    mailbox: str
+    json: dict[str, Any]
+    attachments: list[tuple[dict[str, Any], bytes]] = field(default_factory=list)
+
+
+@dataclass
+class _Upload:
+    draft_id: str
+    item: dict[str, Any]
+    size: int
+    received: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class _Injection:
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str]
+    route: str | None
+    remaining: int
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: Mapping[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _graph_error(status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> _Reply:
+    return _Reply(status, {"error": {"code": code, "message": message, "innerError": {
+        "request-id": secrets.token_hex(8), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}},
+        headers or {})
+
+
+class FakeGraph:
+    """Accepts mail through the Graph API, records it, injects faults."""
+
+    def __init__(self, entra: FakeEntra, *, mail_dir: Path | None = None) -> None:
+        self.entra = entra
+        self.mail_dir = mail_dir
+        self.request_limit = REQUEST_LIMIT
+        self.port = 0
+        self.messages: list[GraphMessage] = []
+        # (method, path, status, time.monotonic() when answered)
+        self.requests: list[tuple[str, str, int, float]] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._injections: deque[_Injection] = deque()
+        self._drafts: dict[str, _Draft] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._server: _GraphServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- test-facing API ------------------------------------------------------------
+
+    def inject(self, status: int, code: str = "", message: str = "", *, times: int = 1,
+               headers: Mapping[str, str] | None = None, route: str | None = None) -> None:
+        """Answer the next ``times`` requests (whose path contains ``route``, if given) with
+        this Graph error instead."""
+        with self._lock:
+            self._injections.append(_Injection(status, code, message, dict(headers or {}),
+                                               route, times))
+
+    @property
+    def drafts(self) -> int:
+        """Drafts created and neither sent nor deleted."""
+        with self._lock:
+            return len(self._drafts)
+
+    async def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[GraphMessage]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Graph received {len(self.messages)} of {count} messages")
+            await asyncio.sleep(0.02)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.messages.clear()
+            self.requests.clear()
+            self._injections.clear()
+            self._drafts.clear()
+            self._uploads.clear()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self, host: str, port: int, tls: ssl.SSLContext) -> int:
+        server = _GraphServer((host, port), self, tls)
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(target=server.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name=f"sandbox-graph-{self.port}", daemon=True)
+        self._thread.start()
+        return self.port
+
+    async def stop(self) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        if thread is not None:
+            await asyncio.to_thread(server.shutdown)
+            await asyncio.to_thread(thread.join)
+        server.server_close()
+
+    # -- HTTP (server threads) ------------------------------------------------------
+
+    def connection_opened(self) -> None:
+        with self._lock:
+            self.connections += 1
+
+    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes,
+               base: str) -> _Reply:
+        path = urlsplit(target).path
+        reply = self._injected(path) or self._route(method, path, headers, body, base)
+        with self._lock:
+            self.requests.append((method, path, reply.status, time.monotonic()))
+        return reply
+
+    def _injected(self, path: str) -> _Reply | None:
+        with self._lock:
+            for injection in self._injections:
+                if injection.route is None or injection.route in path:
+                    injection.remaining -= 1
+                    if injection.remaining == 0:
+                        self._injections.remove(injection)
+                    return _graph_error(injection.status, injection.code, injection.message,
+                                        injection.headers)
+        return None
+
+    def _route(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+               base: str) -> _Reply:
+        if method == "PUT" and path.startswith("/upload/"):
+            if "authorization" in headers:
+                return _graph_error(401, "InvalidAuthenticationToken", "The upload URL is "
+                                    "pre-authenticated; do not send an Authorization header.")
+            return self._upload(path.removeprefix("/upload/"), headers, body)
+        match = _USER_PATH.match(path)
+        if match is None:
+            return _graph_error(400, "BadRequest", f"Resource not found for the segment "
+                                f"'{path}'.")
+        mailbox, rest = unquote(match.group(1)), match.group(2)
+        auth = headers.get("authorization", "")
+        if not auth.startswith("Bearer "):
+            return _graph_error(401, "InvalidAuthenticationToken",
+                                "Access token is empty.")
+        try:
+            claims, app = self.entra.check_graph_token(auth.removeprefix("Bearer "))
+        except TokenError as exc:
+            return _graph_error(401, "InvalidAuthenticationToken", str(exc))
+        roles = claims.get("roles")
+        if not isinstance(roles, list) or GRAPH_SEND_ROLE not in roles:
+            return _graph_error(403, "ErrorAccessDenied",
+                                "Access is denied. Check credentials and try again.")
+        if not app.may_use(mailbox):
+            return _graph_error(403, "ErrorAccessDenied", "Access to OData is disabled: "
+                                "[RAOP] : Blocked by tenant configured AppOnly AccessPolicy "
+                                "settings.")
+        client_id = str(claims.get("appid"))
+        parts = rest.strip("/").split("/")
+        if method == "POST" and parts == ["sendMail"]:
+            return self._send_mail(mailbox, client_id, headers, body)
+        if method == "POST" and parts == ["messages"]:
+            return self._create_draft(mailbox, body)
+        if len(parts) >= 2 and parts[0] == "messages":
+            return self._draft_call(method, parts[1], parts[2:], mailbox=mailbox,
+                                    client_id=client_id, body=body, base=base)
+        if method == "GET" and parts[0] == "mailFolders":
+            # Reading needs Mail.Read; a Mail.Send-only app gets this, as from real Graph.
+            return _graph_error(403, "ErrorAccessDenied", "Access is denied. Check "
+                                "credentials and try again.")
+        return _graph_error(400, "BadRequest", f"Unsupported request {method} {rest}")
+
+    def _send_mail(self, mailbox: str, client_id: str, headers: Mapping[str, str],
+                   body: bytes) -> _Reply:
+        if len(body) > self.request_limit:
+            return _graph_error(413, "RequestEntityTooLarge", "The request is too large.")
+        if not headers.get("content-type", "").startswith("text/plain"):
+            return _graph_error(415, "UnsupportedMediaType", "sendMail with MIME needs "
+                                "Content-Type: text/plain (base64 MIME).")
+        try:
+            mime = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return _graph_error(400, "ErrorMimeContentInvalidBase64String",
+                                "Invalid base64 string for MIME content.")
+        self._record(mime, mailbox, client_id, "sendMail", ())
+        return _Reply(202)
+
+    def _create_draft(self, mailbox: str, body: bytes) -> _Reply:
+        if len(body) > self.request_limit:
+            return _graph_error(413, "RequestEntityTooLarge", "The request is too large.")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return _graph_error(400, "UnableToDeserializePostBody", "Body is not JSON.")
+        if not isinstance(data, dict):
+            return _graph_error(400, "UnableToDeserializePostBody", "Body is not an object.")
+        draft_id = "AAMk" + secrets.token_urlsafe(24)
+        with self._lock:
+            self._drafts[draft_id] = _Draft(mailbox, data)
+        return _Reply(201, {"id": draft_id, "isDraft": True, **data})
+
+    def _draft_call(self, method: str, draft_id: str, rest: list[str], *, mailbox: str,
+                    client_id: str, body: bytes, base: str) -> _Reply:
+        draft_id = unquote(draft_id)
+        with self._lock:
+            draft = self._drafts.get(draft_id)
+        if draft is None or draft.mailbox.casefold() != mailbox.casefold():
+            return _graph_error(404, "ErrorItemNotFound", "The specified object was not found "
+                                "in the store.")
+        if method == "DELETE" and not rest:
+            with self._lock:
+                self._drafts.pop(draft_id, None)
+            return _Reply(204)
+        if method == "POST" and rest == ["send"]:
+            with self._lock:
+                self._drafts.pop(draft_id, None)
+            mime = _rebuild(draft)
+            names = tuple((str(item.get("name")), len(content))
+                          for item, content in draft.attachments)
+            self._record(mime, mailbox, client_id, "draft", names)
+            return _Reply(202)
+        if method == "POST" and rest == ["attachments"]:
+            item = json.loads(body)
+            content = base64.b64decode(item.get("contentBytes", ""), validate=True)
+            if len(content) > ATTACHMENT_LIMIT:
+                return _graph_error(413, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize",
+                                    "Attachments over 3 MB need an upload session.")
+            with self._lock:
+                draft.attachments.append((item, content))
+            return _Reply(201, {"id": secrets.token_urlsafe(12), "name": item.get("name")})
+        if method == "POST" and rest == ["attachments", "createUploadSession"]:
+            item = dict(json.loads(body).get("AttachmentItem") or {})
+            size = int(item.get("size", 0))
+            session = secrets.token_urlsafe(18)
+            with self._lock:
+                self._uploads[session] = _Upload(draft_id, item, size)
+            return _Reply(201, {"uploadUrl": f"{base}/upload/{session}",
+                                "expirationDateTime": "2099-01-01T00:00:00Z",
+                                "nextExpectedRanges": ["0-"]})
+        return _graph_error(400, "BadRequest", f"Unsupported request {method} "
+                            f"messages/{'/'.join(rest)}")
+
+    def _upload(self, session: str, headers: Mapping[str, str], body: bytes) -> _Reply:
+        with self._lock:
+            upload = self._uploads.get(session)
+        if upload is None:
+            return _graph_error(404, "ItemNotFound", "Upload session not found or expired.")
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("content-range", ""))
+        if match is None:
+            return _graph_error(400, "InvalidContentRange", "Content-Range is missing.")
+        start, end, total = (int(g) for g in match.groups())
+        if start != len(upload.received) or end - start + 1 != len(body) \
+                or total != upload.size:
+            return _graph_error(416, "InvalidRange", f"Expected range {len(upload.received)}- "
+                                f"of {upload.size}, got {start}-{end}/{total}.")
+        upload.received += body
+        if len(upload.received) < upload.size:
+            return _Reply(200, {"expirationDateTime": "2099-01-01T00:00:00Z",
+                                "nextExpectedRanges": [f"{len(upload.received)}-"]})
+        with self._lock:
+            self._uploads.pop(session, None)
+            draft = self._drafts.get(upload.draft_id)
+            if draft is not None:
+                draft.attachments.append((upload.item, bytes(upload.received)))
+        return _Reply(201)
+
+    def _record(self, mime: bytes, mailbox: str, client_id: str, route: str,
+                attachments: tuple[tuple[str, int], ...]) -> None:
+        head = BytesParser(policy=email.policy.compat32).parsebytes(mime, headersonly=True)
+        rcpts = tuple(addr for _, addr in email.utils.getaddresses(
+            [str(v) for name in ("to", "cc", "bcc") for v in head.get_all(name, [])]) if addr)
+        sender = email.utils.parseaddr(str(head.get("from", "")))[1]
+        path = None
+        with self._lock:
+            if self.mail_dir is not None:
+                self.mail_dir.mkdir(parents=True, exist_ok=True)
+                path = self.mail_dir / f"graph-{len(self.messages) + 1:06d}.eml"
+                path.write_bytes(mime)
+            self.messages.append(GraphMessage(sender, rcpts, mime, mailbox, client_id, route,
+                                              attachments, path))
+
+
+def _rebuild(draft: _Draft) -> bytes:
+    """The MIME Exchange would build from a JSON draft: enough to check what the relay sent."""
+    data = draft.json
+    msg = EmailMessage()
+
+    def addresses(key: str) -> str:
+        return ", ".join(email.utils.formataddr((r["emailAddress"].get("name", ""),
+                                                 r["emailAddress"]["address"]))
+                         for r in data.get(key) or [])
+
+    sender = data.get("from", {}).get("emailAddress", {}).get("address") or draft.mailbox
+    msg["From"] = sender
+    for header, key in (("To", "toRecipients"), ("Cc", "ccRecipients"),
+                        ("Bcc", "bccRecipients"), ("Reply-To", "replyTo")):
+        if data.get(key):
+            msg[header] = addresses(key)
+    msg["Subject"] = data.get("subject", "")
+    if data.get("internetMessageId"):
+        msg["Message-ID"] = data["internetMessageId"]
+    for header in data.get("internetMessageHeaders") or []:
+        msg[header["name"]] = header["value"]
+    body = data.get("body") or {}
+    subtype = "html" if str(body.get("contentType", "")).lower() == "html" else "plain"
+    msg.set_content(str(body.get("content", "")), subtype=subtype)
+    for item, content in draft.attachments:
+        maintype, _, subtype = str(item.get("contentType") or
+                                   "application/octet-stream").partition("/")
+        msg.add_attachment(content, maintype=maintype, subtype=subtype or "octet-stream",
+                           filename=str(item.get("name", "attachment")))
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+class _GraphServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], graph: FakeGraph, tls: ssl.SSLContext) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.graph = graph
+        self.tls = tls
+        super().__init__(address, _GraphHandler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(30)
+        try:
+            conn = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake with %s failed: %s", client_address, exc)
+            return
+        self.graph.connection_opened()
+        try:
+            _GraphHandler(conn, client_address, self)
+        finally:
+            conn.close()
+
+
+class _GraphHandler(BaseHTTPRequestHandler):
+    server: _GraphServer
+    protocol_version = "HTTP/1.1"  # keep-alive, as Graph: the relay reuses its connection
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_GET
+
+    def _dispatch(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > _MAX_BODY:
+            self.close_connection = True
+            self._send(_graph_error(413, "RequestEntityTooLarge", "The request is too large."))
+            return
+        body = self.rfile.read(length)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        base = f"https://localhost:{self.server.server_address[1]}"
+        try:
+            reply = self.server.graph.handle(self.command, self.path, headers, body, base)
+        except Exception:  # a bug in the fake must still answer
+            log.exception("sandbox Graph failed on %s %s", self.command, self.path)
+            reply = _graph_error(500, "generalException", "sandbox error")
+        self._send(reply)
+
+    def _send(self, reply: _Reply) -> None:
+        payload = b"" if reply.body is None else json.dumps(reply.body).encode("utf-8")
+        self.send_response(reply.status)
+        if reply.body is not None:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("request-id", secrets.token_hex(8))
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)

@@ -1,0 +1,77 @@
+"""Encrypted, owner-only files holding one account's msal token cache each.
+
+The cache holds a refresh token that can send mail as the person for up to 90 days, so it
+never goes into the YAML config, is Fernet-encrypted (AES-128-CBC + HMAC-SHA256) with a key
+from the environment or a key file, and is replaced atomically (write, fsync, rename) so a
+crash mid-write leaves the old sign-in intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def new_key() -> str:
+    return Fernet.generate_key().decode("ascii")
+
+
+class TokenStoreError(ValueError):
+    """The store cannot be read or written; the message says what to do."""
+
+
+class TokenStore:
+    def __init__(self, directory: Path, key: str) -> None:
+        self.directory = directory
+        try:
+            self._fernet = Fernet(key.strip().encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise TokenStoreError(
+                "token_store.key is not a Fernet key (32 bytes, url-safe base64); create one "
+                "with `m365relay login --new-key`") from None
+
+    def path(self, account: str) -> Path:
+        return self.directory / f"{_SAFE.sub('_', account)}.token"
+
+    def mtime(self, account: str) -> int | None:
+        try:
+            return self.path(account).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def load(self, account: str) -> str | None:
+        try:
+            blob = self.path(account).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return self._fernet.decrypt(blob).decode("utf-8")
+        except InvalidToken:
+            raise TokenStoreError(
+                f"{self.path(account)} does not decrypt with token_store.key (the key changed?); "
+                f"run `m365relay login {account}` again") from None
+
+    def save(self, account: str, text: str) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = self.path(account)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(self._fernet.encrypt(text.encode("utf-8")))
+                out.flush()
+                os.fsync(out.fileno())
+            Path(tmp).replace(target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
