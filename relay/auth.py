@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -12,7 +13,11 @@ from relay.config import Account, Config
 _hasher = PasswordHasher()
 # Verifying against this when the username is unknown keeps the timing of a wrong username
 # the same as a wrong password, so usernames cannot be probed.
-_DUMMY_HASH = _hasher.hash("m365relay-dummy-password")
+# Hashed on first use, not at import: argon2 allocates 64 MiB, which start-up and every CLI
+# command would otherwise pay for.
+@functools.cache
+def _dummy_hash() -> str:
+    return _hasher.hash("m365relay-dummy-password")
 
 
 def hash_password(password: str) -> str:
@@ -34,6 +39,6 @@ async def authenticate(config: Config, username: bytes, password: bytes) -> Acco
     except UnicodeDecodeError:
         name = ""
     account = config.account_for_user(name) if name else None
-    password_hash = account.password_hash if account and account.password_hash else _DUMMY_HASH
+    password_hash = account.password_hash if account and account.password_hash else _dummy_hash()
     ok = await asyncio.to_thread(_verify, password_hash, password)
     return account if ok and account is not None else None

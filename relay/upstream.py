@@ -22,7 +22,25 @@ from relay.tokens import TokenProvider
 log = logging.getLogger("m365relay.upstream")
 
 
+_contexts: dict[tuple[str, int], ssl.SSLContext] = {}
+
+
 def tls_context(app: App) -> ssl.SSLContext:
+    """One verifying client context per trust setting, shared by all connections: loading the
+    system trust store takes tens of milliseconds on the event loop."""
+    key = ("", 0)
+    if app.ca_file is not None:
+        try:
+            key = (str(app.ca_file), app.ca_file.stat().st_mtime_ns)  # a replaced file reloads
+        except OSError:
+            key = (str(app.ca_file), -1)
+    context = _contexts.get(key)
+    if context is None:
+        context = _contexts[key] = _new_tls_context(app)
+    return context
+
+
+def _new_tls_context(app: App) -> ssl.SSLContext:
     context = ssl.create_default_context()
     # Exchange Online refuses TLS < 1.2 (421 4.7.66); failing here is clearer.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
