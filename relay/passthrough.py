@@ -69,9 +69,23 @@ class Passthrough:
                 return (f"451 4.3.5 App {env.app} is not configured (apps.{env.app}); "
                         "try again after the configuration is fixed")
             rcpts = list(env.rcpt_tos)
+            # Passthrough counts against the same per-mailbox pace as spooled delivery, so a
+            # burst from an application cannot trip Exchange's throttling either.
+            key = (env.app, env.mailbox.lower())
+            pacer = self.delivery.pacer
+            try:
+                admitted = await asyncio.wait_for(pacer.admit(key), self.slot_timeout)
+            except TimeoutError:
+                await conn.close()
+                return (f"451 4.7.0 Mailbox {env.mailbox} is at its sending pace "
+                        "(delivery.pacing.messages_per_minute); try again shortly")
+            if not admitted:
+                await conn.close()
+                return "451 4.3.2 Service shutting down, try again later"
             try:
                 refused, reply = await conn.send(env.mail_from, rcpts, data)
             except DeliveryError as exc:
+                pacer.throttled(key, exc)
                 log.warning("%s: passthrough from=<%s> for %s failed: %s", client,
                             env.original_from, env.mailbox, exc.describe())
                 return client_reply(exc)
@@ -79,8 +93,10 @@ class Passthrough:
                 log.exception("%s: passthrough failed unexpectedly", client)
                 return f"451 4.3.0 Local error while sending upstream ({type(exc).__name__})"
             finally:
+                pacer.done(key)
                 await conn.close()
         accepted = [r for r in rcpts if r not in refused]
+        pacer.sent(env.mailbox, len(accepted))
         self.delivery.counters.delivered += len(accepted)
         for rcpt in accepted:
             log.info("passthrough: client=%s, to=<%s>, app=%s, status=sent (%s)", client,

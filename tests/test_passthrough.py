@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import Any
 
 from conftest import PASSWORD, RelayFactory, message, send, wait_until
@@ -107,3 +108,20 @@ async def test_passthrough_shares_the_mailbox_connection_limit(relays: RelayFact
     assert code == 250 and b"delivered" in text
     assert len(sandbox.exchange.messages) == 2
     assert sandbox.exchange.peak_open_connections == 1
+
+
+async def test_passthrough_keeps_the_mailbox_pace(relays: RelayFactory,
+                                                  sandbox: Sandbox) -> None:
+    data = passthrough(relays.config())
+    data["delivery"]["pacing"] = {"messages_per_minute": 600}  # one start every 0.1 s
+    relay = await relays.start(data)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # Four blocking clients at once: the default thread pool (6 threads on 2 cores) must keep
+    # room for the relay's own worker-thread calls (token, spool), which share it here.
+    results = await asyncio.gather(*(send_async(relay) for _ in range(4)))
+    elapsed = loop.time() - started
+    assert [code for code, _ in results] == [250] * 4
+    assert elapsed >= 0.28  # four starts need at least three intervals of 0.1 s
+    # Recipients sent in passthrough count toward the mailbox's 24-hour total too.
+    assert relay.delivery.pacer.ledger.total("printers@contoso.example", time.time()) == 4
