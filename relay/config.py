@@ -191,10 +191,30 @@ class _Record(BaseModel):
                               populate_by_name=True)
 
 
+class _Bindable(_Record):
+    """A record with a ``bind: HOST:PORT`` (listeners, the HTTP endpoint)."""
+
+    bind: str
+
+    @property
+    def host(self) -> str:
+        return _split_bind(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_bind(self.bind)[1]
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, value: str) -> str:
+        _split_bind(value)
+        return value
+
+
 # --- sections ------------------------------------------------------------------------------
 
 
-class Listener(_Record):
+class Listener(_Bindable):
     name: str
     bind: str = "127.0.0.1:2525"
     tls: Literal["none", "starttls", "implicit"] = "none"
@@ -227,20 +247,6 @@ class Listener(_Record):
     max_errors: int = Field(20, ge=1)
     # Per account `delivery` wins; see README "Delivery modes".
     delivery: Literal["spool", "passthrough"] = "spool"
-
-    @property
-    def host(self) -> str:
-        return _split_bind(self.bind)[0]
-
-    @property
-    def port(self) -> int:
-        return _split_bind(self.bind)[1]
-
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, value: str) -> str:
-        _split_bind(value)
-        return value
 
     @model_validator(mode="after")
     def _tls_needs_files(self) -> Listener:
@@ -475,25 +481,11 @@ class DeliverySettings(_Record):
     pacing: PacingSettings = PacingSettings()
 
 
-class HttpSettings(_Record):
+class HttpSettings(_Bindable):
     # Off unless the section is present; loopback by default because the status page lists
     # recipients and errors (never secrets).
     bind: str = "127.0.0.1:9925"
     networks: Networks = LOOPBACK
-
-    @property
-    def host(self) -> str:
-        return _split_bind(self.bind)[0]
-
-    @property
-    def port(self) -> int:
-        return _split_bind(self.bind)[1]
-
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, value: str) -> str:
-        _split_bind(value)
-        return value
 
 
 class AuthLimits(_Record):
