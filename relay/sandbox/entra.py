@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import secrets
-import socket
 import ssl
 import threading
 import time
@@ -22,7 +21,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -43,6 +42,7 @@ from relay.sandbox.delegated import (
     DelegatedGrants,
 )
 from relay.sandbox.federated import verify_federated_assertion
+from relay.sandbox.https import TLSHTTPServer
 from relay.sandbox.tokens import (
     CLOCK_SKEW,
     JWT_BEARER,
@@ -186,15 +186,7 @@ class FakeEntra:
         elif claims.get("aud") not in (AUDIENCE, AUDIENCE_APP_ID):
             raise TokenError(f"token audience {claims.get('aud')!r} is not {AUDIENCE!r}; "
                              f"request scope {SCOPE!r}")
-        app = self._by_id.get((str(claims.get("tid")).casefold(),
-                               str(claims.get("appid")).casefold()))
-        if app is None:
-            raise TokenError(f"app {claims.get('appid')} has no service principal in tenant "
-                             f"{claims.get('tid')}")
-        with self._lock:
-            revoked = claims.get("uti") in self._revoked
-        if revoked:
-            raise TokenError("token was revoked")
+        app = self._principal(claims)
         if delegated:
             if SEND_SCOPE not in str(claims.get("scp", "")).split():
                 raise TokenError(f"token has no {SEND_SCOPE} scope (add the delegated "
@@ -206,15 +198,9 @@ class FakeEntra:
                              "permission and admin consent)")
         return claims, app
 
-    def check_graph_token(self, token: str) -> tuple[dict[str, Any], SandboxApp]:
-        """Claims and app of an app-only token Microsoft Graph accepts for sendMail."""
-        claims = verify_hs256(token, self._key)
-        exp = claims.get("exp")
-        if not isinstance(exp, int) or exp <= time.time():
-            raise TokenError(f"token expired at {_iso(exp)}")
-        if claims.get("aud") != GRAPH_AUDIENCE:
-            raise TokenError(f"token audience {claims.get('aud')!r} is not {GRAPH_AUDIENCE!r}; "
-                             f"request scope {GRAPH_SCOPE!r}")
+    def _principal(self, claims: dict[str, Any]) -> SandboxApp:
+        """The app a token was issued to, if it still has a service principal and the token
+        was not revoked; TokenError says why not."""
         app = self._by_id.get((str(claims.get("tid")).casefold(),
                                str(claims.get("appid")).casefold()))
         if app is None:
@@ -224,6 +210,18 @@ class FakeEntra:
             revoked = claims.get("uti") in self._revoked
         if revoked:
             raise TokenError("token was revoked")
+        return app
+
+    def check_graph_token(self, token: str) -> tuple[dict[str, Any], SandboxApp]:
+        """Claims and app of an app-only token Microsoft Graph accepts for sendMail."""
+        claims = verify_hs256(token, self._key)
+        exp = claims.get("exp")
+        if not isinstance(exp, int) or exp <= time.time():
+            raise TokenError(f"token expired at {_iso(exp)}")
+        if claims.get("aud") != GRAPH_AUDIENCE:
+            raise TokenError(f"token audience {claims.get('aud')!r} is not {GRAPH_AUDIENCE!r}; "
+                             f"request scope {GRAPH_SCOPE!r}")
+        app = self._principal(claims)
         return claims, app
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -502,28 +500,10 @@ def _error(status: int, error: str, code: int, description: str,
     }, {"x-ms-request-id": trace})
 
 
-class _EntraServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _EntraServer(TLSHTTPServer):
     def __init__(self, address: tuple[str, int], entra: FakeEntra, tls: ssl.SSLContext) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.entra = entra
-        self.tls = tls
-        super().__init__(address, _EntraRequestHandler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # The TLS handshake runs here, in the per-request thread, so one slow or broken
-        # client cannot stall the accept loop.
-        request.settimeout(10)
-        try:
-            conn = self.tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("TLS handshake with %s failed: %s", client_address, exc)
-            return
-        try:
-            _EntraRequestHandler(conn, client_address, self)
-        finally:
-            conn.close()
+        super().__init__(address, _EntraRequestHandler, tls)
 
 
 class _EntraRequestHandler(BaseHTTPRequestHandler):

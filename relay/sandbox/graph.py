@@ -18,7 +18,6 @@ import json
 import logging
 import re
 import secrets
-import socket
 import ssl
 import threading
 import time
@@ -27,13 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from relay.sandbox.apps import GRAPH_SEND_ROLE
 from relay.sandbox.entra import FakeEntra
+from relay.sandbox.https import TLSHTTPServer
 from relay.sandbox.tokens import TokenError
 
 log = logging.getLogger("m365relay.sandbox.graph")
@@ -382,27 +382,15 @@ def _rebuild(draft: _Draft) -> bytes:
     return msg.as_bytes(policy=email.policy.SMTP)
 
 
-class _GraphServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _GraphServer(TLSHTTPServer):
+    handshake_timeout = 30.0
 
     def __init__(self, address: tuple[str, int], graph: FakeGraph, tls: ssl.SSLContext) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.graph = graph
-        self.tls = tls
-        super().__init__(address, _GraphHandler)
+        super().__init__(address, _GraphHandler, tls)
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(30)
-        try:
-            conn = self.tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("TLS handshake with %s failed: %s", client_address, exc)
-            return
+    def connection_opened(self) -> None:
         self.graph.connection_opened()
-        try:
-            _GraphHandler(conn, client_address, self)
-        finally:
-            conn.close()
 
 
 class _GraphHandler(BaseHTTPRequestHandler):
