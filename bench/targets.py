@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
@@ -139,20 +140,26 @@ async def _spawn(name: str, command: list[str], *, log: Path, cwd: Path, env: di
     return server
 
 
+def _field_names(record: type) -> set[str]:
+    """A config record's keys: a dataclass now, a pydantic model in relays before issue 6."""
+    fields = getattr(record, "model_fields", None)
+    return set(fields) if fields is not None else {f.name for f in dataclasses.fields(record)}
+
+
 def relay_config(fakes: dict[str, Any], port: int, run_dir: Path, mailboxes: int
                  ) -> dict[str, Any]:
     listener: dict[str, Any] = {"name": "bench", "bind": f"127.0.0.1:{port}", "tls": "none",
                                 "networks": ["127.0.0.0/8"]}
     # The idle scenario measures memory per connection, so the connection limits (defaults 100
     # and 20 per address) must not refuse its 1,000 clients; set only if this relay has them.
-    fields = Listener.model_fields
+    fields = _field_names(Listener)
     listener.update({key: 5000 for key in ("max_connections", "max_connections_per_ip")
                      if key in fields})
     # Retries in the fault scenario should come within the run, not after 5 minutes.
     delivery: dict[str, Any] = {"min_backoff": 0.2, "max_backoff": 2, "idle_timeout": 30}
     # Pacing keeps to Exchange's 30 messages a minute per mailbox; the fakes have no limit and
     # the benchmark measures the relay's own cost (issue 6), so it is off.
-    if "pacing" in DeliverySettings.model_fields:
+    if "pacing" in _field_names(DeliverySettings):
         delivery["pacing"] = {"messages_per_minute": 0}
     return {
         "hostname": "bench-relay.example",

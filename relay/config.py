@@ -7,7 +7,6 @@ Only the CLI turns a :class:`ConfigError` into an exit code.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -15,23 +14,32 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
 
 from relay import clouds, identity
 from relay.clouds import CloudName
+from relay.configcheck import (
+    Check,
+    Failed,
+    Record,
+    Run,
+    boolean,
+    choice,
+    integer,
+    items,
+    mapping,
+    nested,
+    number,
+    optional,
+    plain,
+    record,
+    spec,
+    text,
+    then,
+    validate,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK: tuple[IPNetwork, ...] = (
@@ -82,20 +90,19 @@ class Secret:
     __str__ = __repr__
 
 
-def _base_dir(info: ValidationInfo) -> Path:
-    ctx = info.context or {}
-    return Path(ctx.get("base_dir", "."))
+def _base_dir(run: Run) -> Path:
+    return Path(run.context.get("base_dir", "."))
 
 
-def _resolve_path(value: Any, info: ValidationInfo) -> Path:
+def _resolve_path(value: Any, run: Run) -> Path:
     if not isinstance(value, str | Path) or not str(value):
         raise ValueError("expected a file path")
     path = Path(str(value)).expanduser()
     # Relative paths are relative to the config file, so a config works from any cwd.
-    return path if path.is_absolute() else _base_dir(info) / path
+    return path if path.is_absolute() else _base_dir(run) / path
 
 
-def _secret(value: Any, info: ValidationInfo) -> Secret:
+def _secret(value: Any, run: Run) -> Secret:
     if isinstance(value, Secret):
         return value
     if isinstance(value, str):
@@ -111,7 +118,7 @@ def _secret(value: Any, info: ValidationInfo) -> Secret:
                                  "in the service's environment (e.g. systemd EnvironmentFile=)")
             return Secret(found, f"env:{ref}")
         if kind == "file" and isinstance(ref, str):
-            path = _resolve_path(ref, info)
+            path = _resolve_path(ref, run)
             try:
                 text = path.read_text(encoding="utf-8")
             except OSError as exc:
@@ -125,7 +132,7 @@ def _secret(value: Any, info: ValidationInfo) -> Secret:
     raise ValueError("expected a string, {env: VARIABLE} or {file: PATH}")
 
 
-def _readable(path: Path) -> Path:
+def _readable(path: Path, run: Run) -> Path:
     if not os.access(path, os.R_OK):
         raise ValueError(f"cannot read {path}; check the path and its permissions")
     return path
@@ -159,7 +166,7 @@ def _size(value: Any) -> int:
 def _networks(value: Any) -> tuple[IPNetwork, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
-        # pydantic reports ValueError (not TypeError) with the key path.
+        # Reported with the key path like every other problem, so a ValueError.
         raise ValueError("expected a list of networks such as [192.168.1.0/24, 10.0.0.5]")  # noqa: TRY004
     out = []
     for item in items:
@@ -176,24 +183,92 @@ def _email(value: Any) -> str:
     return value
 
 
-SecretValue = Annotated[Secret, BeforeValidator(_secret)]
-FilePath = Annotated[Path, BeforeValidator(_resolve_path)]
-ReadableFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_readable)]
-Duration = Annotated[float, BeforeValidator(_duration)]
-Size = Annotated[int, BeforeValidator(_size)]
-Networks = Annotated[tuple[IPNetwork, ...], BeforeValidator(_networks)]
-Email = Annotated[str, BeforeValidator(_email)]
-Patterns = Annotated[tuple[str, ...], BeforeValidator(identity.check_patterns)]
+def _split_bind(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:587 or [::]:25)")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":587" means all interfaces, as in Postfix
+    return host, int(port)
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True,
-                              populate_by_name=True)
+def _bind(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    _split_bind(value)
+    return value
 
 
-class _Bindable(_Record):
+def _pfx_path(value: Any, run: Run) -> Path:
+    if isinstance(value, Mapping) and set(value) == {"file"}:
+        value = value["file"]
+    return _resolve_path(value, run)
+
+
+def _https(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    if not value.startswith("https://"):
+        raise ValueError("must be an https:// URL; token requests are never sent in clear")
+    return value.rstrip("/")
+
+
+def _graph_https(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    if not value.startswith("https://"):
+        raise ValueError("must be an https:// URL such as https://graph.microsoft.com "
+                         "(GCC High: https://graph.microsoft.us)")
+    return value.rstrip("/")
+
+
+def _guid(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a GUID; copy the Application (client) ID from the "
+                         "app registration's Overview page in the Entra admin center") from None
+    return value
+
+
+def _known_app(raw: Any, run: Run) -> str:
+    value, apps = text(raw, run), run.context.get("apps")
+    if apps is not None and value not in apps:
+        known = ", ".join(sorted(apps)) or "none defined"
+        raise ValueError(f"no app named {value!r} under `apps` (known: {known})")
+    return value
+
+
+def _argon2(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    if not value.startswith("$argon2"):
+        raise ValueError("not an argon2 hash; create one with `m365relay hash-password`")
+    return value
+
+
+def _not_inline(value: Any, run: Run) -> Secret:
+    secret = _secret(value, run)
+    if secret.source == "inline":
+        raise ValueError("must be {env: VARIABLE} or {file: PATH}, never inline: the key "
+                         "decrypts every stored sign-in")
+    return secret
+
+
+SecretValue: Check = _secret
+FilePath: Check = _resolve_path
+ReadableFile: Check = then(_resolve_path, _readable)
+PfxFile: Check = then(_pfx_path, _readable)
+Duration: Check = plain(_duration)
+Networks: Check = plain(_networks)
+Email: Check = plain(_email)
+Patterns: Check = plain(identity.check_patterns)
+
+
+def Size(ge: int | None = None) -> Check:  # named as a type, like the checks above
+    return then(plain(_size), integer(ge))
+
+
+class _Bindable(Record):
     """A record with a ``bind: HOST:PORT`` (listeners, the HTTP endpoint)."""
 
+    __slots__ = ()
     bind: str
 
     @property
@@ -204,102 +279,81 @@ class _Bindable(_Record):
     def port(self) -> int:
         return _split_bind(self.bind)[1]
 
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, value: str) -> str:
-        _split_bind(value)
-        return value
-
 
 # --- sections ------------------------------------------------------------------------------
+# Each field: its type, then spec(check, default=...). No default: the key is required.
 
 
+@record
 class Listener(_Bindable):
-    name: str
-    bind: str = "127.0.0.1:2525"
-    tls: Literal["none", "starttls", "implicit"] = "none"
-    certificate: ReadableFile | None = None
-    private_key: ReadableFile | None = None
-    networks: Networks = LOOPBACK
-    cleartext_auth_networks: Networks = ()
-    require_tls: bool = False
-    hostname: str | None = None
-    max_message_size: Size = 35 * 1024 * 1024
-    max_recipients: int = Field(500, ge=1, le=10000)
+    bind: str = spec(_bind, default="127.0.0.1:2525")
+    name: str = spec(text)
+    tls: Literal["none", "starttls", "implicit"] = spec(
+        choice("none", "starttls", "implicit"), default="none")
+    certificate: Path | None = spec(optional(ReadableFile), default=None)
+    private_key: Path | None = spec(optional(ReadableFile), default=None)
+    networks: tuple[IPNetwork, ...] = spec(Networks, default=LOOPBACK)
+    cleartext_auth_networks: tuple[IPNetwork, ...] = spec(Networks, default=())
+    require_tls: bool = spec(boolean, default=False)
+    hostname: str | None = spec(optional(text), default=None)
+    max_message_size: int = spec(Size(), default=35 * 1024 * 1024)
+    max_recipients: int = spec(integer(ge=1, le=10000), default=500)
     # Legacy senders emit long lines; RFC 5321 allows 1000 but Postfix accepts far more.
-    max_line_length: Size = Field(64 * 1024, ge=1000)
-    idle_timeout: Duration = 300.0
+    max_line_length: int = spec(Size(ge=1000), default=64 * 1024)
+    idle_timeout: float = spec(Duration, default=300.0)
     # Bare CR/LF are how SMTP smuggling splits messages; normalize is Postfix 3.9's default.
-    bare_line_endings: Literal["normalize", "reject"] = "normalize"
+    bare_line_endings: Literal["normalize", "reject"] = spec(
+        choice("normalize", "reject"), default="normalize")
     # Postfix: default_process_limit 100, smtpd_client_connection_count_limit 50. A LAN relay
     # sees one or two connections per device.
-    max_connections: int = Field(100, ge=1, le=100_000)
-    max_connections_per_ip: int = Field(20, ge=1, le=100_000)
+    max_connections: int = spec(integer(ge=1, le=100_000), default=100)
+    max_connections_per_ip: int = spec(integer(ge=1, le=100_000), default=20)
     # What Postfix's smtpd_timeout drops to under stress: at a connection limit, sessions idle
     # this long (outside a mail transaction) give their slot to the newcomer.
-    stress_idle_timeout: Duration = 10.0
-    session_timeout: Duration = 3600.0
+    stress_idle_timeout: float = spec(Duration, default=10.0)
+    session_timeout: float = spec(Duration, default=3600.0)
     # A slow scan over weak Wi-Fi needs minutes; a slowloris is cut by the total.
-    data_idle_timeout: Duration = 300.0
-    data_timeout: Duration = 1800.0
+    data_idle_timeout: float = spec(Duration, default=300.0)
+    data_timeout: float = spec(Duration, default=1800.0)
     # Postfix smtpd_junk_command_limit and smtpd_hard_error_limit; both reset after a message.
-    max_junk_commands: int = Field(100, ge=1)
-    max_errors: int = Field(20, ge=1)
+    max_junk_commands: int = spec(integer(ge=1), default=100)
+    max_errors: int = spec(integer(ge=1), default=20)
     # Per account `delivery` wins; see README "Delivery modes".
-    delivery: Literal["spool", "passthrough"] = "spool"
+    delivery: Literal["spool", "passthrough"] = spec(choice("spool", "passthrough"),
+                                                     default="spool")
 
-    @model_validator(mode="after")
-    def _tls_needs_files(self) -> Listener:
+    def _check(self) -> None:
         if self.tls != "none" and (self.certificate is None or self.private_key is None):
             raise ValueError(f"tls: {self.tls} needs both `certificate` and `private_key` "
                              "(PEM files, e.g. from your CA or Let's Encrypt)")
         if self.require_tls and self.tls != "starttls":
             raise ValueError("require_tls only makes sense with tls: starttls")
-        return self
 
 
-def _split_bind(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:587 or [::]:25)")
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":587" means all interfaces, as in Postfix
-    return host, int(port)
-
-
-def _pfx_path(value: Any, info: ValidationInfo) -> Path:
-    if isinstance(value, Mapping) and set(value) == {"file"}:
-        value = value["file"]
-    return _resolve_path(value, info)
-
-
-PfxFile = Annotated[Path, BeforeValidator(_pfx_path), AfterValidator(_readable)]
-
-
-class CertificateCredential(_Record):
-    private_key: SecretValue | None = None
-    certificate: SecretValue | None = None
+@record
+class CertificateCredential(Record):
+    private_key: Secret | None = spec(optional(SecretValue), default=None)
+    certificate: Secret | None = spec(optional(SecretValue), default=None)
     # PKCS#12 holding both key and certificate, as Windows and Key Vault export them.
-    pfx: PfxFile | None = None
-    passphrase: SecretValue | None = None
+    pfx: Path | None = spec(optional(PfxFile), default=None)
+    passphrase: Secret | None = spec(optional(SecretValue), default=None)
 
-    @model_validator(mode="after")
-    def _one_form(self) -> CertificateCredential:
+    def _check(self) -> None:
         pem = self.private_key is not None or self.certificate is not None
         if pem == (self.pfx is not None):
             raise ValueError("set either `pfx` (a .pfx/.p12 file) or both `private_key` and "
                              "`certificate` (PEM)")
         if pem and (self.private_key is None or self.certificate is None):
             raise ValueError("`private_key` and `certificate` go together")
-        return self
 
 
-class ClientAssertion(_Record):
+@record
+class ClientAssertion(Record):
     # Not checked at load: the issuer (kubelet, CI runner) may write it after the relay starts.
-    file: FilePath
+    file: Path = spec(FilePath)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _path_from_env(cls, data: Any) -> Any:
+    @staticmethod
+    def _prepare(data: Any) -> Any:
         # {env: AZURE_FEDERATED_TOKEN_FILE}: the path Azure Workload Identity's webhook injects.
         if isinstance(data, Mapping) and set(data) == {"env"} and isinstance(data["env"], str):
             path = os.environ.get(data["env"])
@@ -311,87 +365,55 @@ class ClientAssertion(_Record):
         return data
 
 
-class App(_Record):
-    tenant: str
-    client_id: str
-    client_secret: SecretValue | None = None
-    certificate: CertificateCredential | None = None
-    client_assertion: ClientAssertion | None = None
-    cloud: CloudName = "global"
-    hve: bool = False
-    authority: str | None = None
-    # Defaults for these three come from `cloud` and `hve` (relay/clouds.py).
-    smtp_host: str = "smtp.office365.com"
-    smtp_port: int = Field(587, ge=1, le=65535)
-    ca_file: ReadableFile | None = None
-    scope: str = EXCHANGE_SCOPE
-
-    @model_validator(mode="before")
-    @classmethod
-    def _cloud_defaults(cls, data: Any) -> Any:
-        return clouds.fill_defaults(data)
+@record
+class App(Record):
+    tenant: str = spec(text)
+    client_id: str = spec(_guid)
+    client_secret: Secret | None = spec(optional(SecretValue), default=None)
+    certificate: CertificateCredential | None = spec(optional(nested(CertificateCredential)),
+                                                     default=None)
+    client_assertion: ClientAssertion | None = spec(optional(nested(ClientAssertion)), default=None)
+    cloud: CloudName = spec(choice("global", "usgov", "usgov-dod", "china"), default="global")
+    hve: bool = spec(boolean, default=False)
+    authority: str | None = spec(optional(_https), default=None)
+    # Defaults for these three come from `cloud` and `hve` (relay/clouds.py), see _prepare.
+    smtp_host: str = spec(text, default="smtp.office365.com")
+    smtp_port: int = spec(integer(ge=1, le=65535), default=587)
+    ca_file: Path | None = spec(optional(ReadableFile), default=None)
+    scope: str = spec(text, default=EXCHANGE_SCOPE)
     # Graph sendMail instead of SMTP AUTH (relay/graph.py), for tenants with SMTP AUTH off.
-    transport: Literal["smtp", "graph"] = "smtp"
-    graph_endpoint: str = GRAPH_ENDPOINT
+    transport: Literal["smtp", "graph"] = spec(choice("smtp", "graph"), default="smtp")
+    graph_endpoint: str = spec(_graph_https, default=GRAPH_ENDPOINT)
     # Graph refuses requests over about 4 MB (413); larger mail goes draft + upload session.
-    graph_request_limit: Size = Field(4 * 1024 * 1024, ge=64 * 1024)
+    graph_request_limit: int = spec(Size(ge=64 * 1024), default=4 * 1024 * 1024)
     # "delegated": a person signs in once (`m365relay login`), relay/delegated.py.
-    flow: Literal["client_credentials", "delegated"] = "client_credentials"
+    flow: Literal["client_credentials", "delegated"] = spec(
+        choice("client_credentials", "delegated"), default="client_credentials")
 
-    @field_validator("client_id")
-    @classmethod
-    def _guid(cls, value: str) -> str:
-        try:
-            uuid.UUID(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a GUID; copy the Application (client) ID from the "
-                             "app registration's Overview page in the Entra admin center") from None
-        return value
-
-    @field_validator("authority")
-    @classmethod
-    def _https(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("https://"):
-            raise ValueError("must be an https:// URL; token requests are never sent in clear")
-        return value.rstrip("/") if value else value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _graph_scope(cls, data: Any) -> Any:
-        # The token's audience must match the transport; an explicit `scope` still wins.
-        if not isinstance(data, Mapping) or data.get("transport") != "graph":
+    @staticmethod
+    def _prepare(data: Any) -> Any:
+        """Defaults that depend on other keys; a key the config sets always wins."""
+        if not isinstance(data, Mapping):
             return data
-        out = dict(data)
-        cloud = _GRAPH_CLOUDS.get(str(data.get("cloud", "global")), GRAPH_ENDPOINT)
-        out.setdefault("graph_endpoint", cloud)
-        endpoint = str(out["graph_endpoint"]).rstrip("/")
-        # A national cloud's Graph is its own audience; anything else (a proxy, the sandbox)
-        # stands in for the cloud's.
-        known = endpoint if endpoint in _GRAPH_CLOUDS.values() else cloud
-        out.setdefault("scope", f"{known}/.default")
-        return out
-
-    @model_validator(mode="before")
-    @classmethod
-    def _delegated_defaults(cls, data: Any) -> Any:
-        # Defined after the other "before" validators so it runs first and its defaults win.
-        if isinstance(data, Mapping) and data.get("flow") == "delegated":
+        if data.get("flow") == "delegated":
+            # First, so that these win over the cloud's defaults below.
             personal = str(data.get("tenant", "")).casefold() == "consumers"
-            return {"scope": DELEGATED_SCOPE,
+            data = {"scope": DELEGATED_SCOPE,
                     "smtp_host": CONSUMER_SMTP_HOST if personal else "smtp.office365.com",
                     **data}
-        return data
+        if data.get("transport") == "graph":
+            # The token's audience must match the transport; an explicit `scope` still wins.
+            data = dict(data)
+            cloud = _GRAPH_CLOUDS.get(str(data.get("cloud", "global")), GRAPH_ENDPOINT)
+            data.setdefault("graph_endpoint", cloud)
+            endpoint = str(data["graph_endpoint"]).rstrip("/")
+            # A national cloud's Graph is its own audience; anything else (a proxy, the
+            # sandbox) stands in for the cloud's.
+            known = endpoint if endpoint in _GRAPH_CLOUDS.values() else cloud
+            data.setdefault("scope", f"{known}/.default")
+        return clouds.fill_defaults(data)
 
-    @field_validator("graph_endpoint")
-    @classmethod
-    def _graph_https(cls, value: str) -> str:
-        if not value.startswith("https://"):
-            raise ValueError("must be an https:// URL such as https://graph.microsoft.com "
-                             "(GCC High: https://graph.microsoft.us)")
-        return value.rstrip("/")
-
-    @model_validator(mode="after")
-    def _one_credential(self) -> App:
+    def _check(self) -> None:
         given = (self.client_secret, self.certificate, self.client_assertion)
         if self.flow == "delegated":
             if self.certificate is not None or self.client_assertion is not None:
@@ -399,12 +421,11 @@ class App(_Record):
                                  "`client_secret` (a confidential one)")
             if self.transport != "smtp":
                 raise ValueError("`flow: delegated` sends over SMTP only; remove `transport`")
-            return self
+            return
         if sum(c is not None for c in given) != 1:
             raise ValueError("set exactly one of `client_secret`, `certificate` or "
                              "`client_assertion` (a certificate is what Microsoft recommends; "
                              "`client_assertion` is federated, with no secret)")
-        return self
 
     @property
     def authority_url(self) -> str:
@@ -412,38 +433,26 @@ class App(_Record):
         return self.authority or f"https://{host}/{self.tenant}"
 
 
-class Account(_Record):
-    name: str
-    app: str
-    mailbox: Email
-    username: str | None = None
-    password_hash: str | None = None
-    networks: Networks = ()
-    from_: Literal["rewrite", "enforce", "allow"] = Field("rewrite", alias="from")
+@record
+class Account(Record):
+    name: str = spec(text)
+    app: str = spec(_known_app)
+    mailbox: str = spec(Email)
+    username: str | None = spec(optional(text), default=None)
+    password_hash: str | None = spec(optional(_argon2), default=None)
+    networks: tuple[IPNetwork, ...] = spec(Networks, default=())
+    from_: Literal["rewrite", "enforce", "allow"] = spec(
+        choice("rewrite", "enforce", "allow"), default="rewrite", key="from")
     # Sending identity and recipient policy: relay/identity.py.
-    allowed_from: Patterns = ()
-    send_as: Literal["authenticate", "sendas"] = "authenticate"
-    allowed_recipients: Patterns = ()  # empty: any recipient
-    delivery: Literal["spool", "passthrough"] | None = None  # None: the listener's
+    allowed_from: tuple[str, ...] = spec(Patterns, default=())
+    send_as: Literal["authenticate", "sendas"] = spec(choice("authenticate", "sendas"),
+                                                      default="authenticate")
+    allowed_recipients: tuple[str, ...] = spec(Patterns, default=())  # empty: any recipient
+    # None: the listener's.
+    delivery: Literal["spool", "passthrough"] | None = spec(
+        optional(choice("spool", "passthrough")), default=None)
 
-    @field_validator("app")
-    @classmethod
-    def _known_app(cls, value: str, info: ValidationInfo) -> str:
-        apps = (info.context or {}).get("apps")
-        if apps is not None and value not in apps:
-            known = ", ".join(sorted(apps)) or "none defined"
-            raise ValueError(f"no app named {value!r} under `apps` (known: {known})")
-        return value
-
-    @field_validator("password_hash")
-    @classmethod
-    def _argon2(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("$argon2"):
-            raise ValueError("not an argon2 hash; create one with `m365relay hash-password`")
-        return value
-
-    @model_validator(mode="after")
-    def _identity(self) -> Account:
+    def _check(self) -> None:
         if (self.username is None) != (self.password_hash is None):
             raise ValueError("`username` and `password_hash` go together")
         if self.username is None and not self.networks:
@@ -451,149 +460,91 @@ class Account(_Record):
                              "(clients matched by address, no AUTH), or both")
         if self.from_ == "allow" and not self.allowed_from:
             raise ValueError("`from: allow` needs `allowed_from` (addresses or `*@domain`)")
-        return self
 
 
-class SpoolSettings(_Record):
-    directory: FilePath
-    min_free_space: Size = 100 * 1024 * 1024
+@record
+class SpoolSettings(Record):
+    directory: Path = spec(FilePath)
+    min_free_space: int = spec(Size(), default=100 * 1024 * 1024)
 
 
-class PacingSettings(_Record):
+@record
+class PacingSettings(Record):
     # Exchange Online: 30 messages a minute and 10,000 recipients a rolling day per mailbox.
     # 0 switches pacing (or the warning) off, e.g. for benchmarks against a fake upstream.
-    messages_per_minute: float = Field(30.0, ge=0)
-    recipients_per_day_warning: int = Field(9000, ge=0)
+    messages_per_minute: float = spec(number(ge=0), default=30.0)
+    recipients_per_day_warning: int = spec(integer(ge=0), default=9000)
 
 
-class DeliverySettings(_Record):
+@record
+class DeliverySettings(Record):
     # Postfix defaults: minimal_backoff_time 300s, maximal_backoff_time 4000s,
     # maximal_queue_lifetime 5d.
-    min_backoff: Duration = 300.0
-    max_backoff: Duration = 4000.0
-    max_age: Duration = 5 * 86400.0
+    min_backoff: float = spec(Duration, default=300.0)
+    max_backoff: float = spec(Duration, default=4000.0)
+    max_age: float = spec(Duration, default=5 * 86400.0)
     # Exchange Online allows 3 concurrent connections per mailbox, then 432 4.3.2.
-    connections_per_mailbox: int = Field(3, ge=1, le=3)
-    idle_timeout: Duration = 30.0
+    connections_per_mailbox: int = spec(integer(ge=1, le=3), default=3)
+    idle_timeout: float = spec(Duration, default=30.0)
     # Exchange rejects tokens close to expiry; refresh well before.
-    token_refresh_margin: Duration = 600.0
-    timeout: Duration = 60.0
-    pacing: PacingSettings = PacingSettings()
+    token_refresh_margin: float = spec(Duration, default=600.0)
+    timeout: float = spec(Duration, default=60.0)
+    pacing: PacingSettings = spec(nested(PacingSettings), default=PacingSettings())
 
 
+@record
 class HttpSettings(_Bindable):
     # Off unless the section is present; loopback by default because the status page lists
     # recipients and errors (never secrets).
-    bind: str = "127.0.0.1:9925"
-    networks: Networks = LOOPBACK
+    bind: str = spec(_bind, default="127.0.0.1:9925")
+    networks: tuple[IPNetwork, ...] = spec(Networks, default=LOOPBACK)
 
 
-class AuthLimits(_Record):
+@record
+class AuthLimits(Record):
     """Password guessing: shared by all listeners, so more listeners give no more guesses."""
 
-    failures_per_session: int = Field(3, ge=1, le=100)
+    failures_per_session: int = spec(integer(ge=1, le=100), default=3)
     # 0 turns the per-address or per-user lockout off.
-    failures_per_ip: int = Field(5, ge=0)
-    failures_per_user: int = Field(10, ge=0)
-    window: Duration = 600.0
-    block: Duration = 600.0
+    failures_per_ip: int = spec(integer(ge=0), default=5)
+    failures_per_user: int = spec(integer(ge=0), default=10)
+    window: float = spec(Duration, default=600.0)
+    block: float = spec(Duration, default=600.0)
 
 
-class TokenStoreSettings(_Record):
+@record
+class TokenStoreSettings(Record):
     """Where `m365relay login` keeps delegated sign-ins: one encrypted file per account."""
 
-    directory: FilePath
+    directory: Path = spec(FilePath)
     # A Fernet key (`m365relay login --new-key`), from {env: VAR} or {file: PATH} only.
-    key: SecretValue
-
-    @field_validator("key")
-    @classmethod
-    def _not_inline(cls, value: Secret) -> Secret:
-        if value.source == "inline":
-            raise ValueError("must be {env: VARIABLE} or {file: PATH}, never inline: the key "
-                             "decrypts every stored sign-in")
-        return value
+    key: Secret = spec(_not_inline)
 
 
-class Config(_Record):
-    listeners: tuple[Listener, ...] = Field(min_length=1)
-    apps: dict[str, App] = Field(min_length=1)
-    accounts: tuple[Account, ...] = Field(min_length=1)
-    spool: SpoolSettings
-    delivery: DeliverySettings = DeliverySettings()
-    http: HttpSettings | None = None
-    auth_limits: AuthLimits = AuthLimits()
-    hostname: str | None = None
-    token_store: TokenStoreSettings | None = None
+@record
+class Config(Record):
+    listeners: tuple[Listener, ...] = spec(items(nested(Listener), min_length=1))
+    apps: dict[str, App] = spec(mapping(nested(App), min_length=1))
+    accounts: tuple[Account, ...] = spec(items(nested(Account), min_length=1))
+    spool: SpoolSettings = spec(nested(SpoolSettings))
+    delivery: DeliverySettings = spec(nested(DeliverySettings), default=DeliverySettings())
+    http: HttpSettings | None = spec(optional(nested(HttpSettings)), default=None)
+    auth_limits: AuthLimits = spec(nested(AuthLimits), default=AuthLimits())
+    hostname: str | None = spec(optional(text), default=None)
+    token_store: TokenStoreSettings | None = spec(optional(nested(TokenStoreSettings)),
+                                                  default=None)
 
-    @model_validator(mode="after")
-    def _delegated_store(self) -> Config:
+    def _check(self) -> None:
         delegated = sorted(name for name, app in self.apps.items() if app.flow == "delegated")
         if delegated and self.token_store is None:
             raise ValueError(f"apps {', '.join(delegated)} use `flow: delegated`; set "
                              "`token_store` (directory + key) to keep their sign-ins")
-        return self
 
     def account_for_user(self, username: str) -> Account | None:
         return next((a for a in self.accounts if a.username == username), None)
 
 
 # --- loading -------------------------------------------------------------------------------
-
-
-def _key_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in {"function-after", "function-before"} or str(part).startswith("function-"):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _fields_of(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
-    """The valid keys at ``loc``, to suggest the intended one for a typo."""
-    current: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int) or current is None:
-            continue
-        is_model = isinstance(current, type) and issubclass(current, BaseModel)
-        field = current.model_fields.get(part) if is_model else None
-        if field is None:
-            # Mapping keys (app names) have no field; stay on the value type.
-            continue
-        current = _model_in(field.annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return [f.alias or name for name, f in current.model_fields.items()]
-    return []
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _format(error: Mapping[str, Any]) -> list[str]:
-    loc = tuple(error["loc"])
-    path = _key_path(loc) or "(top level)"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        guess = difflib.get_close_matches(str(loc[-1]), _fields_of(Config, loc), n=1)
-        hint = f" (did you mean `{guess[0]}`?)" if guess else ""
-        return [f"{path}: unknown key{hint}"]
-    if kind == "missing":
-        return [f"{path}: required key is missing"]
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if kind == "model_type":
-        return [f"{path}: expected a mapping of keys"]
-    return [f"{path}: {message}"]
 
 
 def _duplicates(data: Mapping[str, Any]) -> list[str]:
@@ -627,15 +578,11 @@ def parse(data: Any, *, source: str = "config", base_dir: Path | None = None) ->
         "apps": set(apps) if isinstance(apps, Mapping) else set(),
     }
     problems = _duplicates(data)
+    run = Run(context)
     try:
-        config = Config.model_validate(data, context=context)
-    except ValidationError as exc:
-        errors = exc.errors()
-        # A list whose items failed is also reported as "too short"; that is noise.
-        failed = {tuple(e["loc"][:1]) for e in errors if len(e["loc"]) > 1}
-        problems += [line for err in errors
-                     if not (err["type"] == "too_short" and tuple(err["loc"]) in failed)
-                     for line in _format(err)]
+        config = validate(Config, data, run)
+    except Failed:
+        raise ConfigError(source, problems + run.problems) from None
     if problems:
         raise ConfigError(source, problems)
     return config

@@ -22,7 +22,7 @@ def check_patterns(value: Any) -> tuple[str, ...]:
     """Config validator for ``allowed_from`` / ``allowed_recipients``."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
-        raise ValueError("expected a list of addresses or `*@domain` patterns")  # noqa: TRY004 - pydantic reports ValueError per key
+        raise ValueError("expected a list of addresses or `*@domain` patterns")  # noqa: TRY004 - the config reports ValueError per key
     out = []
     for item in items:
         if not isinstance(item, str) or not (_ADDRESS.match(item) or _DOMAIN.match(item)):

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
 from relay.config import SpoolSettings
+from relay.configcheck import Failed, Run, validate
 from relay.queuectl import control, view
 from relay.queuectl.ops import Outcome, QueueOps
 from relay.spool import Spool, SpoolError
@@ -155,14 +155,12 @@ def _from_config(path: Path) -> Path:
     if section is None:
         raise _Usage(f"{path} has no spool section; set spool.directory there, or give "
                      "--spool DIR", EX_CONFIG)
+    # Checked as `check-config` checks it, with the same messages ("spool.directory: ...").
+    run = Run({"base_dir": str(path.resolve().parent)}, "spool")
     try:
-        settings = SpoolSettings.model_validate(
-            section, context={"base_dir": str(path.resolve().parent)})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"spool{''.join(f'.{k}' for k in e['loc'])}: "
-            f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors())
-        raise _Usage(f"{path}: {problems}", EX_CONFIG) from None
+        settings = validate(SpoolSettings, section, run)
+    except Failed:
+        raise _Usage(f"{path}: {'; '.join(run.problems)}", EX_CONFIG) from None
     return settings.directory
 
 
