@@ -9,30 +9,52 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import importlib
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from relay import __version__, logsafe, permissions
 from relay import config as config_mod
-from relay.doctor.command import add_parser as add_doctor_parser
 from relay.events import log_fields
-from relay.login import add_parser as add_login_parser
-from relay.queuectl.cli import add_parser as add_queue_parser
 
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
 log = logging.getLogger("m365relay")
+
+# Commands whose parsers live beside their code. Their modules are imported only to run them or
+# to list every command: `login` alone imports msal, requests and cryptography (~20 MB, ~0.3 s)
+# that `serve` would carry for its whole life and wait for before listening.
+_MORE_COMMANDS = {"doctor": "relay.doctor.command", "queue": "relay.queuectl.cli",
+                  "login": "relay.login"}
 
 
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName", logsafe.MARK}
 
 
-class _JsonFormatter(logging.Formatter):
+class _TextFormatter(logging.Formatter):
+    """logging.Formatter's default time format, with the strftime done once per second (it
+    costs as much as the rest of formatting a line, and a busy relay logs many per second)."""
+
+    _cached: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached_second, stamp = self._cached
+        if second != cached_second:
+            stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._cached = (second, stamp)
+        return f"{stamp},{int(record.msecs):03d}"  # default_msec_format
+
+
+class _JsonFormatter(_TextFormatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         # Fields of maillog lines (queue_id, to, status, ...) and any `extra=`, for collectors.
@@ -58,7 +80,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         # journald stamps each line itself.
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -175,7 +197,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(args.config))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv`` (the main parser has no options that take a value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; given the ``command`` about to run, the other modules' commands are left
+    out unless it is one of them (they cost imports, and argparse only needs the one)."""
     parser = argparse.ArgumentParser(
         prog="m365relay",
         description="SMTP relay for legacy devices: plain SMTP in, Exchange Online (OAuth 2.0, "
@@ -235,14 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_log(p)
     p.set_defaults(func=cmd_demo)
 
-    add_doctor_parser(sub)
-    add_queue_parser(sub)
-    add_login_parser(sub)
+    if command is None or command not in sub.choices:
+        for module in _MORE_COMMANDS.values():
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if (getattr(args, "config_from_env", None) is False and args.config is None
             and not getattr(args, "address", None)):

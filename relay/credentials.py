@@ -12,9 +12,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs12
-
 from relay.config import App, CertificateCredential
 
 
@@ -28,6 +25,11 @@ def certificate_pems(app_name: str, cred: CertificateCredential) -> tuple[str, s
         assert cred.private_key is not None and cred.certificate is not None  # noqa: S101
         passphrase = cred.passphrase.value if cred.passphrase is not None else None
         return cred.private_key.value, cred.certificate.value, passphrase
+    # cryptography costs ~10 MB and ~80 ms to import: only PFX files need it here (msal signs
+    # with its own import when a certificate app asks for a token).
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
     pfx_key = f"`apps.{app_name}.certificate.pfx`"
     pass_key = f"`apps.{app_name}.certificate.passphrase`"
     password = cred.passphrase.value.encode() if cred.passphrase is not None else None

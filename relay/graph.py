@@ -16,17 +16,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-import requests
 
 from relay.config import App
 from relay.errors import AuthRejected, BounceError, DeferError, DeliveryError
 from relay.explain import Context, Explanation, Verdict, explain_connection_error
 from relay.graph_api import GraphClient, GraphHTTPError, with_envelope_recipients
 from relay.graph_explain import explain_graph
+from relay.spool import Body, Message, content_parts
 from relay.tokens import TokenProvider
 from relay.upstream import LaneError
+
+if TYPE_CHECKING:
+    import requests  # at run time only once a session exists: not needed to start listening
 
 log = logging.getLogger("m365relay.graph")
 
@@ -85,11 +88,19 @@ class GraphConnection:
         that read means the token was accepted (reading needs Mail.Read, not Mail.Send)."""
         await self._call(lambda client: client.check(), "", accept_denied=True)
 
-    async def send(self, mail_from: str, rcpts: list[str], data: bytes
+    async def send(self, mail_from: str, rcpts: list[str], body: Body
                    ) -> tuple[dict[str, DeliveryError], str]:
         """Send one message; Graph accepts or refuses it as a whole, so the refused dict is
         always empty and a failure raises."""
-        data, extra = with_envelope_recipients(data, rcpts)
+        # Graph takes the message base64-encoded in one request: it is whole in memory anyway.
+        if isinstance(body, Message):
+            whole = body.data if body.data is not None else await asyncio.to_thread(
+                body.read_all)
+        else:
+            parts = content_parts(body)
+            whole = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) \
+                else b"".join(parts)
+        data, extra = with_envelope_recipients(whole, rcpts)
         if extra:
             log.warning("Graph delivers to every To/Cc address, including %d that were not "
                         "envelope recipients of this message (%s)", len(extra),
@@ -114,7 +125,9 @@ class GraphConnection:
                     self._tokens.invalidate(self.app_name, token)
                     continue
                 raise self._error(exc, explanation) from None
-            except requests.RequestException as exc:
+            except Exception as exc:
+                if not isinstance(exc, _request_exception()):
+                    raise
                 self.abort()
                 explanation = explain_connection_error(exc, stage="connect", ctx=ctx)
                 raise LaneError(f"cannot reach Microsoft Graph at {self.relay}: "
@@ -133,3 +146,9 @@ class GraphConnection:
         return kind(text, code=exc.status, explanation=explanation,
                     retry_after=exc.retry_after)
 
+
+
+def _request_exception() -> type[Exception]:
+    import requests  # already loaded: _http() built a requests session
+
+    return requests.RequestException

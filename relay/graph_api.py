@@ -19,10 +19,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import requests
+if TYPE_CHECKING:
+    import requests  # the caller's session brings it; importing it here would delay start-up
 
 log = logging.getLogger("m365relay.graph")
 
@@ -162,6 +163,8 @@ class GraphClient:
                 raise _http_error(response, f"PUT upload session of {item.name!r}")
 
     def _discard(self, draft_id: str) -> None:
+        import requests
+
         try:
             self._call("DELETE", f"/messages/{draft_id}")
         except (GraphHTTPError, requests.RequestException) as exc:

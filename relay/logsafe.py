@@ -38,6 +38,9 @@ _MAX_TOKENS = 64  # tokens come hourly per app and expire: keep the newest, boun
 _lock = threading.Lock()
 _secrets: set[str] = set()  # config secrets (and base64 forms): for the process's lifetime
 _tokens: dict[str, None] = {}  # an ordered set of recent access tokens
+# Both of the above, longest first, in _known[0]: rebuilt under _lock on every change, read
+# without it (one atomic load of a tuple), so a record costs no lock and no sort.
+_known: list[tuple[str, ...]] = [()]
 _formatter = logging.Formatter()
 
 _AUTH_ARG = re.compile(
@@ -50,6 +53,13 @@ _FORM_FIELD = re.compile(rf"(?i)\b({_FIELDS})=[^&\s'\"]+")
 _JSON_FIELD = re.compile(rf"(?i)([\"']({_FIELDS})[\"']\s*:\s*[\"'])[^\"']+")
 _BASE64_RUN = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{12,}={0,2}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+# A queue ID is a base64 run and appears in every line about its message: remember the
+# verdicts on recent runs (a pure function of the run; the dict is bounded, and only ever
+# cleared or added to, which is safe from any thread).
+_verdicts: dict[str, bool] = {}
+_MAX_VERDICTS = 512
+# Every _FIELDS name contains one of these; for ASCII text they rule both field patterns out.
+_FIELD_WORDS = ("secret", "token", "assertion", "pass")
 
 # SMTP verbs a client may send; anything else on a client line is data or an AUTH response.
 _VERBS = frozenset({"HELO", "EHLO", "LHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP",
@@ -65,6 +75,7 @@ def register_secret(value: str) -> None:
         for part in parts:
             if len(part) >= 6 and not part.startswith("-----"):  # not a PEM armor line
                 _secrets.update((part, base64.b64encode(part.encode()).decode("ascii")))
+        _rebuild()
 
 
 def register_token(token: str) -> None:
@@ -73,6 +84,13 @@ def register_token(token: str) -> None:
         _tokens[token] = None
         while len(_tokens) > _MAX_TOKENS:
             del _tokens[next(iter(_tokens))]
+        _rebuild()
+
+
+def _rebuild() -> None:
+    """Under _lock: publish the secrets and tokens, longest first (a secret containing another
+    must be replaced whole)."""
+    _known[0] = tuple(sorted({*_secrets, *_tokens}, key=len, reverse=True))
 
 
 def register_config_secrets(config: Config) -> None:
@@ -93,32 +111,103 @@ def printable(text: str, limit: int = 200) -> str:
 
 
 def redact(text: str) -> str:
-    """``text`` with every secret this module knows about replaced."""
-    with _lock:
-        known = [s for s in (*_secrets, *_tokens) if s in text]
-    for secret in sorted(known, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    # Functions, not template strings: re compiles templates lazily, with an import that
-    # fails while the interpreter shuts down (and asyncio still logs then).
-    text = _AUTH_ARG.sub(lambda m: f"{m.group(1)} ********", text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    text = _JWT.sub(lambda m: REDACTED, text)
-    text = _FORM_FIELD.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
-    text = _JSON_FIELD.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
-    text = _BASE64_RUN.sub(_credential_blob, text)
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with every secret this module knows about replaced.
+
+    Every record passes through here, so the common case (an ordinary ASCII line) is kept
+    cheap: a pattern runs only if the text holds the literal it cannot match without. For ASCII
+    text those substring tests are exact (``(?i)`` folds only ASCII letters there); other text
+    takes :func:`_redact_all`, every pattern unconditionally."""
+    for secret in _known[0]:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _redact_ascii(text) if text.isascii() else _redact_all(text)
+
+
+def _redact_ascii(text: str) -> str:
+    """:func:`_redact_all` for ASCII text, skipping each pattern whose literal is absent."""
+    # The substitutions below only shorten matches and insert "[redacted]" or "********", which
+    # form none of these literals, so testing them once on this text is enough.
+    low = text.lower()
+    if "auth" in low:
+        text = _AUTH_ARG.sub(_auth_arg, text)
+    if "bearer" in low:
+        text = _BEARER.sub(_bearer, text)
+    if "eyJ" in text:
+        text = _JWT.sub(_whole, text)
+    if any(word in low for word in _FIELD_WORDS):
+        text = _FORM_FIELD.sub(_form_field, text)
+        text = _JSON_FIELD.sub(_json_field, text)
+    text = _credential_blobs(text)
+    # isprintable() is false for every ASCII character _CONTROL matches (and for \t and \n).
+    return text if text.isprintable() else _CONTROL.sub(_escape, text)
+
+
+def _redact_all(text: str) -> str:
+    """Every pattern, no shortcuts: what :func:`redact` does for text that is not ASCII."""
+    text = _AUTH_ARG.sub(_auth_arg, text)
+    text = _BEARER.sub(_bearer, text)
+    text = _JWT.sub(_whole, text)
+    text = _FORM_FIELD.sub(_form_field, text)
+    text = _JSON_FIELD.sub(_json_field, text)
+    text = _credential_blobs(text)
+    return _CONTROL.sub(_escape, text)
+
+
+# Functions, not template strings: re compiles templates lazily, with an import that fails
+# while the interpreter shuts down (and asyncio still logs then).
+def _auth_arg(m: re.Match[str]) -> str:
+    return f"{m.group(1)} ********"
+
+
+def _bearer(m: re.Match[str]) -> str:
+    return f"{m.group(1)} {REDACTED}"
+
+
+def _whole(m: re.Match[str]) -> str:
+    return REDACTED
+
+
+def _form_field(m: re.Match[str]) -> str:
+    return f"{m.group(1)}={REDACTED}"
+
+
+def _json_field(m: re.Match[str]) -> str:
+    return f"{m.group(1)}{REDACTED}"
+
+
+def _escape(m: re.Match[str]) -> str:
+    return f"\\x{ord(m.group()):02x}"
+
+
+def _credential_blobs(text: str) -> str:
+    # Queue IDs, Message-IDs and host names are base64 runs too: decide on all runs first and
+    # substitute only when one is a credential (rare), not through a callback per run.
+    runs = _BASE64_RUN.findall(text)
+    if any(_is_credential(run) for run in runs):
+        return _BASE64_RUN.sub(_credential_blob, text)
+    return text
 
 
 def _credential_blob(match: re.Match[str]) -> str:
+    return REDACTED if _is_credential(match.group()) else match.group()
+
+
+def _is_credential(run: str) -> bool:
     """A base64 run that decodes to a SASL PLAIN (``\\0user\\0password``) or XOAUTH2 response."""
-    run = match.group()
-    try:
-        decoded = base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        return run
-    if decoded.count(b"\x00") == 2 or b"auth=Bearer" in decoded or b"\x01auth=" in decoded:
-        return REDACTED
-    return run
+    verdict = _verdicts.get(run)
+    if verdict is None:
+        try:
+            # What base64.b64decode(validate=True) does, without its wrappers.
+            decoded = binascii.a2b_base64(run + "=" * (-len(run) % 4), strict_mode=True)
+        except (binascii.Error, ValueError):
+            verdict = False
+        else:
+            verdict = decoded.count(b"\x00") == 2 or (b"auth=" in decoded and (
+                b"auth=Bearer" in decoded or b"\x01auth=" in decoded))
+        if len(_verdicts) >= _MAX_VERDICTS:
+            _verdicts.clear()
+        _verdicts[run] = verdict
+    return verdict
 
 
 # --- aiosmtpd's protocol trace ("mail.log") ---------------------------------------------------

@@ -8,6 +8,9 @@ Upstream code sees only ``await tokens.token(app_name) -> str``. Behind it:
   deliveries share one token request;
 * Exchange Online rejects tokens close to expiry, so we refresh ``token_refresh_margin`` before
   ``expires_in`` runs out, and drop msal's own cached copy first so msal really asks Entra.
+
+msal and requests (~7 MB, ~150 ms) are imported by the worker thread of the first token request,
+not before the relay accepts mail: an idle relay that has delivered nothing stays at ~39 MB.
 """
 
 from __future__ import annotations
@@ -20,20 +23,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import certifi
-import msal
-import msal.exceptions
-import requests
 
 from relay import clouds, logsafe
 from relay.config import App, Config
 from relay.credentials import build_credential
-from relay.delegated import DelegatedTokens
 from relay.errors import TokenError
 from relay.explain import Context, explain_connection_error, explain_token_error
+
+if TYPE_CHECKING:
+    import requests
+
+    from relay.delegated import DelegatedTokens
 
 log = logging.getLogger("m365relay.tokens")
 
@@ -44,30 +46,6 @@ _MICROSOFT_HOSTS = frozenset({
     "login.chinacloudapi.cn", "login.microsoftonline.de", "login.windows.net",
     "login.microsoft.com", "sts.windows.net",
 })
-
-
-class _Session(requests.Session):
-    """requests with a default timeout, whose configured ``verify`` wins.
-
-    Plain requests lets REQUESTS_CA_BUNDLE override a session's ``verify`` (requests#3829), so
-    an app's ``ca_file`` would silently be ignored on machines that set it."""
-
-    def __init__(self, verify: str | bool, timeout: float) -> None:
-        super().__init__()
-        self.verify = verify
-        self._timeout = timeout
-
-    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
-                                   cert: Any) -> Any:
-        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
-        if self.verify is not True:
-            settings["verify"] = self.verify
-        return settings
-
-    def request(self, method: str | bytes, url: str | bytes, *args: Any,
-                **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", self._timeout)
-        return super().request(method, url, *args, **kwargs)
 
 
 @dataclass
@@ -121,6 +99,10 @@ class TokenProvider:
     def use_delegated(self, config: Config, config_path: Path | None) -> None:
         """Serve the apps with ``flow: delegated`` too (relay/delegated.py), per mailbox."""
         if self.delegated is None:
+            if not any(app.flow == "delegated" for app in config.apps.values()):
+                return  # relay/delegated.py and its imports cost ~4 MB; a reload may add it
+            from relay.delegated import DelegatedTokens
+
             self.delegated = DelegatedTokens(config, config_path, margin=self._margin,
                                              session=self.http_session, clock=self._clock)
         else:
@@ -177,8 +159,10 @@ class TokenProvider:
     def http_session(self, app_name: str) -> requests.Session:
         """An HTTP session that trusts exactly what msal's does for this app, so
         ``m365relay doctor`` probes the authority the way token requests reach it."""
+        from relay.httpsession import TimeoutSession
+
         app = self._apps[app_name]
-        return _Session(self._ca_bundle(app_name, app), self._timeout)
+        return TimeoutSession(self._ca_bundle(app_name, app), self._timeout)
 
     def update(self, apps: Mapping[str, App], *, margin: float) -> None:
         """Take a reloaded config: apps whose settings changed start afresh."""
@@ -199,7 +183,9 @@ class TokenProvider:
             if state.client is None:
                 state.client = await asyncio.to_thread(self._build, app_name, app)
             result = await asyncio.to_thread(self._acquire, state.client, app.scope)
-        except (requests.RequestException, msal.exceptions.MsalError, OSError, ValueError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, _request_errors()):
+                raise
             state.failures += 1
             explanation = explain_connection_error(exc, stage="token", ctx=ctx)
             error = TokenError(f"token request for app {app_name!r} to {app.authority_url} "
@@ -234,6 +220,10 @@ class TokenProvider:
         return state.token
 
     def _build(self, app_name: str, app: App) -> Any:
+        import msal
+
+        from relay.httpsession import TimeoutSession
+
         credential = build_credential(app_name, app)
         host = urlsplit(app.authority_url).hostname or ""
         kwargs: dict[str, Any] = {}
@@ -243,7 +233,7 @@ class TokenProvider:
             app.client_id,
             client_credential=credential,
             authority=app.authority_url,
-            http_client=_Session(self._ca_bundle(app_name, app), self._timeout),
+            http_client=TimeoutSession(self._ca_bundle(app_name, app), self._timeout),
             **kwargs,
         )
 
@@ -252,6 +242,8 @@ class TokenProvider:
         system's (or certifi's)."""
         if app.ca_file is None:
             return True
+        import certifi
+
         base = Path(os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where())
         bundle = Path(self._tmp.name) / f"{app_name}.pem"
         bundle.write_bytes(base.read_bytes() + b"\n" + app.ca_file.read_bytes())
@@ -259,6 +251,8 @@ class TokenProvider:
 
     @staticmethod
     def _acquire(client: Any, scope: str) -> dict[str, Any]:
+        import msal
+
         # Drop msal's cached access tokens: we decide when to refresh (with our margin),
         # and msal would otherwise hand back the same token until 5 minutes before expiry.
         cache = client.token_cache
@@ -266,3 +260,11 @@ class TokenProvider:
             cache.remove_at(item)
         result: dict[str, Any] = client.acquire_token_for_client(scopes=[scope])
         return result
+
+
+def _request_errors() -> tuple[type[Exception], ...]:
+    """What a failed token request raises (msal and requests are loaded by then: _build)."""
+    import msal.exceptions
+    import requests
+
+    return (requests.RequestException, msal.exceptions.MsalError, OSError, ValueError)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from conftest import MAILBOX, PASSWORD, RelayFactory, message, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay import logsafe
 from relay.sandbox import DEMO_APP, Sandbox
@@ -236,3 +238,23 @@ def test_client_text_is_escaped_and_cut() -> None:
     assert "\r" not in first and "\x1b" not in first
     assert "\\x0d" in first and "\\x1b" in first
     assert "\u2028" not in second and len(second) < 300
+
+
+# Pieces of what every pattern looks for, and near misses, in both cases.
+_FRAGMENTS = [
+    "AUTH PLAIN ", "auth login ", "Auth XOAUTH2 '", "Bearer ", "BEARER\t", "eyJ", "eyJhbGciOiJ",
+    ".", "client_secret=", "PASSWORD=", "Passphrase=", "id_token=", '"access_token": "',
+    "'refresh_token':'", "client_assertion", "=", "==", '"', "'", ":", "&", " ", "\r\n", "\t",
+    "\x1b[2J", "\x7f", "queue", "1K0XPSDZ3M48BKK", "27D53A3FEB8C45BDAF00810EF78BD64B",
+    "abcdefghijklmnop", "x", "/", "+", b64("\0scanner01\0hunter2"), plain_blob("a", "b"),
+    b64(f"user={MAILBOX}\x01auth=Bearer abc\x01\x01"), b64("not a credential at all"),
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=12))
+def test_the_fast_path_redacts_exactly_what_every_pattern_would(parts: list[str]) -> None:
+    # redact() skips patterns whose literal is absent from ASCII text; it must never skip one
+    # that would have matched.
+    text = "".join(parts)
+    assert logsafe._redact_ascii(text) == logsafe._redact_all(text)
