@@ -25,7 +25,6 @@ The session itself (timeouts, DATA parsing, command limits, AUTH) is in
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import ssl
 import time
@@ -38,8 +37,8 @@ from relay import identity, rewrite
 from relay.config import Account, Config, Listener
 from relay.limits import AuthGuard, ConnectionSlots, LogThrottle, raise_open_files_limit
 from relay.passthrough import Passthrough
-from relay.smtpdata import fold_long_lines
-from relay.smtpsession import RelaySMTP, in_networks, peer_ip, safe
+from relay.smtpdata import SMTP_LINE_LIMIT, fold_long_lines
+from relay.smtpsession import RelaySMTP, in_networks, safe
 from relay.spool import DeliveryState, QueueEntry, Spool, SpoolFullError
 from relay.spool import Envelope as SpoolEnvelope
 
@@ -137,7 +136,7 @@ class RelayHandler:
 
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        account = server.account or self.account_for_network(peer_ip(session.peer))
+        account = server.account or self.account_for_network(server.address)
         if account is None:
             log.info("%s: MAIL from <%s> refused: not authenticated and not in any account's "
                      "networks", server.client, safe(address))
@@ -171,18 +170,26 @@ class RelayHandler:
         account = server.mail_account
         if account is None or envelope.mail_from is None:  # aiosmtpd checks MAIL came first
             return "503 5.5.1 Error: need MAIL command"
-        content = envelope.original_content or b""
-        fields, _ = rewrite.split_headers(content)
+        # The content as the session assembled it (not in envelope.content: no bytes copy);
+        # the spool gets the new header block and a view of the body as received.
+        content = server.message.content if server.message is not None else b""
+        fields, body = rewrite.split_headers(content)
         header_from = rewrite.header_address(fields, "from")
         if header_from:
             refusal = identity.sender_refusal(account, header_from, "From: header")
             if refusal is not None:
                 return refusal
         sending = identity.sending_identity(account, header_from, envelope.mail_from)
-        data = rewrite.prepare(content, mailbox=sending.sender, rewrite_from=not sending.keep_from,
-                               hostname=self.hostname, received=self._received(server, session))
-        # Spooled as it will be sent, so every hop after us takes it (RFC 5322 2.1.1).
-        data = fold_long_lines(data)
+        header = rewrite.prepare(fields, body, mailbox=sending.sender,
+                                 rewrite_from=not sending.keep_from, hostname=self.hostname,
+                                 received=self._received(server, session))
+        # Spooled as it will be sent, so every hop after us takes it (RFC 5322 2.1.1); the
+        # split is at a line boundary, so each part folds alone, and the body only needs a
+        # look when the session saw a line that long.
+        data: tuple[bytes, bytes | memoryview] = (fold_long_lines(header), body)
+        if server.message is not None and server.message.longest > SMTP_LINE_LIMIT:
+            data = (data[0], fold_long_lines(body))
+        size = len(data[0]) + len(data[1])
         spooled = SpoolEnvelope(
             mail_from=sending.mail_from, rcpt_tos=tuple(envelope.rcpt_tos), account=account.name,
             app=account.app, mailbox=sending.mailbox, bounce_to=envelope.mail_from,
@@ -198,10 +205,11 @@ class RelayHandler:
         except Exception as exc:  # any failure before the commit must leave the client a 4xx
             log.error("%s: message refused, spool write failed: %s", server.client, exc)
             return "451 4.3.0 Local error writing the message, try again later"
-        log.info("%s: client=%s, account=%s, from=<%s>, size=%d, nrcpt=%d", queue_id,
-                 server.client, account.name, safe(envelope.mail_from), len(data),
-                 len(envelope.rcpt_tos))
-        self.submit(QueueEntry(queue_id, spooled, DeliveryState(), len(data)))
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s: client=%s, account=%s, from=<%s>, size=%d, nrcpt=%d", queue_id,
+                     server.client, account.name, safe(envelope.mail_from), size,
+                     len(envelope.rcpt_tos))
+        self.submit(QueueEntry(queue_id, spooled, DeliveryState(), size))
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     def _received(self, server: RelaySMTP, session: Session) -> str:
@@ -211,7 +219,7 @@ class RelayHandler:
         if server.account is not None:
             proto += "A"
         helo = safe(session.host_name or "unknown", 64)
-        date = email.utils.formatdate(localtime=True)
+        date = rewrite.date_now()
         return (f"from {helo} ([{server.client}]) by {self.hostname} (m365relay) "
                 f"with {proto}; {date}")
 

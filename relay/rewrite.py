@@ -1,24 +1,30 @@
 """Header changes made at submission: From rewrite, Message-ID, Date, Received.
 
-The body is never touched, and headers are handled as bytes so 8-bit and odd headers from old
-devices pass through unchanged apart from what we add.
+The body is never touched (not even copied: it stays a view of the content as received), and
+headers are handled as bytes so 8-bit and odd headers from old devices pass through unchanged
+apart from what we add.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
+import time
 import uuid
 
 _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.ASCII)
 
 
-def split_headers(content: bytes) -> tuple[list[bytes], bytes]:
-    """Header fields (each with its folded continuation lines and CRLF) and the rest."""
+def split_headers(content: bytes | bytearray) -> tuple[list[bytes], memoryview]:
+    """Header fields (each with its folded continuation lines and CRLF) and the rest (the
+    blank line and the body), as a view of ``content``."""
+    view = memoryview(content)
     if content.startswith(b"\r\n"):
-        return [], content
+        return [], view
     end = content.find(b"\r\n\r\n")
-    head, body = (content, b"") if end < 0 else (content[: end + 2], content[end + 2:])
+    end = len(content) if end < 0 else end + 2
+    head, body = view[:end].tobytes(), view[end:]
     fields: list[bytes] = []
     for line in head.splitlines(keepends=True):
         if line[:1] in (b" ", b"\t") and fields:
@@ -43,23 +49,46 @@ def header_address(fields: list[bytes], name: str) -> str | None:
     """The first address of header ``name``, or None when the header is absent."""
     for field in fields:
         if field_name(field) == name:
-            return email.utils.parseaddr(field_value(field))[1]
+            return parse_address(field_value(field))[1]
     return None
+
+
+def parse_address(value: str) -> tuple[str, str]:
+    """email.utils.parseaddr, remembered: a device sends the same From header every time,
+    and each message needs it twice (the identity check, then the rewrite). Only a usual
+    header's length is kept, so the cache stays a few hundred KiB at most."""
+    if len(value) > 1000:
+        return email.utils.parseaddr(value)
+    return _parse_address(value)
+
+
+_parse_address = functools.lru_cache(maxsize=256)(email.utils.parseaddr)
+
+
+def date_now() -> str:
+    """``email.utils.formatdate(localtime=True)``, worked out once a second (it has only
+    seconds, and costs tens of microseconds; every message needs it once or twice)."""
+    return _date_at(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _date_at(second: int) -> str:
+    return email.utils.formatdate(second, localtime=True)
 
 
 def _line(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("utf-8", errors="surrogateescape")
 
 
-def prepare(content: bytes, *, mailbox: str, rewrite_from: bool, hostname: str,
-            received: str) -> bytes:
-    """The message as it will be spooled and sent upstream."""
-    fields, body = split_headers(content)
+def prepare(fields: list[bytes], body: memoryview, *, mailbox: str, rewrite_from: bool,
+            hostname: str, received: str) -> bytes:
+    """The header block that goes before ``body`` (from :func:`split_headers`) when the
+    message is spooled and sent upstream."""
     names = {field_name(f) for f in fields}
     out = [_line("Received", received)]
     for field in fields:
         if rewrite_from and field_name(field) == "from":
-            display, address = email.utils.parseaddr(field_value(field))
+            display, address = parse_address(field_value(field))
             if address.lower() != mailbox.lower():
                 # Exchange only sends as the mailbox we log in as (else 5.2.252 SendAsDenied);
                 # keep the device's display name and let replies reach the original address.
@@ -73,7 +102,7 @@ def prepare(content: bytes, *, mailbox: str, rewrite_from: bool, hostname: str,
     if "message-id" not in names:
         out.append(_line("Message-ID", f"<{uuid.uuid4().hex}@{hostname}>"))
     if "date" not in names:
-        out.append(_line("Date", email.utils.formatdate(localtime=True)))
-    if not fields and not body.startswith(b"\r\n"):
-        body = b"\r\n" + body
-    return b"".join(out) + body
+        out.append(_line("Date", date_now()))
+    if not fields and body[:2].tobytes() != b"\r\n":
+        out.append(b"\r\n")  # the blank line that ends the header block
+    return b"".join(out)

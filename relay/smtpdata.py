@@ -10,7 +10,9 @@ escapes every leading dot on the way out.
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import TypeVar
 
 # RFC 5322 2.1.1: at most 998 octets per line, without the CRLF (Postfix's
 # smtp_line_length_limit default).
@@ -20,16 +22,29 @@ _EOL = re.compile(rb"\r\n|\r|\n")
 # Anchored at line starts: unanchored, the engine retries from every byte of every short line,
 # which cost seconds of event-loop time on a 30 MB scan.
 _LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d,}" % (SMTP_LINE_LIMIT + 1))
+_Bytes = TypeVar("_Bytes", bytes, bytearray, memoryview)
+
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+@functools.cache
+def _crlf_lines(limit: int) -> re.Pattern[bytes]:
+    """Matches a run of whole lines, each ending in CRLF with no LF inside and at most
+    ``limit`` octets long (a CR inside is left to _BARE_CR). [^\\n] rather than [^\\r\\n]:
+    sre scans a negated single byte several times faster than a class."""
+    return re.compile(rb"(?:[^\n]{0,%d}\r\n)*+" % limit)
 
 
 class DataAssembler:
     """Feed it what the client sends after ``354``; it keeps the content with CRLF lines.
 
     Segments are what ``readuntil(b"\\n")`` returns (a line with its LF), or a piece of a line
-    too long for the stream buffer. A bare CR or LF ends a line too, and every line is
-    dot-unstuffed, as Postfix does for bare-LF lines. Once the message cannot be accepted (too
-    big, a line too long, a bare line ending under ``reject``) the content is dropped and only
-    counting continues, so a refused message costs no memory.
+    too long for the stream buffer; :meth:`feed_lines` takes many whole lines at once. A bare
+    CR or LF ends a line too, and every line is dot-unstuffed, as Postfix does for bare-LF
+    lines. Once the message cannot be accepted (too big, a line too long, a bare line ending
+    under ``reject``) the content is dropped and only counting continues, so a refused message
+    costs no memory.
     """
 
     def __init__(self, *, max_size: int, max_line: int, normalize: bool) -> None:
@@ -45,6 +60,12 @@ class DataAssembler:
         self._mid_line = False  # the last segment ended inside a line
         self._held_cr = False  # a segment ended in CR: CRLF or bare CR, the next one tells
         self._after_crlf = True  # the DATA command's own CRLF counts
+        # The longest line kept, or more: a message whose lines all fit SMTP_LINE_LIMIT needs
+        # no fold_long_lines() scan.
+        self.longest = 0
+        # Lines the block path takes as they are: no longer than the limit, nor than
+        # SMTP_LINE_LIMIT, so `longest` needs no look at them.
+        self._plain_lines = _crlf_lines(min(max_line, SMTP_LINE_LIMIT))
 
     @property
     def refused(self) -> bool:
@@ -65,8 +86,10 @@ class DataAssembler:
             if segment[:1] == b".":
                 segment = segment[1:]
                 size -= 1
-            if size - 2 > self.max_line:
-                self.too_long = True
+            if size - 2 > self.longest:
+                self.longest = size - 2
+                if size - 2 > self.max_line:
+                    self.too_long = True
             if self.refused:
                 self.content.clear()
             else:
@@ -86,12 +109,58 @@ class DataAssembler:
             self._line(segment[start:], None)
         return False
 
+    def feed_lines(self, block: bytes) -> bool:
+        """Take whole lines at once, as :meth:`feed` would take them one by one: ``block``
+        ends with an LF and only its last line may be ``.<CR><LF>`` after an LF (as
+        :meth:`relay.smtpbase.DataReader.take_lines` cuts it). True once that line ended the
+        data."""
+        end = len(block)
+        last = block.endswith(b".\r\n") and (end == 3 or block[end - 4] == 0x0A)
+        if last:
+            end -= 3
+        plain_lines = self._plain_lines
+        start = 0
+        run = 0  # where the lines plain_lines matched end; each byte is scanned once
+        while start < end:
+            if self._after_crlf and not (self._mid_line or self._held_cr):
+                if run <= start:
+                    run = plain_lines.match(block, start, end).end()  # type: ignore[union-attr]
+                stop = run
+                bare = _BARE_CR.search(block, start, run)
+                if bare is not None:  # up to the line it is in
+                    stop = block.rfind(b"\n", start, bare.start()) + 1 or start
+                if stop > start:  # the common case, in one piece
+                    self._take(block, start, stop)
+                    start = stop
+                    continue
+            # A line with a bare CR or LF, a long one, or the rest of a partial one: alone.
+            stop = block.index(b"\n", start, end) + 1
+            if self.feed(block[start:stop]):
+                raise ValueError("the end of data can only be the last line of a block")
+            start = stop
+        return last and self.feed(b".\r\n")
+
+    def _take(self, block: bytes, start: int, stop: int) -> None:
+        """Whole CRLF lines, each at most max_line octets before dot-unstuffing."""
+        self.size += stop - start
+        if self.max_size and self.size > self.max_size:
+            self.too_big = True
+        if self.refused:
+            self.content.clear()
+            return
+        if block[start] == 0x2E:  # "."
+            start += 1
+        lines = block[start:stop]  # the whole block, usually: the same object, no copy
+        self.content += lines.replace(b"\n.", b"\n")  # dot-unstuffing; no copy without dots
+
     def _line(self, text: bytes, ending: bytes | None) -> None:
         if not self._mid_line and text.startswith(b"."):
             text = text[1:]
         self._line_length += len(text)
-        if self._line_length > self.max_line:
-            self.too_long = True
+        if self._line_length > self.longest:
+            self.longest = self._line_length
+            if self._line_length > self.max_line:
+                self.too_long = True
         if ending is None:
             self._mid_line = True
         else:
@@ -108,7 +177,7 @@ class DataAssembler:
             self.content += b"\r\n"
 
 
-def fold_long_lines(data: bytes, limit: int = SMTP_LINE_LIMIT) -> bytes:
+def fold_long_lines(data: _Bytes, limit: int = SMTP_LINE_LIMIT) -> _Bytes | bytes:
     """Break lines longer than ``limit`` octets so every hop accepts them.
 
     As Postfix's ``smtp_line_length_limit``: a break is CRLF followed by white space, which
@@ -116,11 +185,13 @@ def fold_long_lines(data: bytes, limit: int = SMTP_LINE_LIMIT) -> bytes:
     available without re-encoding. The break goes before existing white space when the line
     has some (nothing is added then, HTML and URLs stay intact), otherwise CRLF + SPACE is
     inserted at the limit, never inside a UTF-8 sequence. A continuation line starts with
-    white space, so it can never be a lone dot. ``data`` must already have CRLF line ends.
+    white space, so it can never be a lone dot. ``data`` must already have CRLF line ends;
+    it is returned as it is (the same object) when no line is too long. A message split at a
+    line boundary can be folded piece by piece.
     """
     if _LONG_LINE.search(data) is None:
         return data
-    return _LONG_LINE.sub(lambda match: _fold(match.group(), limit), data)
+    return _LONG_LINE.sub(lambda match: _fold(bytes(match.group()), limit), data)
 
 
 def _fold(line: bytes, limit: int) -> bytes:

@@ -1,12 +1,13 @@
 """One SMTP session with a device: aiosmtpd's protocol with the relay's limits.
 
 On top of aiosmtpd 1.4.6 (which already ends DATA only at ``<CR><LF>.<CR><LF>`` and drops
-commands pipelined after ``STARTTLS``):
+commands pipelined after ``STARTTLS``), set up cheaply by :class:`relay.smtpbase.FastSMTP`:
 
 * admission at connect: the listener's ``networks``, then connection slots (``421 4.7.0``);
 * one watchdog timer for the idle command timeout, the DATA idle and total timeouts and the
   session cap; an expiry answers ``421 4.4.2`` and hangs up;
-* DATA read by :class:`~relay.smtpdata.DataAssembler` (bare CR/LF, line and size limits);
+* DATA read by :class:`~relay.smtpdata.DataAssembler` (bare CR/LF, line and size limits),
+  every complete line already received at once, and handed to the DATA hook without a copy;
 * junk-command and error limits (Postfix's ``smtpd_junk_command_limit`` and
   ``smtpd_hard_error_limit``), reset whenever a message is accepted;
 * AUTH PLAIN/LOGIN checked off the loop, a few at a time, with per-session, per-address and
@@ -20,14 +21,16 @@ import functools
 import ipaddress
 import logging
 import math
+import ssl
 from base64 import b64decode
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword, syntax
 
 from relay import auth
 from relay.config import Account, IPNetwork
+from relay.smtpbase import FastSMTP
 from relay.smtpdata import DataAssembler
 
 if TYPE_CHECKING:
@@ -64,34 +67,26 @@ def in_networks(address: Any, networks: tuple[IPNetwork, ...]) -> bool:
     return address is not None and any(address in net for net in networks)
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(FastSMTP):
     """One SMTP session."""
 
     # aiosmtpd 1.4.6 sends "User Name\x00"; Xerox printers, Go and curl give up on the NUL.
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
 
-    def __init__(self, handler: RelayHandler, *, implicit_tls: bool = False, **kwargs: Any) -> None:
+    def __init__(self, handler: RelayHandler, *, implicit_tls: bool = False,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         listener = handler.listener
-        # Read by SMTP.__init__ to size the stream buffer, so it must be set first: the longest
+        # Read by FastSMTP.__init__ to size the stream buffer, so it must be set first: the longest
         # line, its CRLF and a dot-stuffing dot.
         self.line_length_limit = listener.max_line_length + 3
-        super().__init__(
-            handler,
-            hostname=handler.hostname,
-            data_size_limit=listener.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            timeout=listener.idle_timeout,
-            require_starttls=listener.require_tls,
-            ident="m365relay",
-            **kwargs,
-        )
+        super().__init__(handler, **self.session_options(handler, tls_context))
         self.relay_handler = handler
         self.implicit_tls = implicit_tls
         self.account: Account | None = None       # authenticated account
         self.mail_account: Account | None = None  # account of the current transaction
         self.client = "?"
+        self.address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self._admitted = False
         self._holds_slot = False
         self._session_deadline = math.inf
@@ -105,8 +100,17 @@ class RelaySMTP(SMTP):
         self._errors = 0
         self._auth_failures = 0
         self._close_after_reply = False
-        for name in _JUNK:
-            self._smtp_methods[name] = self._counted(self._smtp_methods[name])
+        self.message: DataAssembler | None = None  # the DATA hook's message
+
+    @staticmethod
+    def session_options(handler: RelayHandler, tls_context: ssl.SSLContext | None
+                        ) -> dict[str, Any]:
+        """The session's aiosmtpd options."""
+        listener = handler.listener
+        return {"hostname": handler.hostname, "data_size_limit": listener.max_message_size,
+                "enable_SMTPUTF8": True, "decode_data": False, "ident": "m365relay",
+                "timeout": listener.idle_timeout, "require_starttls": listener.require_tls,
+                "tls_context": tls_context}
 
     # -- connection ----------------------------------------------------------------------
 
@@ -124,7 +128,7 @@ class RelaySMTP(SMTP):
             self.account = None  # STARTTLS resets the session (RFC 3207 4.2)
             return
         handler = self.relay_handler
-        address = peer_ip(transport.get_extra_info("peername"))
+        self.address = address = peer_ip(transport.get_extra_info("peername"))
         self.client = str(address) if address is not None else "?"
         refusal = handler.admit(self, address)
         if refusal is not None:
@@ -199,9 +203,13 @@ class RelaySMTP(SMTP):
         return min(due)
 
     def _arm(self) -> None:
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
-        self._timeout_handle = self.loop.call_at(self._deadline()[0], self._timeout_cb)
+        due = self._deadline()[0]
+        handle = self._timeout_handle
+        if handle is not None:
+            if not handle.cancelled() and handle.when() <= due:
+                return  # it fires no later than needed and looks again: no new timer per command
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(due, self._timeout_cb)
 
     def _timeout_cb(self) -> None:
         # One timer for every limit; it fires at the earliest and looks again, so DATA
@@ -251,10 +259,13 @@ class RelaySMTP(SMTP):
             self._close_after_reply = False
             self.transport.close()
 
-    def _counted(self, method: Callable[[str], Awaitable[None]]
-                 ) -> Callable[[str], Awaitable[None]]:
-        @functools.wraps(method)
-        async def counted(arg: str) -> None:
+    @classmethod
+    def _command(cls, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        if name.replace("smtp_", "") not in _JUNK:
+            return func
+
+        @functools.wraps(func)
+        async def counted(self: RelaySMTP, arg: str) -> None:
             self._junk += 1
             listener = self.relay_handler.listener
             if self._junk > listener.max_junk_commands:
@@ -264,7 +275,7 @@ class RelaySMTP(SMTP):
                 await self.push("421 4.7.0 Too many NOOP, RSET, VRFY, HELP or EHLO commands "
                                 "without sending mail, closing")
                 return
-            await method(arg)
+            await func(self, arg)
         return counted
 
     def _too_big(self) -> str:
@@ -293,26 +304,36 @@ class RelaySMTP(SMTP):
         self._last_rx = self.loop.time()
         self._data_deadline = self._last_rx + listener.data_timeout
         self._arm()
+        reader = self._lines_reader
         try:
-            while not data.feed(await self._read_segment()):
-                pass
+            while True:
+                # Every complete line already received in one go; a partial line (the
+                # buffer's end, or one longer than the buffer) with readuntil as it comes.
+                lines = reader.take_lines()
+                if lines:
+                    if data.feed_lines(lines):
+                        break
+                elif data.feed(await self._read_segment()):
+                    break
         finally:
             self._data_deadline = None
         self._reset_timeout()
         reply = self._refusal(data)
         if reply is None:
-            content = bytes(data.content)
-            data.content.clear()
-            self.envelope.content = self.envelope.original_content = content
+            # The hook reads the content where it was assembled (no copy; see
+            # RelayHandler.handle_DATA), and nothing keeps it once the hook has answered.
+            self.message = data
             self._busy = True
             try:
                 reply = str(await self._call_handler_hook("DATA"))
             finally:
                 self._busy = False
+                self.message = None
             if reply.startswith("250"):
                 self._junk = self._errors = 0
         else:
             log.info("%s: message refused: %s", self.client, reply)
+        del data
         self._set_post_data_state()
         await self.push(reply)
 

@@ -129,7 +129,9 @@ async def test_starttls_pipelined_commands_are_discarded(relays: RelayFactory, s
         assert (await client.reply()).startswith("220")
         await client.starttls(tls_files.client_context(), "localhost")
         ehlo = await client.command("EHLO device.test")
-        assert ehlo.startswith("250-") and "AUTH" in ehlo  # the first reply over TLS is EHLO's
+        assert ehlo.startswith("250-")  # the first reply over TLS is EHLO's
+        # Only the mechanisms there are (aiosmtpd took RelayHandler.auth_failures for one).
+        assert "250-AUTH LOGIN PLAIN\r\n" in ehlo
         assert (await client.command("RCPT TO:<x@example.org>")).startswith("503")
         assert (await client.command("DATA")).startswith("503")
     assert sandbox.exchange.messages == []

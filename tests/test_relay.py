@@ -265,6 +265,23 @@ async def test_too_many_recipients(relays: RelayFactory) -> None:
     assert (code, reply[:5]) == (452, b"4.5.3")
 
 
+async def test_addresses_the_parser_trips_on_are_malformed(relays: RelayFactory) -> None:
+    """The stdlib header parser raises IndexError/AttributeError on these; aiosmtpd answered
+    "500 Error: (IndexError) ...". They are malformed addresses."""
+    relay = await relays.start()
+
+    def attempt() -> list[tuple[int, bytes]]:
+        with smtp_client(relay.addresses["local"]) as client:
+            client.ehlo("x")
+            replies = [client.docmd(f"MAIL FROM:{arg}") for arg in ("a@", "<a@[>", '"')]
+            replies.append(client.docmd("MAIL FROM:<device@printers.example> SIZE=10"))
+            replies.append(client.docmd("RCPT TO:a@["))
+            return replies
+
+    replies = await asyncio.to_thread(attempt)
+    assert [code for code, _ in replies] == [553, 553, 553, 250, 553]
+
+
 def test_tls_context_never_skips_verification() -> None:
     from relay.config import parse
     from relay.upstream import tls_context
