@@ -4,12 +4,15 @@ Messages are grouped in *lanes*, one per (app, mailbox), because that is the uni
 limits (3 concurrent connections per mailbox) and the unit that fails together (a missing
 mailbox permission fails every message of that mailbox). Each lane runs up to
 ``connections_per_mailbox`` workers; a worker keeps its authenticated connection while there is
-work and closes it after ``idle_timeout``.
+work, and through a pause of its lane, and closes it after ``idle_timeout``.
 
 The spool entry is removed only after Exchange said 250 for every recipient. The exception
 class decides the rest: :class:`DeferError` → backoff and retry, :class:`BounceError` → DSN and
-``failed/``; a :class:`LaneError` (connect, TLS, token, login) pauses the whole lane instead of
-letting every queued message hammer a broken path.
+``failed/``; a :class:`LaneError` (connect, TLS, token, login) or a 421 pauses the whole lane
+instead of letting every queued message hammer a broken path.
+
+Per message, one thread hop claims and reads the spooled file (a large one is only verified,
+then sent from the file in pieces), and one removes it after the 250.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from relay.errors import AuthRejected, BounceError, DeferError, DeliveryError, T
 from relay.events import Events
 from relay.graph import GraphConnection
 from relay.pacing import Pacer
-from relay.spool import DeliveryState, Envelope, QueueEntry, Spool, SpoolMissingError
+from relay.spool import (
+    Claim,
+    DeliveryState,
+    Envelope,
+    Message,
+    QueueEntry,
+    Spool,
+    SpoolMissingError,
+)
 from relay.tokens import TokenProvider
 from relay.upstream import LaneError, UpstreamConnection
 
@@ -58,6 +69,22 @@ class _Lane:
     borrowed: int = 0  # connection slots lent to passthrough transactions (relay/passthrough.py)
     waiting: int = 0  # passthrough transactions waiting for a slot; idle workers make room
     freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _CheckOut:
+    """A message taken out for one attempt: its claim (None when locking failed), and the
+    verified message or why it could not be read."""
+    claim: Claim | None = None
+    message: Message | None = None
+    error: OSError | None = None
+    lock_error: OSError | None = None
+
+    def close(self) -> None:
+        if self.message is not None:
+            self.message.close()
+        if self.claim is not None:
+            self.claim.release()
 
 
 class Delivery:
@@ -219,19 +246,16 @@ class Delivery:
         self.connections.add(conn)
         try:
             while not self._stopping:
-                if lane.blocked_until > self._clock():
-                    return
-                if not lane.ready:
+                paused = lane.blocked_until > self._clock()
+                if paused or not lane.ready:
                     if lane.waiting:
                         return  # an idle connection gives its slot to a waiting passthrough
-                    lane.idle += 1
-                    lane.wake.clear()
-                    try:
-                        await asyncio.wait_for(lane.wake.wait(), settings.idle_timeout)
-                    except TimeoutError:
+                    if paused and not conn.connected:
+                        return  # nothing to keep; the pause's end starts a worker (a probe)
+                    # A paused lane's workers wait it out with their connections open, as idle
+                    # ones do: each new one costs Exchange a STARTTLS and a login.
+                    if not await self._idle(lane, settings.idle_timeout):
                         return
-                    finally:
-                        lane.idle -= 1
                     continue
                 key = (lane.app, lane.mailbox.lower())
                 if not await self.pacer.admit(key):
@@ -250,42 +274,82 @@ class Delivery:
             self.connections.discard(conn)
             await conn.close()
 
+    @staticmethod
+    async def _idle(lane: _Lane, timeout: float) -> bool:
+        """Wait for work (a kick, or the end of the lane's pause); False after ``timeout``."""
+        lane.idle += 1
+        lane.wake.clear()
+        try:
+            await asyncio.wait_for(lane.wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            lane.idle -= 1
+        return True
+
     async def _attempt(self, lane: _Lane, conn: Upstream, entry: QueueEntry) -> None:
         """One attempt under the message's spool claim, so ``m365relay queue`` never acts on
         it at the same moment."""
-        try:
-            claim = await asyncio.to_thread(self.spool.claim, entry.id)
-        except OSError as exc:
+        out = await asyncio.to_thread(self._check_out, entry.id)
+        if out.lock_error is not None:
             # e.g. no locks on this filesystem: delivering unlocked beats not delivering.
             log.warning("%s: cannot lock the queued message (%s); delivering anyway", entry.id,
-                        exc)
-            await self._deliver(lane, conn, entry)
-            return
-        if claim is None:
+                        out.lock_error)
+        elif out.claim is None:
             log.info("%s: no longer queued (delivered, held or deleted meanwhile); dropped from "
                      "the schedule", entry.id)
             return
-        with claim:
+        try:
             # The state on disk has the operator's changes (bounce); the one in memory is newer
             # only if saving it failed.
-            if claim.state.attempts >= entry.state.attempts:
-                entry = replace(entry, state=claim.state)
-            await self._deliver(lane, conn, entry)
+            if out.claim is not None and out.claim.state.attempts >= entry.state.attempts:
+                entry = replace(entry, state=out.claim.state)
+            await self._deliver(lane, conn, entry, out)
+        finally:
+            out.close()  # already done in the thread when the message was removed
 
-    async def _deliver(self, lane: _Lane, conn: Upstream, entry: QueueEntry) -> None:
+    def _check_out(self, queue_id: str) -> _CheckOut:
+        """Claim and read (or, when large, verify) a message: one thread hop for both."""
+        out = _CheckOut()
+        try:
+            out.claim = self.spool.claim(queue_id)
+        except OSError as exc:
+            out.lock_error = exc
+        else:
+            if out.claim is None:
+                return out
+        try:
+            out.message = self.spool.load(queue_id, claim=out.claim)
+        except OSError as exc:
+            out.error = exc
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    def _remove(self, queue_id: str, out: _CheckOut) -> None:
+        """Forget a delivered message, then let go of its file, in a thread: closing the last
+        descriptor of an unlinked file frees it, which is disk work too."""
+        try:
+            self.spool.remove(queue_id)
+        finally:
+            out.close()
+
+    async def _deliver(self, lane: _Lane, conn: Upstream, entry: QueueEntry, out: _CheckOut
+                       ) -> None:
         env, state = entry.envelope, entry.state
         rcpts = list(state.pending_rcpts if state.pending_rcpts is not None else env.rcpt_tos)
         age = self._clock() - env.received_at
-        try:
-            data = await asyncio.to_thread(self.spool.read, entry.id)
-        except SpoolMissingError as exc:
+        if isinstance(out.error, SpoolMissingError):
             # Deleted by an operator, or damaged and already moved to corrupt/ by the spool.
-            log.error("%s: dropped from the delivery schedule: %s", entry.id, exc)
+            log.error("%s: dropped from the delivery schedule: %s", entry.id, out.error)
             return
-        except OSError as exc:
-            log.error("%s: cannot read spooled message: %s; it stays queued", entry.id, exc)
-            await self._defer(entry, rcpts, DeferError(f"spool read failed: {exc}"))
+        if out.error is not None or out.message is None:
+            log.error("%s: cannot read spooled message: %s; it stays queued", entry.id,
+                      out.error)
+            await self._defer(entry, rcpts, DeferError(f"spool read failed: {out.error}"))
             return
+        data = out.message
         if state.bounce_reason:  # `m365relay queue bounce`: handled like a 5xx
             await self._bounce(entry, dict.fromkeys(rcpts, state.bounce_reason), rcpts, data)
             return
@@ -300,9 +364,12 @@ class Delivery:
             await self._bounce(entry, dict.fromkeys(rcpts, exc.describe()), rcpts, data)
             return
         except DeferError as exc:
-            # 421 closes the session for whatever reason the server has: like 432, the path.
             self.pacer.throttled((lane.app, lane.mailbox.lower()), exc)
-            if isinstance(exc, LaneError | AuthRejected | TokenError) or exc.code in (421, 432):
+            # The path failed (connect, TLS, token, login), or a 421 closed the session for
+            # whatever reason the server has: pause the lane. A 432 inside a working session
+            # (Exchange's submission limit for the mailbox) defers only this message; the pacer
+            # slows the mailbox down, and the lane keeps its authenticated connections.
+            if isinstance(exc, LaneError | AuthRejected | TokenError) or exc.code == 421:
                 self._block(lane, exc)
             await self._defer(entry, rcpts, exc)
             return
@@ -332,7 +399,7 @@ class Delivery:
             self.pacer.throttled((lane.app, lane.mailbox.lower()), first)
             await self._defer(entry, later, first)
         elif not bounced:
-            await asyncio.to_thread(self.spool.remove, entry.id)
+            await asyncio.to_thread(self._remove, entry.id, out)
             log.info("%s: removed", entry.id)
 
     def _block(self, lane: _Lane, exc: DeliveryError) -> None:
@@ -382,7 +449,7 @@ class Delivery:
         return f"relay={relay}, delay={self._clock() - entry.envelope.received_at:.1f}"
 
     async def _bounce(self, entry: QueueEntry, failed: dict[str, str], rcpts: list[str],
-                      data: bytes, keep: list[str] | None = None) -> None:
+                      data: Message, keep: list[str] | None = None) -> None:
         env = entry.envelope
         self.counters.bounced += len(failed)
         for rcpt, why in failed.items():
@@ -402,8 +469,12 @@ class Delivery:
             else:
                 log.info("%s: kept in %s", entry.id, path)
 
-    async def _send_dsn(self, entry: QueueEntry, failed: dict[str, str], data: bytes) -> None:
+    async def _send_dsn(self, entry: QueueEntry, failed: dict[str, str], message: Message
+                        ) -> None:
         env = entry.envelope
+        # Bounces are rare: reading a large message whole for its DSN is fine.
+        data = message.data if message.data is not None else await asyncio.to_thread(
+            message.read_all)
         dsn = build_dsn(queue_id=entry.id, envelope=env, failed=failed, original=data,
                         reporting_mta=self._hostname, from_addr=env.mailbox,
                         arrival=env.received_at, now=self._clock())

@@ -25,7 +25,7 @@ import time
 
 from relay.delivery import Delivery
 from relay.errors import BounceError, DeliveryError
-from relay.spool import DeliveryState, Envelope, QueueEntry, Spool
+from relay.spool import Content, DeliveryState, Envelope, QueueEntry, Spool, content_size
 
 log = logging.getLogger("m365relay.passthrough")
 
@@ -54,8 +54,9 @@ class Passthrough:
         self.spool = spool
         self.slot_timeout = slot_timeout
 
-    async def transact(self, client: str, env: Envelope, data: bytes) -> str:
-        """Send now; return the reply for the client's DATA."""
+    async def transact(self, client: str, env: Envelope, data: Content) -> str:
+        """Send now; return the reply for the client's DATA. ``data`` may be the message's
+        pieces (header block, body as received): sent and spooled without joining them."""
         async with self.delivery.borrow(env.app, env.mailbox, self.slot_timeout) as ok:
             if not ok:
                 limit = self.delivery.config.delivery.connections_per_mailbox
@@ -108,7 +109,7 @@ class Passthrough:
             return client_reply(transient[0] if transient else next(iter(refused.values())))
         return await self._spool_refused(client, env, data, refused)
 
-    async def _spool_refused(self, client: str, env: Envelope, data: bytes,
+    async def _spool_refused(self, client: str, env: Envelope, data: Content,
                              refused: dict[str, DeliveryError]) -> str:
         later = tuple(r for r, e in refused.items() if not isinstance(e, BounceError))
         bounced = {r: e for r, e in refused.items() if isinstance(e, BounceError)}
@@ -129,7 +130,7 @@ class Passthrough:
         return (f"250 2.0.0 Ok: delivered to {len(env.rcpt_tos) - len(refused)} recipient(s); "
                 f"{len(refused)} refused upstream and queued (retry or non-delivery report)")
 
-    async def _queue(self, env: Envelope, rcpts: tuple[str, ...], data: bytes,
+    async def _queue(self, env: Envelope, rcpts: tuple[str, ...], data: Content,
                      state: DeliveryState) -> None:
         part = Envelope(mail_from=env.mail_from, rcpt_tos=rcpts, account=env.account,
                         app=env.app, mailbox=env.mailbox, bounce_to=env.bounce_to,
@@ -138,4 +139,4 @@ class Passthrough:
         queue_id = await asyncio.to_thread(self.spool.commit, part, data)
         if state.bounce_reason:
             await asyncio.to_thread(self.spool.save_state, queue_id, state)
-        self.delivery.submit(QueueEntry(queue_id, part, state, len(data)))
+        self.delivery.submit(QueueEntry(queue_id, part, state, content_size(data)))

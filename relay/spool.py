@@ -29,17 +29,24 @@ import logging
 import os
 import re
 import secrets
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeAlias
 
 __all__ = [
+    "INLINE_LIMIT",
+    "Body",
+    "BodyCheck",
+    "Chunk",
     "Claim",
+    "Content",
     "DeliveryState",
     "Envelope",
+    "Message",
     "QueueEntry",
     "Spool",
     "SpoolBusyError",
@@ -48,6 +55,8 @@ __all__ = [
     "SpoolFullError",
     "SpoolMissingError",
     "SpoolWriteError",
+    "content_parts",
+    "content_size",
 ]
 
 log = logging.getLogger("m365relay.spool")
@@ -70,6 +79,62 @@ _ID_RE = re.compile(rf"[{_ALPHABET}]{{{ID_LENGTH}}}")
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 Opener = Callable[[str, int, int], int]
+# A message as one buffer, or as its pieces in order (e.g. the rewritten header block and a view
+# of the body as received), so a 30 MB message is never joined into a second copy.
+Chunk: TypeAlias = bytes | bytearray | memoryview
+Content: TypeAlias = bytes | Sequence[Chunk]
+
+
+def content_parts(content: Content) -> Sequence[Chunk]:
+    # One buffer of any kind is one part (a bytearray is also a sequence, of ints).
+    return (content,) if isinstance(content, bytes | bytearray | memoryview) else content
+
+
+def content_size(content: Content) -> int:
+    return sum(memoryview(part).nbytes for part in content_parts(content))
+
+
+# Messages up to this size are read whole for delivery; larger ones are verified and sent in
+# READ_CHUNK pieces straight from the spool file, so a 30 MB scan costs no 30 MB of memory.
+INLINE_LIMIT = 1024 * 1024
+READ_CHUNK = 256 * 1024
+_IOV_MAX = 1024  # the smallest IOV_MAX (POSIX minimum is 16, Linux and BSDs have 1024)
+
+
+class BodyCheck:
+    """What sending needs to know about a message, learned in the pass that checks its hash:
+    whether it has 8-bit bytes (SMTP then says BODY=8BITMIME) and whether every line ends in
+    CRLF (what the listener stores; anything else is normalized before it goes out).
+
+    Fed the message in order, in pieces of any size; a CR LF split between pieces counts."""
+
+    __slots__ = ("_cr_end", "bare", "eightbit")
+
+    def __init__(self) -> None:
+        self.eightbit = False
+        self.bare = False  # a CR or LF that is not part of a CR LF pair
+        self._cr_end = False  # the last piece ended in CR; its pair may start the next
+
+    def update(self, piece: bytes | bytearray) -> None:
+        if not self.eightbit and not piece.isascii():
+            self.eightbit = True
+        if self.bare or not piece:
+            return
+        pairs = piece.count(b"\r\n")
+        lone_lf = piece.count(b"\n") - pairs
+        if self._cr_end:
+            if piece[0] == 0x0A:
+                lone_lf -= 1
+            else:
+                self.bare = True
+        self._cr_end = piece[-1] == 0x0D
+        if lone_lf or piece.count(b"\r") - pairs > self._cr_end:
+            self.bare = True
+
+    @property
+    def clean(self) -> bool:
+        """Every CR and LF seen so far is in a CR LF pair (call after the last piece)."""
+        return not self.bare and not self._cr_end
 
 
 class SpoolError(OSError):
@@ -154,6 +219,47 @@ class Claim:
         self.release()
 
 
+class Message:
+    """A queued message whose size and checksum matched what was committed.
+
+    Small ones are in :attr:`data`; a large one stays in its spool file and is read in pieces
+    with :meth:`read_at` (blocking: call it in a thread) while it is sent. Valid until
+    :meth:`close`, or until the claim whose file it reads is released.
+    """
+
+    def __init__(self, size: int, check: BodyCheck, data: bytes | None, *, file: BinaryIO,
+                 offset: int, owns_file: bool) -> None:
+        self.size = size
+        self.eightbit = check.eightbit
+        self.clean = check.clean  # every line ends in CRLF
+        self.data = data
+        self._file = file
+        self._offset = offset  # where the message starts in the file
+        self._owns_file = owns_file
+
+    def read_at(self, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``start``; fewer only at the end of the message."""
+        length = max(0, min(length, self.size - start))
+        if self.data is not None:
+            return self.data[start:start + length]
+        # pread: no shared file position, so the lock holder's file object is left alone.
+        piece = os.pread(self._file.fileno(), length, self._offset + start)
+        if len(piece) != length:
+            raise SpoolError(f"spool file {self._file.name} shrank while being sent")
+        return piece
+
+    def read_all(self) -> bytes:
+        return self.data if self.data is not None else self.read_at(0, self.size)
+
+    def close(self) -> None:
+        if self._owns_file:
+            self._file.close()
+
+
+# What a transport sends: in memory, or verified in the spool and read while it is sent.
+Body: TypeAlias = Content | Message
+
+
 class _BadFile(Exception):
     """A queue or state file that cannot be trusted; the text says why."""
 
@@ -235,10 +341,19 @@ class Spool:
 
     # ------------------------------------------------------------------ accepting mail
 
-    def commit(self, envelope: Envelope, content: bytes) -> str:
-        """Store the message durably and return its queue id; only then may the client get 250."""
-        header = _encode_header(envelope, content)
-        self._check_free_space(len(header) + len(content))
+    def commit(self, envelope: Envelope, content: Content) -> str:
+        """Store the message durably and return its queue id; only then may the client get 250.
+
+        ``content`` may be the message's pieces in order; they are written as they are, never
+        joined into one more copy."""
+        parts = content_parts(content)
+        digest = hashlib.sha256()
+        size = 0
+        for part in parts:
+            digest.update(part)
+            size += memoryview(part).nbytes
+        header = _encode_header(envelope, size, digest.hexdigest())
+        self._check_free_space(len(header) + size)
         queue_id = self._new_id()
         tmp_path = self._tmp / queue_id
         final_path = self._queue / queue_id
@@ -246,8 +361,7 @@ class Spool:
         try:
             fd = self._open_new(tmp_path)
             try:
-                _write_all(fd, header)
-                _write_all(fd, content)
+                _write_parts(fd, (header, *parts))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -261,7 +375,7 @@ class Spool:
             if renamed:
                 _discard(final_path)
             raise self._write_error(f"could not store message {queue_id}", exc) from exc
-        log.debug("queued %s (%d bytes, %d recipients)", queue_id, len(content),
+        log.debug("queued %s (%d bytes, %d recipients)", queue_id, size,
                   len(envelope.rcpt_tos))
         return queue_id
 
@@ -311,16 +425,29 @@ class Spool:
     # ------------------------------------------------------------------ delivery side
 
     def read(self, queue_id: str, *, held: bool = False) -> bytes:
-        """Return exactly the bytes given to :meth:`commit`.
+        """Return exactly the bytes given to :meth:`commit`, verified as :meth:`load` does."""
+        return self.load(queue_id, held=held, inline_limit=sys.maxsize).read_all()
 
-        Raises :class:`SpoolCorruptError` (after moving the file to corrupt/) if the stored
-        size or checksum no longer match, so damaged mail is never sent upstream.
+    def load(self, queue_id: str, *, claim: Claim | None = None, held: bool = False,
+             inline_limit: int = INLINE_LIMIT) -> Message:
+        """The message, ready to send once its size and checksum match what was committed.
+
+        Raises :class:`SpoolCorruptError` (after moving the file to corrupt/) if they no longer
+        match, so damaged mail is never sent upstream: a message larger than ``inline_limit``
+        is checked in one pass over the file *before* it is sent, then sent piece by piece
+        from the same open file (:meth:`Message.read_at`). With ``claim``, reads through the
+        claim's locked file: the one that was locked, and no second open.
         """
         path = (self._hold if held else self._queue) / _check_id(queue_id)
+        own = claim is None
         try:
-            with path.open("rb") as f:
-                meta = _read_header(f, os.fstat(f.fileno()).st_size)
-                content = f.read(meta["size"])
+            f = path.open("rb") if claim is None else claim._file
+            try:
+                message = _verified(f, os.fstat(f.fileno()).st_size, inline_limit, own)
+            except BaseException:
+                if own:
+                    f.close()
+                raise
         except FileNotFoundError as exc:
             raise SpoolMissingError(
                 f"message {queue_id} is not in the queue at {self._queue}"
@@ -332,15 +459,7 @@ class Spool:
             ) from exc
         except OSError as exc:
             raise SpoolError(f"could not read message {queue_id} from {path}: {exc}") from exc
-        digest = meta.get("sha256")
-        if len(content) != meta["size"] or (
-            digest is not None and hashlib.sha256(content).hexdigest() != digest
-        ):
-            reason = "content does not match the size and checksum recorded when it was queued"
-            self._quarantine(path, reason)
-            raise SpoolCorruptError(f"message {queue_id} is damaged ({reason}); moved to "
-                                    f"{self._corrupt}")
-        return content
+        return message
 
     def save_state(self, queue_id: str, state: DeliveryState) -> None:
         path = self._queue / _check_id(queue_id)
@@ -370,7 +489,10 @@ class Spool:
             # cleans, rather than a message with lost state (a possible duplicate delivery).
             (self._queue / queue_id).unlink(missing_ok=True)
             _fsync_dir(self._queue)
-            (self._state / f"{queue_id}.json").unlink(missing_ok=True)
+            try:
+                (self._state / f"{queue_id}.json").unlink()
+            except FileNotFoundError:
+                return  # most mail goes out at the first attempt: no state, no state/ fsync
             _fsync_dir(self._state)
         except OSError as exc:
             raise SpoolWriteError(
@@ -659,6 +781,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _write_parts(fd: int, parts: Sequence[Chunk]) -> None:
+    """All parts in order, in one writev where the kernel takes them all (it usually does)."""
+    views = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while views and written >= views[0].nbytes:
+            written -= views.pop(0).nbytes
+        if written:
+            views[0] = views[0][written:]
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -692,7 +825,7 @@ def _b32(value: int, width: int) -> str:
 # ---------------------------------------------------------------------- file format
 
 
-def _encode_header(envelope: Envelope, content: bytes) -> bytes:
+def _encode_header(envelope: Envelope, size: int, sha256: str) -> bytes:
     meta = {
         "mail_from": envelope.mail_from,
         "rcpt_tos": list(envelope.rcpt_tos),
@@ -704,9 +837,9 @@ def _encode_header(envelope: Envelope, content: bytes) -> bytes:
         "received_at": envelope.received_at,
         "original_from": envelope.original_from,
         "is_dsn": envelope.is_dsn,
-        "size": len(content),
-        # ~20 ms for 30 MB; lets read() refuse to send silently damaged mail upstream.
-        "sha256": hashlib.sha256(content).hexdigest(),
+        "size": size,
+        # ~20 ms for 30 MB; lets load() refuse to send silently damaged mail upstream.
+        "sha256": sha256,
     }
     # ensure_ascii keeps the line free of raw newlines whatever the addresses contain.
     return MAGIC + json.dumps(meta, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
@@ -735,6 +868,38 @@ def _read_header(f: BinaryIO, file_size: int) -> dict[str, Any]:
     if digest is not None and not isinstance(digest, str):
         raise _BadFile("envelope checksum is not a string")
     return meta
+
+
+def _verified(f: BinaryIO, file_size: int, inline_limit: int, owns_file: bool) -> Message:
+    f.seek(0)
+    meta = _read_header(f, file_size)
+    size: int = meta["size"]
+    digest = hashlib.sha256()
+    check = BodyCheck()
+    data: bytes | None = None
+    offset = f.tell()
+    if size <= inline_limit:
+        data = f.read(size)
+        digest.update(data)
+        check.update(data)
+        seen = len(data)
+    else:
+        # One pass in pieces: memory stays at one piece whatever the message's size.
+        buffer = bytearray(READ_CHUNK)
+        seen = 0
+        while n := os.preadv(f.fileno(), [buffer], offset + seen):
+            piece = buffer if n == len(buffer) else buffer[:n]
+            digest.update(piece)
+            check.update(piece)
+            seen += n
+    expected = meta.get("sha256")
+    if seen != size or (expected is not None and digest.hexdigest() != expected):
+        raise _BadFile("content does not match the size and checksum recorded when it was "
+                       "queued")
+    if data is not None and owns_file:
+        f.close()  # all in memory: nothing more to read
+    return Message(size, check, data, file=f, offset=offset,
+                   owns_file=owns_file and data is None)
 
 
 def _field(

@@ -17,6 +17,8 @@ import aiosmtplib
 from relay.config import App
 from relay.errors import AuthRejected, DeferError, DeliveryError, error_for
 from relay.explain import Context, Verdict, explain_connection_error, explain_smtp
+from relay.smtpwire import send_mail
+from relay.spool import Body
 from relay.tokens import TokenProvider
 
 log = logging.getLogger("m365relay.upstream")
@@ -161,20 +163,21 @@ class UpstreamConnection:
             return error_for(text, explanation, code=code, stage=stage)
         return LaneError(text, code=code, explanation=explanation)
 
-    async def send(self, mail_from: str, rcpts: list[str], data: bytes
+    async def send(self, mail_from: str, rcpts: list[str], body: Body
                    ) -> tuple[dict[str, DeliveryError], str]:
         """Send one message. Returns the recipients Exchange refused (the rest were accepted)
-        and Exchange's final reply; raises DeliveryError when the message as a whole failed."""
+        and Exchange's final reply; raises DeliveryError when the message as a whole failed.
+
+        ``body`` may be the message's pieces, or a spooled :class:`~relay.spool.Message` that
+        is read from its file while it is sent."""
         if not self.connected:
             self._smtp = await self._connect()
         smtp = self._smtp
         assert smtp is not None  # noqa: S101 - just connected
-        options = []
-        if not data.isascii() and smtp.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
         ctx = self._ctx(mail_from)
         try:
-            refused, reply = await smtp.sendmail(mail_from, rcpts, data, mail_options=options)
+            refused, reply = await send_mail(smtp, mail_from, rcpts, body,
+                                             timeout=self._timeout)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             return {r.recipient: self._rcpt_error(r, ctx) for r in exc.recipients}, ""
         except aiosmtplib.SMTPSenderRefused as exc:

@@ -206,3 +206,44 @@ async def test_message_older_than_max_age_bounces(relays: RelayFactory, sandbox:
     assert b"5.4.7" in dsn.data and b"expired" in dsn.data
     await wait_until(lambda: not queued(tmp_path / "spool"))
     assert len(list((tmp_path / "spool" / "failed").glob("*.reason"))) == 1
+
+
+async def test_throttling_at_data_defers_one_message_and_keeps_the_connection(
+        relays: RelayFactory, sandbox: Sandbox, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="m365relay")
+    # Exchange's "sender thread limit" inside a working session: that message waits for its
+    # retry, the others go on over the same authenticated connection (no new login each time).
+    sandbox.exchange.inject("data", "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit "
+                                    "exceeded [Hostname=SANDBOX]")
+    data = relays.config()
+    data["delivery"]["connections_per_mailbox"] = 1
+    relay = await relays.start(data)
+    for i in range(3):
+        await asyncio.to_thread(send, relay.addresses["local"], message(f"paced {i}"))
+    await sandbox.exchange.wait_for_messages(3)
+    await wait_until(lambda: not queued(tmp_path / "spool"))
+    assert relay.delivery.counters.deferred == 1
+    assert sandbox.exchange.connections == 1
+    assert sandbox.exchange.auth_attempts == 1
+    assert "paused" not in caplog.text  # the mailbox's other mail did not wait
+
+
+async def test_workers_keep_their_connections_through_a_pause(relays: RelayFactory,
+                                                              sandbox: Sandbox,
+                                                              tmp_path: Path) -> None:
+    # A 421 ends one session and pauses the lane; the other worker's session is still good,
+    # and waits out the pause instead of being closed and made again afterwards.
+    sandbox.exchange.inject("data", "421 4.3.2 Service not available, closing transmission "
+                                    "channel")
+    data = relays.config()
+    data["delivery"]["connections_per_mailbox"] = 2
+    relay = await relays.start(data)
+    await asyncio.gather(*(asyncio.to_thread(send, relay.addresses["local"],
+                                             message(f"pair {i}")) for i in range(2)))
+    await sandbox.exchange.wait_for_messages(2)
+    await wait_until(lambda: not queued(tmp_path / "spool"))
+    assert relay.delivery.counters.deferred == 1
+    # Two sessions at the start (or one, if the first was done before the second arrived),
+    # and at most one made again for the 421'd one.
+    assert sandbox.exchange.connections <= 2

@@ -125,3 +125,19 @@ async def test_passthrough_keeps_the_mailbox_pace(relays: RelayFactory,
     assert elapsed >= 0.28  # four starts need at least three intervals of 0.1 s
     # Recipients sent in passthrough count toward the mailbox's 24-hour total too.
     assert relay.delivery.pacer.ledger.total("printers@contoso.example", time.time()) == 4
+
+
+async def test_large_message_goes_through_in_pieces_intact(relays: RelayFactory,
+                                                           sandbox: Sandbox) -> None:
+    sandbox.exchange.record_wire = True
+    relay = await relays.start(passthrough(relays.config()))
+    body = ".dotted line, caf\u00e9 0123456789\r\nplain line\r\n" * 60_000  # ~2.6 MB
+    code, _ = await asyncio.to_thread(send, relay.addresses["local"],
+                                      message("large", body=body))
+    assert code == 250
+    (got,) = sandbox.exchange.messages
+    assert got.data.endswith(body.encode())
+    assert got.wire is not None
+    assert got.wire.count(b"\r\n..dotted") == got.data.count(b"\r\n.dotted")
+    assert got.wire.endswith(b"\r\n.\r\n") and got.wire.count(b"\r\n.\r\n") == 1
+    assert relay.spool.entries() == []

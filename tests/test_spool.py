@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from relay.spool import (
+    BodyCheck,
     DeliveryState,
     Envelope,
     QueueEntry,
@@ -565,3 +566,69 @@ def test_envelope_fields_survive_exactly(spool: Spool) -> None:
     [entry] = Spool(spool.directory).open()
     assert entry.envelope == env
     assert entry.id == queue_id
+
+
+# ---------------------------------------------------------------------- pieces and load
+
+
+def test_commit_takes_pieces_without_joining_them(spool: Spool) -> None:
+    header = b"Received: by relay\r\nSubject: pieces\r\n\r\n"
+    body = bytearray(b"line one\r\n.dot\r\n" * 1000)
+    queue_id = spool.commit(make_envelope(), (header, memoryview(body)[10:], b"", b"end\r\n"))
+    expected = header + bytes(body[10:]) + b"end\r\n"
+    assert spool.read(queue_id) == expected  # same size and checksum as one buffer
+    [entry] = spool.entries()
+    assert entry.size == len(expected)
+
+
+@pytest.mark.parametrize("inline_limit", [0, 1 << 30], ids=["streamed", "inline"])
+def test_load_verifies_and_describes_the_message(spool: Spool, inline_limit: int) -> None:
+    content = random.Random(2).randbytes(700_000) + b"\r\nplain\r\n"
+    queue_id = spool.commit(make_envelope(), content)
+    claim = spool.claim(queue_id)
+    assert claim is not None
+    with claim:
+        message = spool.load(queue_id, claim=claim, inline_limit=inline_limit)
+        assert (message.data is None) == (inline_limit == 0)
+        assert message.size == len(content)
+        assert message.eightbit  # random bytes have some >= 0x80
+        assert not message.clean  # and bare CRs and LFs
+        assert message.read_at(5, 100) == content[5:105]
+        assert message.read_at(len(content) - 3, 100) == content[-3:]
+        assert message.read_all() == content
+    ascii_crlf = spool.commit(make_envelope(), b"Subject: a\r\n\r\n" + b"text\r\n" * 50_000)
+    message = spool.load(ascii_crlf, inline_limit=inline_limit)
+    assert (message.eightbit, message.clean) == (False, True)
+    message.close()
+
+
+def test_large_damaged_message_is_refused_before_anything_is_read_for_sending(
+        spool: Spool) -> None:
+    content = b"Subject: big\r\n\r\n" + b"0123456789abcdef\r\n" * 200_000
+    queue_id = spool.commit(make_envelope(), content)
+    queue_file = spool.directory / "queue" / queue_id
+    data = bytearray(queue_file.read_bytes())
+    data[-1_000_000] ^= 0x01  # same size, one flipped bit in the middle
+    queue_file.write_bytes(bytes(data))
+    with pytest.raises(SpoolCorruptError):
+        spool.load(queue_id, inline_limit=1024)
+    assert (spool.directory / "corrupt" / queue_id).exists()
+    assert spool.entries() == []
+
+
+def test_body_check_is_the_same_whatever_the_pieces() -> None:
+    samples = [b"a\r\nb\r\n", b"a\r\nb", b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\nb\r\n", b"\r\n",
+               b"x\r", b"\n", b"caf\xc3\xa9\r\n", b"\r\n\r\n.\r\n"]
+    rng = random.Random(3)
+    for sample in samples:
+        whole = BodyCheck()
+        whole.update(sample)
+        bare = re.search(rb"\r(?!\n)|(?<!\r)\n", sample) is not None
+        assert (whole.clean, whole.eightbit) == (not bare, not sample.isascii()), sample
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(len(sample) + 1), min(3, len(sample) + 1)))
+            split = BodyCheck()
+            for start, end in zip([0, *cuts], [*cuts, len(sample)], strict=True):
+                split.update(sample[start:end])
+            assert (split.clean, split.eightbit) == (whole.clean, whole.eightbit), (sample,
+                                                                                    cuts)

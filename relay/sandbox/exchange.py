@@ -85,6 +85,9 @@ class FakeExchange:
         self.entra = entra
         self.mail_dir = mail_dir
         self.record_wire = False  # keep each message's raw DATA bytes (ReceivedMessage.wire)
+        # Exchange Online offers PIPELINING; False leaves it out of EHLO, as other servers do.
+        self.pipelining = True
+        self.pipelined = 0  # transactions whose MAIL, RCPT and DATA came in one read
         # SendAs grants, mailbox -> addresses it may send as (Add-RecipientPermission). With
         # check_from_header the From header must be the signed-in mailbox or a granted address,
         # as Exchange checks it; off by default so tests of other parts stay header-agnostic.
@@ -169,6 +172,7 @@ class FakeExchange:
         self._injections.clear()
         self._delays.clear()
         self.messages.clear()
+        self.pipelined = 0
         self.connections = 0
         self.peak_open_connections = len(self._sessions)
         self.auth_attempts = self.auth_failures = 0
@@ -397,6 +401,8 @@ class _ExchangeSession(SMTP):
     def data_received(self, data: bytes) -> None:
         if self._wire is not None:
             self._wire += data
+        elif data.startswith(b"MAIL FROM:") and data.endswith(b"\r\nDATA\r\n"):
+            self.exchange.pipelined += 1
         super().data_received(data)
 
     def take_wire(self) -> bytes | None:
@@ -424,7 +430,8 @@ class _ExchangeSession(SMTP):
         peer = session.peer[0] if session.peer else "unknown"
         # As Exchange: AUTH only appears once the channel is encrypted.
         security = "STARTTLS" if self._tls_protocol is None else "AUTH LOGIN XOAUTH2"
-        lines = [f"{self.hostname} Hello [{peer}]", f"SIZE {SIZE_LIMIT}", "PIPELINING",
+        lines = [f"{self.hostname} Hello [{peer}]", f"SIZE {SIZE_LIMIT}",
+                 *(["PIPELINING"] if self.exchange.pipelining else []),
                  "ENHANCEDSTATUSCODES", security, "8BITMIME", "SMTPUTF8"]
         await self.push("\r\n".join(
             f"250{' ' if i == len(lines) - 1 else '-'}{line}" for i, line in enumerate(lines)))
