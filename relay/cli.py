@@ -18,9 +18,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from relay import __version__, logsafe, permissions
-from relay import config as config_mod
-from relay.events import log_fields
+from relay import __version__, logsafe
+from relay.config import permissions
+from relay.config import records as config_mod
+from relay.delivery.events import log_fields
 
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
@@ -29,7 +30,7 @@ log = logging.getLogger("m365relay")
 # Commands whose parsers live beside their code. Their modules are imported only to run them or
 # to list every command: `login` alone imports msal, requests and cryptography (~20 MB, ~0.3 s)
 # that `serve` would carry for its whole life and wait for before listening.
-_MORE_COMMANDS = {"doctor": "relay.doctor.command", "queue": "relay.queuectl.cli",
+_MORE_COMMANDS = {"doctor": "relay.doctor.command", "queue": "relay.queue.cli",
                   "login": "relay.login"}
 
 
@@ -111,7 +112,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.service import StartupError, run
+    from relay.service.lifecycle import StartupError, run
 
     setup_logging(args.log_level, args.log_format)
     loaded = _load_source(args)
@@ -130,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _load_source(args: argparse.Namespace) -> tuple[config_mod.Config, Path | None] | None:
     """--config FILE, --config-from-env, or both (the file if it exists: the container image)."""
-    from relay.envconfig import load_source
+    from relay.config.env import load_source
 
     try:
         return load_source(args.config, from_env_vars=args.config_from_env)
@@ -140,7 +141,7 @@ def _load_source(args: argparse.Namespace) -> tuple[config_mod.Config, Path | No
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
-    from relay import healthcheck
+    from relay.service import healthcheck
 
     # Docker reads 0 as healthy and 1 as unhealthy (2 is reserved): nothing else is returned.
     if args.address:
@@ -160,7 +161,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from relay.auth import hash_password
+    from relay.policy.passwords import hash_password
 
     if args.stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -191,7 +192,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from relay.demo import run_demo
+    from relay.sandbox.demo import run_demo
 
     setup_logging(args.log_level)
     return asyncio.run(run_demo(args.config))

@@ -23,8 +23,8 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import explain
-from relay.explain import (
+from relay.diagnosis import explain
+from relay.diagnosis.explain import (
     Context,
     Explanation,
     Verdict,

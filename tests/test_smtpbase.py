@@ -20,10 +20,10 @@ from conftest import RelayFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import rewrite
-from relay.smtpbase import DataReader, FastSMTP
-from relay.smtpdata import SMTP_LINE_LIMIT, DataAssembler, fold_long_lines
-from relay.smtpsession import _JUNK, RelaySMTP
+from relay.ingress.data import SMTP_LINE_LIMIT, DataAssembler, fold_long_lines
+from relay.ingress.session import _JUNK, RelaySMTP
+from relay.ingress.smtpbase import DataReader, FastSMTP
+from relay.policy import rewrite
 
 # -- set-up ------------------------------------------------------------------------------
 

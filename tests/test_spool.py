@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import (
+from relay.spool.store import (
     BodyCheck,
     DeliveryState,
     Envelope,
