@@ -41,7 +41,7 @@ def test_the_full_command_list_still_has_every_command() -> None:
 
 
 def test_the_cached_timestamp_reads_as_logging_would_write_it() -> None:
-    from relay.cli import _TextFormatter
+    from relay.service.logs import _TextFormatter
 
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     ours, stdlib = _TextFormatter(fmt), logging.Formatter(fmt)

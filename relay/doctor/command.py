@@ -52,7 +52,7 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from relay.cli import setup_logging
+    from relay.service.logs import setup_logging
 
     # The report says everything; log lines would repeat it in another shape.
     setup_logging("debug" if args.verbose else "critical")
