@@ -3,12 +3,12 @@
 Delivery code raises these; the delivery manager only looks at the class:
 :class:`DeferError` keeps the message queued and retries with backoff, :class:`BounceError`
 sends a DSN and moves the message to ``failed/``. Each carries the upstream code (if any) and
-an explanation for the operator, built from the one table in :mod:`relay.explain`.
+an explanation for the operator, built from the tables in :mod:`relay.diagnosis.explain`.
 """
 
 from __future__ import annotations
 
-from relay.diagnosis.explain import Explanation, Verdict
+from relay.diagnosis.verdict import Explanation, Verdict
 
 
 class RelayError(Exception):
