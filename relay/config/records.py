@@ -40,7 +40,6 @@ from relay.config.check import (
     validate,
 )
 from relay.config.clouds import CloudName
-from relay.policy import identity
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK: tuple[IPNetwork, ...] = (
@@ -184,6 +183,23 @@ def _email(value: Any) -> str:
     return value
 
 
+_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+_DOMAIN = re.compile(r"^\*@[^@\s<>*]+\.[^@\s<>*]+$")
+
+
+def _patterns(value: Any) -> tuple[str, ...]:
+    """``allowed_from`` / ``allowed_recipients``: matched by relay.policy.identity."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a list of addresses or `*@domain` patterns")  # noqa: TRY004 - the config reports ValueError per key
+    out = []
+    for item in items:
+        if not isinstance(item, str) or not (_ADDRESS.match(item) or _DOMAIN.match(item)):
+            raise ValueError(f"{item!r} is neither an email address nor `*@domain`")
+        out.append(item)
+    return tuple(out)
+
+
 def _split_bind(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -259,7 +275,7 @@ PfxFile: Check = then(_pfx_path, _readable)
 Duration: Check = plain(_duration)
 Networks: Check = plain(_networks)
 Email: Check = plain(_email)
-Patterns: Check = plain(identity.check_patterns)
+Patterns: Check = plain(_patterns)
 
 
 def Size(ge: int | None = None) -> Check:  # named as a type, like the checks above
@@ -444,7 +460,7 @@ class Account(Record):
     networks: tuple[IPNetwork, ...] = spec(Networks, default=())
     from_: Literal["rewrite", "enforce", "allow"] = spec(
         choice("rewrite", "enforce", "allow"), default="rewrite", key="from")
-    # Sending identity and recipient policy: relay/identity.py.
+    # Sending identity and recipient policy: relay/policy/identity.py.
     allowed_from: tuple[str, ...] = spec(Patterns, default=())
     send_as: Literal["authenticate", "sendas"] = spec(choice("authenticate", "sendas"),
                                                       default="authenticate")

@@ -9,26 +9,10 @@ Exchange Online as that address (its own Sent Items, no SendAs grant needed), wi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
-_DOMAIN = re.compile(r"^\*@[^@\s<>*]+\.[^@\s<>*]+$")
-
-
-def check_patterns(value: Any) -> tuple[str, ...]:
-    """Config validator for ``allowed_from`` / ``allowed_recipients``."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple):
-        raise ValueError("expected a list of addresses or `*@domain` patterns")  # noqa: TRY004 - the config reports ValueError per key
-    out = []
-    for item in items:
-        if not isinstance(item, str) or not (_ADDRESS.match(item) or _DOMAIN.match(item)):
-            raise ValueError(f"{item!r} is neither an email address nor `*@domain`")
-        out.append(item)
-    return tuple(out)
+from relay.config.records import Account
 
 
 def matches(address: str, patterns: Iterable[str]) -> bool:
@@ -41,17 +25,17 @@ def matches(address: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def may_send_as(account: Any, address: str) -> bool:
+def may_send_as(account: Account, address: str) -> bool:
     """The account's own mailbox, or an address its ``allowed_from`` lists."""
     return (address.casefold() == str(account.mailbox).casefold()
             or matches(address, account.allowed_from))
 
 
-def may_send_to(account: Any, address: str) -> bool:
+def may_send_to(account: Account, address: str) -> bool:
     return not account.allowed_recipients or matches(address, account.allowed_recipients)
 
 
-def sender_refusal(account: Any, address: str, what: str) -> str | None:
+def sender_refusal(account: Account, address: str, what: str) -> str | None:
     """The 550 for a sender ``enforce``/``allow`` refuses, or None."""
     if account.from_ == "rewrite" or may_send_as(account, address):
         return None
@@ -61,7 +45,7 @@ def sender_refusal(account: Any, address: str, what: str) -> str | None:
             f"<{account.mailbox}>{also} (from: {account.from_})")
 
 
-def recipient_refusal(account: Any, address: str) -> str | None:
+def recipient_refusal(account: Account, address: str) -> str | None:
     if may_send_to(account, address):
         return None
     return (f"550 5.7.1 Recipient <{address}> not allowed for account {account.name} "
@@ -76,7 +60,7 @@ class Identity:
     mail_from: str  # the envelope sender upstream (Exchange wants the signed-in mailbox)
 
 
-def sending_identity(account: Any, header_from: str | None, envelope_from: str) -> Identity:
+def sending_identity(account: Account, header_from: str | None, envelope_from: str) -> Identity:
     """Who the message goes out as, after the account's ``from`` policy has admitted it."""
     wanted = header_from or envelope_from
     if wanted and may_send_as(account, wanted):
