@@ -23,7 +23,7 @@ from relay.spool.store import QueueEntry, Spool
 from relay.upstream.smtp import UpstreamConnection
 
 if TYPE_CHECKING:
-    from relay.service.lifecycle import Relay
+    from relay.http.view import RelayView
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class RelayCollector(Collector):
     """Yields the metric families from one relay's state. ``queue`` is refreshed by the HTTP
     server (asynchronously, it reads the disk) right before each scrape."""
 
-    def __init__(self, relay: Relay, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, relay: RelayView, clock: Callable[[], float] = time.time) -> None:
         self.relay = relay
         self.queue = QueueSummary(0, None, ())
         self._clock = clock

@@ -26,7 +26,7 @@ from relay.http import statuspage
 from relay.http.metrics import RelayCollector, new_registry, read_queue
 
 if TYPE_CHECKING:
-    from relay.service.lifecycle import Relay
+    from relay.http.view import RelayView
 
 log = logging.getLogger("m365relay.http")
 
@@ -39,7 +39,7 @@ _TEXT = "text/plain; charset=utf-8"
 
 
 class WebServer:
-    def __init__(self, relay: Relay, settings: HttpSettings) -> None:
+    def __init__(self, relay: RelayView, settings: HttpSettings) -> None:
         self.relay = relay
         self.settings = settings
         self.collector = RelayCollector(relay)
@@ -179,7 +179,7 @@ def _ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 # --- readiness -------------------------------------------------------------------------------
 
 
-async def readiness(relay: Relay) -> list[str]:
+async def readiness(relay: RelayView) -> list[str]:
     """Why the relay cannot take mail right now; empty when it can."""
     problems = []
     if any(handler.closing for handler in relay.handlers):

@@ -17,7 +17,7 @@ from relay import __version__
 from relay.http.metrics import QueueSummary
 
 if TYPE_CHECKING:
-    from relay.service.lifecycle import Relay
+    from relay.http.view import RelayView
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -57,7 +57,7 @@ def _table(headers: Iterable[str], rows: list[str], empty: str) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def render(relay: Relay, queue: QueueSummary, *, now: float | None = None) -> str:
+def render(relay: RelayView, queue: QueueSummary, *, now: float | None = None) -> str:
     now = time.time() if now is None else now
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
@@ -91,7 +91,7 @@ def _queue(queue: QueueSummary, now: float) -> str:
     return f"<h2>Queue</h2><p>{_e(summary)}</p>{table}"
 
 
-def _tokens(relay: Relay, now: float) -> str:
+def _tokens(relay: RelayView, now: float) -> str:
     rows = []
     for name, app in sorted(relay.config.apps.items()):
         status = relay.tokens.status(name)
@@ -116,7 +116,7 @@ def _tokens(relay: Relay, now: float) -> str:
         rows, "No apps configured.")
 
 
-def _recent(relay: Relay, now: float) -> str:
+def _recent(relay: RelayView, now: float) -> str:
     events = relay.delivery.events
     totals = {"sent": 0, "deferred": 0, "bounced": 0}
     for (status, _account, _code), value in events.outcomes.items():

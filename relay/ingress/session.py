@@ -24,7 +24,7 @@ import math
 import ssl
 from base64 import b64decode
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword, syntax
 
@@ -34,7 +34,8 @@ from relay.ingress.smtpbase import FastSMTP
 from relay.policy import passwords as auth
 
 if TYPE_CHECKING:
-    from relay.ingress.listener import RelayHandler
+    from relay.config.records import Config, Listener
+    from relay.ingress.limits import AuthGuard, ConnectionSlots, LogThrottle
 
 log = logging.getLogger("m365relay.listener")
 
@@ -45,6 +46,23 @@ _BOGUS_LIMIT = "502 5.5.1 Too many unrecognized commands"  # aiosmtpd hangs up a
 # A real client answers the banner within milliseconds. At a connection limit, one silent for
 # a second after it is a flood socket or a dead client, and gives its slot to a newcomer.
 _SILENT_GRACE = 1.0
+
+
+class SessionHost(Protocol):
+    """What a session needs from the listener that accepted it (relay.ingress.listener's
+    RelayHandler): a protocol, so that the session does not import its listener back."""
+
+    listener: Listener
+    config: Config
+    hostname: str
+    sessions: set[RelaySMTP]
+    changed: asyncio.Event  # set when a session ends or finishes a transaction
+    slots: ConnectionSlots
+    guard: AuthGuard
+    quiet: LogThrottle
+    auth_failures: int  # for /metrics
+
+    def admit(self, session: RelaySMTP, address: Any) -> str | None: ...
 
 
 def safe(text: str, limit: int = 200) -> str:
@@ -74,7 +92,7 @@ class RelaySMTP(FastSMTP):
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
 
-    def __init__(self, handler: RelayHandler, *, implicit_tls: bool = False,
+    def __init__(self, handler: SessionHost, *, implicit_tls: bool = False,
                  tls_context: ssl.SSLContext | None = None) -> None:
         listener = handler.listener
         # Read by FastSMTP.__init__ to size the stream buffer, so it must be set first: the longest
@@ -103,7 +121,7 @@ class RelaySMTP(FastSMTP):
         self.message: DataAssembler | None = None  # the DATA hook's message
 
     @staticmethod
-    def session_options(handler: RelayHandler, tls_context: ssl.SSLContext | None
+    def session_options(handler: SessionHost, tls_context: ssl.SSLContext | None
                         ) -> dict[str, Any]:
         """The session's aiosmtpd options."""
         listener = handler.listener
