@@ -1,4 +1,4 @@
-"""relay.explain: upstream replies, Entra errors and network failures -> verdict + advice.
+"""relay.diagnosis.explain: upstream replies, Entra errors and network failures -> verdict + advice.
 
 Reply strings come from /work/shared/MICROSOFT365.md §1-§5 verbatim where it quotes them
 (host suffixes and all); the few marked "representative" follow the documented

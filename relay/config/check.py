@@ -1,4 +1,4 @@
-"""Checking parsed YAML against the frozen records of relay/config.py.
+"""Checking parsed YAML against the frozen records of relay/config/records.py.
 
 Each record field carries a *check* (``spec(check, default)``): a function of the raw value that
 returns the typed value or raises ValueError with a message for the admin. A record may also

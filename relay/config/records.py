@@ -393,17 +393,17 @@ class App(Record):
     cloud: CloudName = spec(choice("global", "usgov", "usgov-dod", "china"), default="global")
     hve: bool = spec(boolean, default=False)
     authority: str | None = spec(optional(_https), default=None)
-    # Defaults for these three come from `cloud` and `hve` (relay/clouds.py), see _prepare.
+    # Defaults for these three come from `cloud` and `hve` (relay/config/clouds.py), see _prepare.
     smtp_host: str = spec(text, default="smtp.office365.com")
     smtp_port: int = spec(integer(ge=1, le=65535), default=587)
     ca_file: Path | None = spec(optional(ReadableFile), default=None)
     scope: str = spec(text, default=EXCHANGE_SCOPE)
-    # Graph sendMail instead of SMTP AUTH (relay/graph.py), for tenants with SMTP AUTH off.
+    # Graph sendMail instead of SMTP AUTH (relay/upstream/graph.py), for tenants with SMTP AUTH off.
     transport: Literal["smtp", "graph"] = spec(choice("smtp", "graph"), default="smtp")
     graph_endpoint: str = spec(_graph_https, default=GRAPH_ENDPOINT)
     # Graph refuses requests over about 4 MB (413); larger mail goes draft + upload session.
     graph_request_limit: int = spec(Size(ge=64 * 1024), default=4 * 1024 * 1024)
-    # "delegated": a person signs in once (`m365relay login`), relay/delegated.py.
+    # "delegated": a person signs in once (`m365relay login`), relay/tokens/delegated.py.
     flow: Literal["client_credentials", "delegated"] = spec(
         choice("client_credentials", "delegated"), default="client_credentials")
 

@@ -17,7 +17,7 @@ from relay.spool.store import QueueEntry
 
 NO_CODE = "none"  # no SMTP reply: network, TLS, token, expiry, internal errors
 
-# The reply code inside DeliveryError texts from relay.upstream: "HOST:PORT answered 550 ..."
+# The reply code inside DeliveryError texts from relay.upstream.smtp: "HOST:PORT answered 550 ..."
 # and "HOST:PORT refused <rcpt>: 550 ...". Anchored on those words so the port never matches.
 _CODE = re.compile(r"(?:\banswered|>:) ([2-5]\d\d)\b")
 _QUEUE_ID = re.compile(r"([0-9A-HJKMNP-TV-Z]{15}): ")

@@ -66,7 +66,7 @@ class _Lane:
     blocked_until: float = 0.0
     failures: int = 0  # path failures in a row; while > 0 only one worker probes the path
     pauses: int = 0  # identifies the current pause, so an older pause's timer cannot end it
-    borrowed: int = 0  # connection slots lent to passthrough transactions (relay/passthrough.py)
+    borrowed: int = 0  # connection slots lent to passthrough transactions (delivery/passthrough.py)
     waiting: int = 0  # passthrough transactions waiting for a slot; idle workers make room
     freed: asyncio.Event = field(default_factory=asyncio.Event)
 

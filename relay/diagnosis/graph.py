@@ -1,5 +1,5 @@
 """Microsoft Graph errors (``{"error": {"code", "message"}}`` plus the HTTP status) explained
-with the same verdicts and advice style as SMTP replies in :mod:`relay.explain`.
+with the same verdicts and advice style as SMTP replies in :mod:`relay.diagnosis.explain`.
 
 Kept beside explain.py rather than in it so that file stays readable; the rendering helpers
 are shared, so placeholders and redaction behave exactly as for SMTP.

@@ -3,7 +3,7 @@
 The app's links (credential, token endpoint, token, claims, upstream, STARTTLS) are walked once
 per app and shared by its accounts; XOAUTH2 and the test message are per mailbox. The token and
 the XOAUTH2 login go through the relay's own TokenProvider and UpstreamConnection, and every
-upstream failure is explained by relay.explain, so doctor says what the relay would log.
+upstream failure is explained by relay.diagnosis.explain, so doctor says what the relay would log.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from relay.upstream.smtp import UpstreamConnection, tls_context
 
 _AADSTS = re.compile(r"AADSTS\d+")
 _ENHANCED = re.compile(r"(?<![\w.])[245]\.\d{1,3}\.\d{1,3}(?![\w.])")
-# relay.explain writes these where it cannot know the id; doctor knows it from the token.
+# relay.diagnosis.explain writes these where it cannot know the id; doctor knows it from the token.
 _OBJECT_ID_PLACEHOLDERS = ("<enterprise app object id>", "<service principal id>")
 
 

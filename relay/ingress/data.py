@@ -112,7 +112,7 @@ class DataAssembler:
     def feed_lines(self, block: bytes) -> bool:
         """Take whole lines at once, as :meth:`feed` would take them one by one: ``block``
         ends with an LF and only its last line may be ``.<CR><LF>`` after an LF (as
-        :meth:`relay.smtpbase.DataReader.take_lines` cuts it). True once that line ended the
+        :meth:`relay.ingress.smtpbase.DataReader.take_lines` cuts it). True once that line ended the
         data."""
         end = len(block)
         last = block.endswith(b".\r\n") and (end == 3 or block[end - 4] == 0x0A)

@@ -12,14 +12,14 @@ Policy, in the order a session meets it:
    to Exchange Online as given (``%`` and ``!`` are not interpreted; a source route
    ``<@a,@b:user@c>`` is reduced to ``user@c`` as RFC 5321 C asks);
    The account's ``from``/``allowed_from`` check the sender, ``allowed_recipients`` each RCPT
-   (:mod:`relay.identity`);
+   (:mod:`relay.policy.identity`);
 4. DATA: the message is prepared (From rewrite, Message-ID, lines over 998 octets folded),
    committed to the spool with fsync, and only then answered ``250``. If the spool cannot take
    it the client gets a 4xx and keeps its copy. With ``delivery: passthrough`` it goes to
-   Exchange Online instead while the client waits (:mod:`relay.passthrough`).
+   Exchange Online instead while the client waits (:mod:`relay.delivery.passthrough`).
 
 The session itself (timeouts, DATA parsing, command limits, AUTH) is in
-:mod:`relay.smtpsession`; the counters are in :mod:`relay.limits`.
+:mod:`relay.ingress.session`; the counters are in :mod:`relay.ingress.limits`.
 """
 
 from __future__ import annotations

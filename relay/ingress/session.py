@@ -1,12 +1,12 @@
 """One SMTP session with a device: aiosmtpd's protocol with the relay's limits.
 
 On top of aiosmtpd 1.4.6 (which already ends DATA only at ``<CR><LF>.<CR><LF>`` and drops
-commands pipelined after ``STARTTLS``), set up cheaply by :class:`relay.smtpbase.FastSMTP`:
+commands pipelined after ``STARTTLS``), set up cheaply by :class:`relay.ingress.smtpbase.FastSMTP`:
 
 * admission at connect: the listener's ``networks``, then connection slots (``421 4.7.0``);
 * one watchdog timer for the idle command timeout, the DATA idle and total timeouts and the
   session cap; an expiry answers ``421 4.4.2`` and hangs up;
-* DATA read by :class:`~relay.smtpdata.DataAssembler` (bare CR/LF, line and size limits),
+* DATA read by :class:`~relay.ingress.data.DataAssembler` (bare CR/LF, line and size limits),
   every complete line already received at once, and handed to the DATA hook without a copy;
 * junk-command and error limits (Postfix's ``smtpd_junk_command_limit`` and
   ``smtpd_hard_error_limit``), reset whenever a message is accepted;
@@ -471,7 +471,7 @@ class RelaySMTP(FastSMTP):
             return self._failed(refusal)
         account = None
         try:
-            async with guard.hash_slots:  # a guessing run queues here; see relay.limits
+            async with guard.hash_slots:  # a guessing run queues here; see relay.ingress.limits
                 account = await auth.authenticate(handler.config, login, password)
         finally:
             blocked = guard.end(limits, self.client, name, ok=account is not None)

@@ -2,9 +2,9 @@
 
 Three parts, one per concern:
 
-* :mod:`relay.queuectl.ops` changes messages (hold, release, delete, retry, bounce), each under
+* :mod:`relay.queue.ops` changes messages (hold, release, delete, retry, bounce), each under
   the message's :meth:`~relay.spool.Spool.claim`, the lock delivery also takes for an attempt;
-* :mod:`relay.queuectl.control` tells a running relay what changed (a FIFO in the spool), so
+* :mod:`relay.service.control` tells a running relay what changed (a FIFO in the spool), so
   its in-memory schedule follows at once; a stopped relay finds the changes on disk at start;
-* :mod:`relay.queuectl.view` and :mod:`relay.queuectl.cli` are the command and its output.
+* :mod:`relay.queue.view` and :mod:`relay.queue.cli` are the command and its output.
 """

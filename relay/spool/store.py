@@ -2,7 +2,7 @@
 
 Whoever moves, removes or re-schedules a message holds its :meth:`Spool.claim` (an ``flock``
 on the file), so a delivery attempt and an operator's ``m365relay queue`` command never act on
-one message at once (see ``relay/queuectl``).
+one message at once (see ``relay/queue``).
 
 A message is acknowledged to the client (250) only after :meth:`Spool.commit` returns, and by
 then the envelope and content sit together in one fsynced file whose directory entry is also

@@ -1,7 +1,7 @@
 """Delegated (user) tokens: a person signs in once with `m365relay login`, the relay refreshes.
 
 * One msal token cache per account, in ``token_store.directory``, Fernet-encrypted with
-  ``token_store.key`` and written atomically with mode 0600 (relay/tokenstore.py).
+  ``token_store.key`` and written atomically with mode 0600 (relay/tokens/store.py).
 * The daemon re-reads an account's cache whenever the file changes, so a new `m365relay login`
   takes effect without a restart.
 * Refreshes are single-flight per account with the app tokens' margin; a revoked or expired

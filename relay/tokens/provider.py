@@ -98,10 +98,10 @@ class TokenProvider:
         return state.requests, state.failures
 
     def use_delegated(self, config: Config, config_path: Path | None) -> None:
-        """Serve the apps with ``flow: delegated`` too (relay/delegated.py), per mailbox."""
+        """Serve the apps with ``flow: delegated`` too (relay/tokens/delegated.py), per mailbox."""
         if self.delegated is None:
             if not any(app.flow == "delegated" for app in config.apps.values()):
-                return  # relay/delegated.py and its imports cost ~4 MB; a reload may add it
+                return  # relay/tokens/delegated.py and its imports cost ~4 MB; a reload may add it
             from relay.tokens.delegated import DelegatedTokens
 
             self.delegated = DelegatedTokens(config, config_path, margin=self._margin,

@@ -1,10 +1,10 @@
 """Delivery through Microsoft Graph (``apps.<name>.transport: graph``) for tenants where SMTP
 AUTH is switched off.
 
-:class:`GraphConnection` has the interface of :class:`relay.upstream.UpstreamConnection`, so
+:class:`GraphConnection` has the interface of :class:`relay.upstream.smtp.UpstreamConnection`, so
 delivery picks one or the other and nothing else changes. The calls themselves are in
-:mod:`relay.graph_api`; this module turns their failures into the same
-:class:`~relay.errors.DeliveryError` classes SMTP replies become.
+:mod:`relay.upstream.graph_api`; this module turns their failures into the same
+:class:`~relay.diagnosis.errors.DeliveryError` classes SMTP replies become.
 
 Graph takes recipients from the message headers, not from an SMTP envelope: envelope recipients
 that are not in To/Cc/Bcc (a device's Bcc) are added as a Bcc header before sending.

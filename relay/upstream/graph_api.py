@@ -1,5 +1,5 @@
-"""The Microsoft Graph calls behind :class:`relay.graph.GraphConnection`, synchronous (they run
-in a worker thread, on one ``requests`` session per connection so TCP/TLS is reused).
+"""The Microsoft Graph calls behind :class:`relay.upstream.graph.GraphConnection`, synchronous
+(they run in a worker thread, on one ``requests`` session per connection so TCP/TLS is reused).
 
 Small messages: ``POST /v1.0/users/{mailbox}/sendMail`` with the base64 of the whole MIME
 message. Graph has no large-MIME upload (a MIME body in one request is capped at about 4 MB),

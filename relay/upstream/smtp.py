@@ -3,7 +3,7 @@
 STARTTLS is mandatory (``start_tls=True``: aiosmtplib's default would silently skip TLS when
 the server does not offer it), certificates are always verified (``ca_file`` only *adds* a
 trust anchor), and the login is ``AUTH XOAUTH2`` with an app-only token. Every failure becomes
-a :class:`~relay.errors.DeliveryError` whose class says retry or bounce.
+a :class:`~relay.diagnosis.errors.DeliveryError` whose class says retry or bounce.
 """
 
 from __future__ import annotations

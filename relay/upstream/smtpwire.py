@@ -12,7 +12,7 @@ message twice in memory (line-ending normalization, then dot-stuffing). Here:
   take each piece (``drain``), so memory stays at a few pieces whatever the message's size.
 
 Replies raise what ``sendmail`` raises for them (SMTPSenderRefused, SMTPRecipientsRefused,
-SMTPDataError, SMTPServerDisconnected, timeouts), so relay/upstream.py maps them as before.
+SMTPDataError, SMTPServerDisconnected, timeouts), so relay/upstream/smtp.py maps them as before.
 """
 
 from __future__ import annotations
