@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.delivery.dsn import build_dsn
-from relay.spool.store import Envelope
+from relay.message import Envelope
 
 ARRIVAL = 1_700_000_000.0
 NOW = 1_700_400_000.0

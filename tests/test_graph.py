@@ -25,9 +25,9 @@ from relay.diagnosis.explain import Context, Verdict
 from relay.diagnosis.graph import explain_graph
 from relay.doctor.command import diagnose
 from relay.doctor.report import Status
+from relay.message import DeliveryState, Envelope, QueueEntry
 from relay.sandbox import DEMO_APP, Sandbox
 from relay.service.lifecycle import Relay
-from relay.spool.store import DeliveryState, Envelope, QueueEntry
 from relay.upstream.graph_api import with_envelope_recipients
 
 MAILBOX = "printers@contoso.example"

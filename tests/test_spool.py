@@ -15,11 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.message import BodyCheck, DeliveryState, Envelope, QueueEntry
 from relay.spool.store import (
-    BodyCheck,
-    DeliveryState,
-    Envelope,
-    QueueEntry,
     Spool,
     SpoolCorruptError,
     SpoolError,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Mapping
 from email.utils import formatdate, make_msgid
 
-from relay.spool.store import Envelope
+from relay.message import Envelope
 
 __all__ = ["build_dsn"]
 

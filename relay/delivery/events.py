@@ -13,7 +13,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relay.spool.store import QueueEntry
+from relay.message import QueueEntry
 
 NO_CODE = "none"  # no SMTP reply: network, TLS, token, expiry, internal errors
 

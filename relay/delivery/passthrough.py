@@ -25,7 +25,8 @@ import time
 
 from relay.delivery.scheduler import Delivery
 from relay.diagnosis.errors import BounceError, DeliveryError
-from relay.spool.store import Content, DeliveryState, Envelope, QueueEntry, Spool, content_size
+from relay.message import Content, DeliveryState, Envelope, QueueEntry, content_size
+from relay.spool.store import Spool
 
 log = logging.getLogger("m365relay.passthrough")
 

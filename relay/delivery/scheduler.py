@@ -31,15 +31,8 @@ from relay.delivery.dsn import build_dsn
 from relay.delivery.events import Events
 from relay.delivery.pacing import Pacer
 from relay.diagnosis.errors import AuthRejected, BounceError, DeferError, DeliveryError, TokenError
-from relay.spool.store import (
-    Claim,
-    DeliveryState,
-    Envelope,
-    Message,
-    QueueEntry,
-    Spool,
-    SpoolMissingError,
-)
+from relay.message import DeliveryState, Envelope, Message, QueueEntry
+from relay.spool.store import Claim, Spool, SpoolMissingError
 from relay.tokens.provider import TokenProvider
 from relay.upstream.graph import GraphConnection
 from relay.upstream.smtp import LaneError, UpstreamConnection

@@ -19,7 +19,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from relay import __version__
-from relay.spool.store import QueueEntry, Spool
+from relay.message import QueueEntry
+from relay.spool.store import Spool
 from relay.upstream.smtp import UpstreamConnection
 
 if TYPE_CHECKING:

@@ -38,9 +38,10 @@ from relay.delivery.passthrough import Passthrough
 from relay.ingress.data import SMTP_LINE_LIMIT, fold_long_lines
 from relay.ingress.limits import AuthGuard, ConnectionSlots, LogThrottle, raise_open_files_limit
 from relay.ingress.session import RelaySMTP, in_networks, safe
+from relay.message import DeliveryState, QueueEntry
+from relay.message import Envelope as SpoolEnvelope
 from relay.policy import identity, rewrite
-from relay.spool.store import DeliveryState, QueueEntry, Spool, SpoolFullError
-from relay.spool.store import Envelope as SpoolEnvelope
+from relay.spool.store import Spool, SpoolFullError
 
 __all__ = ["RelayHandler", "RelaySMTP", "server_tls_context", "start_listener"]
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay.spool.store import QueueEntry
+from relay.message import QueueEntry
 
 __all__ = [
     "BUCKETS",

@@ -28,9 +28,10 @@ from relay.delivery.passthrough import Passthrough
 from relay.delivery.scheduler import Delivery
 from relay.ingress.limits import AuthGuard
 from relay.ingress.listener import RelayHandler, start_listener
+from relay.message import QueueEntry
 from relay.service.control import QueueControl
 from relay.service.notify import Notifier
-from relay.spool.store import QueueEntry, Spool
+from relay.spool.store import Spool
 from relay.tokens.provider import TokenProvider
 
 if TYPE_CHECKING:

@@ -33,21 +33,24 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeAlias
+from typing import Any, BinaryIO
+
+from relay.message import (
+    READ_CHUNK,
+    BodyCheck,
+    Chunk,
+    Content,
+    DeliveryState,
+    Envelope,
+    Message,
+    QueueEntry,
+    content_parts,
+)
 
 __all__ = [
     "INLINE_LIMIT",
-    "Body",
-    "BodyCheck",
-    "Chunk",
     "Claim",
-    "Content",
-    "DeliveryState",
-    "Envelope",
-    "Message",
-    "QueueEntry",
     "Spool",
     "SpoolBusyError",
     "SpoolCorruptError",
@@ -55,8 +58,6 @@ __all__ = [
     "SpoolFullError",
     "SpoolMissingError",
     "SpoolWriteError",
-    "content_parts",
-    "content_size",
 ]
 
 log = logging.getLogger("m365relay.spool")
@@ -79,62 +80,10 @@ _ID_RE = re.compile(rf"[{_ALPHABET}]{{{ID_LENGTH}}}")
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 Opener = Callable[[str, int, int], int]
-# A message as one buffer, or as its pieces in order (e.g. the rewritten header block and a view
-# of the body as received), so a 30 MB message is never joined into a second copy.
-Chunk: TypeAlias = bytes | bytearray | memoryview
-Content: TypeAlias = bytes | Sequence[Chunk]
-
-
-def content_parts(content: Content) -> Sequence[Chunk]:
-    # One buffer of any kind is one part (a bytearray is also a sequence, of ints).
-    return (content,) if isinstance(content, bytes | bytearray | memoryview) else content
-
-
-def content_size(content: Content) -> int:
-    return sum(memoryview(part).nbytes for part in content_parts(content))
-
-
 # Messages up to this size are read whole for delivery; larger ones are verified and sent in
 # READ_CHUNK pieces straight from the spool file, so a 30 MB scan costs no 30 MB of memory.
 INLINE_LIMIT = 1024 * 1024
-READ_CHUNK = 256 * 1024
 _IOV_MAX = 1024  # the smallest IOV_MAX (POSIX minimum is 16, Linux and BSDs have 1024)
-
-
-class BodyCheck:
-    """What sending needs to know about a message, learned in the pass that checks its hash:
-    whether it has 8-bit bytes (SMTP then says BODY=8BITMIME) and whether every line ends in
-    CRLF (what the listener stores; anything else is normalized before it goes out).
-
-    Fed the message in order, in pieces of any size; a CR LF split between pieces counts."""
-
-    __slots__ = ("_cr_end", "bare", "eightbit")
-
-    def __init__(self) -> None:
-        self.eightbit = False
-        self.bare = False  # a CR or LF that is not part of a CR LF pair
-        self._cr_end = False  # the last piece ended in CR; its pair may start the next
-
-    def update(self, piece: bytes | bytearray) -> None:
-        if not self.eightbit and not piece.isascii():
-            self.eightbit = True
-        if self.bare or not piece:
-            return
-        pairs = piece.count(b"\r\n")
-        lone_lf = piece.count(b"\n") - pairs
-        if self._cr_end:
-            if piece[0] == 0x0A:
-                lone_lf -= 1
-            else:
-                self.bare = True
-        self._cr_end = piece[-1] == 0x0D
-        if lone_lf or piece.count(b"\r") - pairs > self._cr_end:
-            self.bare = True
-
-    @property
-    def clean(self) -> bool:
-        """Every CR and LF seen so far is in a CR LF pair (call after the last piece)."""
-        return not self.bare and not self._cr_end
 
 
 class SpoolError(OSError):
@@ -165,37 +114,6 @@ class SpoolBusyError(SpoolError):
     """Another process (a delivery attempt) held the message's lock for longer than we waited."""
 
 
-@dataclass(frozen=True)
-class Envelope:
-    mail_from: str  # envelope sender to use upstream
-    rcpt_tos: tuple[str, ...]
-    account: str  # config account name
-    app: str  # config app name
-    mailbox: str  # mailbox to authenticate as upstream
-    bounce_to: str  # where a DSN goes; "" = never send a DSN (null sender, or a DSN itself)
-    client: str  # submitting client's IP, or "local"
-    received_at: float  # unix time
-    original_from: str = ""  # the MAIL FROM the client gave, before rewrite
-    is_dsn: bool = False
-
-
-@dataclass(frozen=True)
-class DeliveryState:
-    attempts: int = 0
-    next_attempt_at: float = 0.0
-    pending_rcpts: tuple[str, ...] | None = None  # None = all of envelope.rcpt_tos pending
-    last_error: str = ""
-    bounce_reason: str = ""  # set by `m365relay queue bounce`: bounce with this, don't send
-
-
-@dataclass(frozen=True)
-class QueueEntry:
-    id: str
-    envelope: Envelope
-    state: DeliveryState
-    size: int  # message bytes
-
-
 class Claim:
     """This process's exclusive right to act on one message, across processes.
 
@@ -217,47 +135,6 @@ class Claim:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-class Message:
-    """A queued message whose size and checksum matched what was committed.
-
-    Small ones are in :attr:`data`; a large one stays in its spool file and is read in pieces
-    with :meth:`read_at` (blocking: call it in a thread) while it is sent. Valid until
-    :meth:`close`, or until the claim whose file it reads is released.
-    """
-
-    def __init__(self, size: int, check: BodyCheck, data: bytes | None, *, file: BinaryIO,
-                 offset: int, owns_file: bool) -> None:
-        self.size = size
-        self.eightbit = check.eightbit
-        self.clean = check.clean  # every line ends in CRLF
-        self.data = data
-        self._file = file
-        self._offset = offset  # where the message starts in the file
-        self._owns_file = owns_file
-
-    def read_at(self, start: int, length: int) -> bytes:
-        """Up to ``length`` bytes from ``start``; fewer only at the end of the message."""
-        length = max(0, min(length, self.size - start))
-        if self.data is not None:
-            return self.data[start:start + length]
-        # pread: no shared file position, so the lock holder's file object is left alone.
-        piece = os.pread(self._file.fileno(), length, self._offset + start)
-        if len(piece) != length:
-            raise SpoolError(f"spool file {self._file.name} shrank while being sent")
-        return piece
-
-    def read_all(self) -> bytes:
-        return self.data if self.data is not None else self.read_at(0, self.size)
-
-    def close(self) -> None:
-        if self._owns_file:
-            self._file.close()
-
-
-# What a transport sends: in memory, or verified in the spool and read while it is sent.
-Body: TypeAlias = Content | Message
 
 
 class _BadFile(Exception):
@@ -895,8 +772,21 @@ def _verified(f: BinaryIO, file_size: int, inline_limit: int, owns_file: bool) -
                        "queued")
     if data is not None and owns_file:
         f.close()  # all in memory: nothing more to read
-    return Message(size, check, data, file=f, offset=offset,
-                   owns_file=owns_file and data is None)
+    if data is not None:
+        return Message(size, check, data)
+    return Message(size, check, None, reader=_reader(f, offset),
+                   closer=f.close if owns_file else None)
+
+
+def _reader(f: BinaryIO, offset: int) -> Callable[[int, int], bytes]:
+    """Reads a large message's bytes from its spool file, ``offset`` being where it starts."""
+    def read(start: int, length: int) -> bytes:
+        # pread: no shared file position, so the lock holder's file object is left alone.
+        piece = os.pread(f.fileno(), length, offset + start)
+        if len(piece) != length:
+            raise SpoolError(f"spool file {f.name} shrank while being sent")
+        return piece
+    return read
 
 
 def _field(

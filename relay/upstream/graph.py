@@ -23,7 +23,7 @@ from relay.config.records import App
 from relay.diagnosis.errors import AuthRejected, BounceError, DeferError, DeliveryError
 from relay.diagnosis.explain import Context, Explanation, Verdict, explain_connection_error
 from relay.diagnosis.graph import explain_graph
-from relay.spool.store import Body, Message, content_parts
+from relay.message import Body, Message, content_parts
 from relay.tokens.provider import TokenProvider
 from relay.upstream.graph_api import GraphClient, GraphHTTPError, with_envelope_recipients
 from relay.upstream.smtp import LaneError

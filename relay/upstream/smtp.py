@@ -17,7 +17,7 @@ import aiosmtplib
 from relay.config.records import App
 from relay.diagnosis.errors import AuthRejected, DeferError, DeliveryError, error_for
 from relay.diagnosis.explain import Context, Verdict, explain_connection_error, explain_smtp
-from relay.spool.store import Body
+from relay.message import Body
 from relay.tokens.provider import TokenProvider
 from relay.upstream.smtpwire import send_mail
 
@@ -168,7 +168,7 @@ class UpstreamConnection:
         """Send one message. Returns the recipients Exchange refused (the rest were accepted)
         and Exchange's final reply; raises DeliveryError when the message as a whole failed.
 
-        ``body`` may be the message's pieces, or a spooled :class:`~relay.spool.Message` that
+        ``body`` may be the message's pieces, or a spooled :class:`~relay.message.Message` that
         is read from its file while it is sent."""
         if not self.connected:
             self._smtp = await self._connect()

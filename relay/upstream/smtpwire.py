@@ -27,7 +27,7 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
-from relay.spool.store import (
+from relay.message import (
     READ_CHUNK,
     Body,
     BodyCheck,
