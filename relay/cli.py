@@ -7,7 +7,8 @@ writable); 78 invalid configuration (EX_CONFIG, as in sysexits.h).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import datetime
 import getpass
 import importlib
 import json
@@ -20,7 +21,6 @@ from pathlib import Path
 
 from relay import __version__, logsafe, permissions
 from relay import config as config_mod
-from relay.events import log_fields
 
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
@@ -54,11 +54,32 @@ class _TextFormatter(logging.Formatter):
         return f"{stamp},{int(record.msecs):03d}"  # default_msec_format
 
 
-class _JsonFormatter(_TextFormatter):
+# Maillog fields that are numbers (Postfix's size=, nrcpt=, delay=): typed in JSON, so Loki,
+# Elastic or Datadog can sum and compare them without a parsing rule.
+_NUMERIC_FIELDS = {"size": int, "nrcpt": int, "expires_in": int, "delay": float}
+
+
+def _typed(fields: dict[str, str]) -> dict[str, object]:
+    out: dict[str, object] = dict(fields)
+    for key, kind in _NUMERIC_FIELDS.items():
+        if key in fields:
+            with contextlib.suppress(ValueError):  # not a number after all: keep the text
+                out[key] = kind(fields[key])
+    return out
+
+
+class _JsonFormatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # RFC 3339 with milliseconds and the zone offset: what log shippers parse unaided.
+        moment = datetime.datetime.fromtimestamp(record.created).astimezone()
+        return moment.isoformat(timespec="milliseconds")
+
     def format(self, record: logging.LogRecord) -> str:
+        from relay.events import log_fields  # relay.events loads the spool: not for healthcheck
+
         message = record.getMessage()
         # Fields of maillog lines (queue_id, to, status, ...) and any `extra=`, for collectors.
-        out: dict[str, object] = {**log_fields(message), **{
+        out: dict[str, object] = {**_typed(log_fields(message)), **{
             k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}}
         out.update({"time": self.formatTime(record), "level": record.levelname.lower(),
                     "logger": record.name, "message": message})
@@ -121,6 +142,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for warning in permissions.warnings(config, config_path) if config_path else []:
         log.warning("%s", warning)
     try:
+        import asyncio
+
         asyncio.run(run(config, config_path=config_path, shutdown_timeout=args.shutdown_timeout))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
@@ -177,6 +200,8 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    import asyncio
+
     from relay.sandbox import run_sandbox
 
     setup_logging(args.log_level)
@@ -191,6 +216,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from relay.demo import run_demo
 
     setup_logging(args.log_level)
@@ -274,8 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
-    if (getattr(args, "config_from_env", None) is False and args.config is None
-            and not getattr(args, "address", None)):
+    if (args.func in (cmd_serve, cmd_healthcheck) and not args.config_from_env
+            and args.config is None and not getattr(args, "address", None)):
         parser.error(f"{args.command} needs --config FILE or --config-from-env")
     logsafe.install()
     try:
