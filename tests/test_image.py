@@ -54,9 +54,12 @@ def image(engine: Engine, request: pytest.FixtureRequest) -> str:
     times = ", ".join(f"{step} {seconds:.0f}s" for step, seconds in engine.built.items())
     report = (f"image {tag}: {size / 1e6:.0f} MB ({(size - base_size) / 1e6:.0f} MB over "
               f"{base}); built: {times or 'cached'}")
+    # Past pytest's capture, so every run shows it (it is a figure the README quotes).
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"\n{report}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n{report}")
     else:
         print(report)
     return tag
