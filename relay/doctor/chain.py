@@ -239,7 +239,8 @@ class Doctor:
         token = await self._token(name, app, discovery, facts, result)
         if token is None:
             return result
-        claims = check_claims(name, app, token)
+        largest = max((lst.max_message_size for lst in self.config.listeners), default=0)
+        claims = check_claims(name, app, token, largest_message=largest)
         result.checks.append(claims.check)
         result.claims, result.object_id = claims.claims, claims.object_id
         result.role_missing = claims.role_missing

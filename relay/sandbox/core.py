@@ -15,6 +15,7 @@ from relay.sandbox.apps import DEMO_APP, SandboxApp
 from relay.sandbox.entra import FakeEntra
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.graph import FakeGraph
+from relay.sandbox.rules import MICROSOFT, MailboxLimits
 
 SECRET_FILE = "demo-client-secret"  # noqa: S105 - a file name, not a secret
 
@@ -24,7 +25,8 @@ class Sandbox:
 
     def __init__(self, directory: Path, *, apps: Sequence[SandboxApp] = (DEMO_APP,),
                  entra_port: int = 0, smtp_port: int = 0, token_lifetime: int = 3600,
-                 host: str = "127.0.0.1", graph: bool = False) -> None:
+                 host: str = "127.0.0.1", graph: bool = False,
+                 limits: MailboxLimits = MICROSOFT) -> None:
         if not apps:
             raise ValueError("the sandbox needs at least one app registration")
         self.directory = Path(directory)
@@ -36,10 +38,12 @@ class Sandbox:
         self.smtp_port = smtp_port
         self.entra_port = entra_port
         self.entra = FakeEntra(self.apps, token_lifetime=token_lifetime)
-        self.exchange = FakeExchange(self.entra, mail_dir=self.directory / "mail")
+        # Exchange Online's per-mailbox limits (relay/sandbox/rules.py); tests may scale them.
+        self.exchange = FakeExchange(self.entra, mail_dir=self.directory / "mail",
+                                     limits=limits)
         # Microsoft Graph (sendMail) only when asked: most setups use SMTP.
-        self.graph = FakeGraph(self.entra, mail_dir=self.directory / "graph-mail") if graph \
-            else None
+        self.graph = FakeGraph(self.entra, mail_dir=self.directory / "graph-mail",
+                               limits=limits) if graph else None
         self._running = False
 
     def authority(self, tenant: str) -> str:

@@ -135,7 +135,8 @@ class FakeEntra:
             self._revoked.clear()
 
     def mint_token(self, app: SandboxApp, *, lifetime: int | None = None,
-                   roles: Sequence[str] | None = None, audience: str = AUDIENCE) -> str:
+                   roles: Sequence[str] | None = None, audience: str = AUDIENCE,
+                   not_before: int | None = None) -> str:
         """A token as the token endpoint would issue it; tests vary the claims to probe Exchange."""
         now = int(time.time())
         lifetime = self.token_lifetime if lifetime is None else lifetime
@@ -146,7 +147,7 @@ class FakeEntra:
             "iss": f"https://sts.windows.net/{app.tenant}/",
             # Entra backdates iat/nbf by five minutes to absorb client clock skew.
             "iat": now - CLOCK_SKEW,
-            "nbf": now - CLOCK_SKEW,
+            "nbf": now - CLOCK_SKEW if not_before is None else not_before,
             "exp": now + lifetime,
             "aio": _random_id(64),
             "app_displayname": "m365relay sandbox app",
@@ -174,12 +175,7 @@ class FakeEntra:
     def check_token(self, token: str) -> tuple[dict[str, Any], SandboxApp]:
         """Claims and app of a token Exchange may accept for SMTP; TokenError says why not."""
         claims = verify_hs256(token, self._key)
-        now = time.time()
-        exp, nbf = claims.get("exp"), claims.get("nbf")
-        if not isinstance(exp, int) or exp <= now:
-            raise TokenError(f"token expired at {_iso(exp)}")
-        if not isinstance(nbf, int) or nbf > now + CLOCK_SKEW:
-            raise TokenError(f"token not valid before {_iso(nbf)}")
+        _check_times(claims)
         delegated = "scp" in claims
         if delegated and claims.get("aud") == DELEGATED_AUDIENCE:
             pass
@@ -215,9 +211,7 @@ class FakeEntra:
     def check_graph_token(self, token: str) -> tuple[dict[str, Any], SandboxApp]:
         """Claims and app of an app-only token Microsoft Graph accepts for sendMail."""
         claims = verify_hs256(token, self._key)
-        exp = claims.get("exp")
-        if not isinstance(exp, int) or exp <= time.time():
-            raise TokenError(f"token expired at {_iso(exp)}")
+        _check_times(claims)
         if claims.get("aud") != GRAPH_AUDIENCE:
             raise TokenError(f"token audience {claims.get('aud')!r} is not {GRAPH_AUDIENCE!r}; "
                              f"request scope {GRAPH_SCOPE!r}")
@@ -463,6 +457,16 @@ class FakeEntra:
             return None
         return 7000216, ("'client_assertion', 'client_secret' or 'request' is required for the "
                          "'client_credentials' grant type.")
+
+
+def _check_times(claims: Mapping[str, Any]) -> None:
+    """Expired, or not yet valid beyond Entra's clock skew: TokenError (Exchange and Graph)."""
+    now = time.time()
+    exp, nbf = claims.get("exp"), claims.get("nbf")
+    if not isinstance(exp, int) or exp <= now:
+        raise TokenError(f"token expired at {_iso(exp)}")
+    if not isinstance(nbf, int) or nbf > now + CLOCK_SKEW:
+        raise TokenError(f"token not valid before {_iso(nbf)}")
 
 
 def _random_id(length: int = 22) -> str:
