@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay import commands
 from relay import config as config_mod
 from relay.doctor.report import Check, Report, Status, render_json, render_text
 
-DEFAULT_CONFIG = Path("/etc/m365relay/m365relay.yaml")
+DEFAULT_CONFIG = commands.DEFAULT_CONFIG
 EX_USAGE = 2
 _ADDRESS = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
 
@@ -33,7 +34,8 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
         return Report(str(path), Check(
             "config", Status.FAIL, detail=f"{len(exc.problems)} problem(s)",
             summary="The configuration is not valid, so nothing else can be checked.",
-            fix=f"Fix the problems listed above, then run `m365relay check-config {path}` "
+            fix=f"Fix the problems listed above, then run "
+                f"`{commands.command('check-config', str(path))}` "
                 "until it says OK."), problems=exc.problems)
     accounts = list(config.accounts)
     if account is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 
 from relay.config import Account, App
-from relay.delegated import login_command
 from relay.doctor.report import Check, Status
 from relay.errors import TokenError
 from relay.tokens import TokenProvider
@@ -42,5 +41,5 @@ async def signin_checks(tokens: TokenProvider, app: App, account: Account) -> li
         return checks
     checks.append(Check("token", Status.OK,
                         detail=f"refreshed the stored sign-in of {account.mailbox} "
-                               f"(re-sign-in: `{login_command(account.name, None)}`)"))
+                               f"(re-sign-in: `{status.login_command}`)"))
     return checks

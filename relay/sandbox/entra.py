@@ -43,6 +43,7 @@ from relay.sandbox.delegated import (
 )
 from relay.sandbox.federated import verify_federated_assertion
 from relay.sandbox.https import TLSHTTPServer
+from relay.sandbox.pages import signin_page
 from relay.sandbox.tokens import (
     CLOCK_SKEW,
     JWT_BEARER,
@@ -68,6 +69,7 @@ class _Response:
     status: int
     body: Mapping[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    page: str | None = None  # an HTML page instead of the JSON body (the sign-in pages)
 
 
 @dataclass
@@ -248,6 +250,11 @@ class FakeEntra:
                base: str) -> _Response:
         url = urlsplit(target)
         parts = [p for p in url.path.split("/") if p]
+        if parts in (["devicelogin"], ["revoke"]):
+            form = {k: v[0] for k, v in parse_qs(
+                body.decode("utf-8", "replace") if method == "POST" else url.query).items()}
+            status, page = signin_page(self.delegated, parts[0], method, form)
+            return _Response(status, {}, page=page)
         if method == "GET" and parts[1:] == ["v2.0", ".well-known", "openid-configuration"]:
             return self._openid_configuration(parts[0], base)
         if method == "GET" and parts[1:] == ["discovery", "instance"]:
@@ -538,9 +545,14 @@ class _EntraRequestHandler(BaseHTTPRequestHandler):
         self._send(response)
 
     def _send(self, response: _Response) -> None:
-        payload = json.dumps(response.body).encode("utf-8")
+        if response.page is not None:
+            payload = response.page.encode("utf-8")
+            content_type = "text/html; charset=utf-8"
+        else:
+            payload = json.dumps(response.body).encode("utf-8")
+            content_type = "application/json; charset=utf-8"
         self.send_response(response.status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store, no-cache")
         self.send_header("Pragma", "no-cache")
