@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import smtplib
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -16,6 +17,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 import requests
+from conftest import RelayFactory, wait_until
 
 from relay.sandbox import DEMO_APP, Sandbox
 from relay.sandbox.apps import GRAPH_AUDIENCE
@@ -362,3 +364,28 @@ async def test_a_fifth_concurrent_graph_request_is_429(sandbox: Sandbox) -> None
     assert fifth.status_code == 429 and fifth.headers["Retry-After"] == "1"
     assert json.loads(fifth.content)["error"]["code"] == "ApplicationThrottled"
     assert [r.status_code for r in await asyncio.gather(*slow)] == [202] * 4
+
+
+# -- the relay within the rules ------------------------------------------------------------
+
+
+async def test_relay_splits_600_recipients_into_transactions_exchange_takes(
+        relays: RelayFactory, sandbox: Sandbox) -> None:
+    data = relays.config()
+    data["listeners"][0]["max_recipients"] = 1000
+    relay = await relays.start(data)
+    rcpts = [f"r{i}@contoso.example" for i in range(600)]
+
+    def submit() -> dict[str, Any]:
+        with smtplib.SMTP(*relay.addresses["local"], timeout=30) as client:
+            refused: dict[str, Any] = client.sendmail("device@printers.example", rcpts,
+                                                      mime(sender="device@printers.example"))
+            return refused
+
+    assert await asyncio.to_thread(submit) == {}
+    got = await sandbox.exchange.wait_for_messages(2, timeout=30)
+    assert [len(m.rcpt_tos) for m in got] == [500, 100]
+    assert sorted(r for m in got for r in m.rcpt_tos) == sorted(rcpts)
+    assert sandbox.exchange.refused_for_limits == []  # never offered a 501st recipient
+    await wait_until(lambda: relay.delivery.counters.delivered == 600)
+    assert relay.delivery.counters.deferred == 0
