@@ -20,7 +20,7 @@ import yaml
 from conftest import send, wait_until
 from test_delegated import ME, box, login, start, write_config
 
-from relay import commands
+from relay.config import commands
 from relay.doctor.command import diagnose
 from relay.doctor.report import Status
 from relay.sandbox import Sandbox
@@ -204,7 +204,8 @@ async def test_doctor_hints_name_the_config_in_use(
 
 async def test_demo_signs_a_person_in_through_the_sandbox_page(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from relay.demo import run_demo
+    from relay.login import run_login
+    from relay.sandbox.demo import run_demo
 
     text = (ROOT / "config" / "demo.yaml").read_text()
     ports = {"18443": _free_port(), "12587": _free_port()}
@@ -213,7 +214,7 @@ async def test_demo_signs_a_person_in_through_the_sandbox_page(
     (tmp_path / "config").mkdir()
     path = tmp_path / "config" / "demo.yaml"
     path.write_text(text.replace("127.0.0.1:2525", "127.0.0.1:0"))
-    assert await run_demo(path) == 0
+    assert await run_demo(path, login=run_login) == 0
     out = capsys.readouterr().out
     assert f"at https://localhost:{ports['18443']}/devicelogin as alice@contoso.example" in out
     assert "and as a person: delivered as alice@contoso.example" in out
