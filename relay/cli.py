@@ -136,10 +136,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
 
+    from relay.login import run_login
     from relay.sandbox.demo import run_demo
 
     setup_logging(args.log_level)
-    return asyncio.run(run_demo(args.config))
+    return asyncio.run(run_demo(args.config, login=run_login))
 
 
 def _command(argv: Sequence[str]) -> str | None:

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay.config import commands
 from relay.config import records as config_mod
 from relay.doctor.report import Check, Report, Status, render_json, render_text
 
-DEFAULT_CONFIG = Path("/etc/m365relay/m365relay.yaml")
+DEFAULT_CONFIG = commands.DEFAULT_CONFIG
 EX_USAGE = 2
 _ADDRESS = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
 
@@ -32,8 +33,9 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
     try:
         config, loaded = load_source(path, from_env_vars=from_env)
     except config_mod.ConfigError as exc:
-        fix = (f"Fix the problems listed above, then run `m365relay check-config {path}` until "
-               "it says OK." if source != SOURCE else
+        fix = (f"Fix the problems listed above, then run "
+               f"`{commands.command('check-config', str(path))}` until it says OK."
+               if source != SOURCE else
                "Fix the variables listed above and start the container again.")
         return Report(source, Check(
             "config", Status.FAIL, detail=f"{len(exc.problems)} problem(s)",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import asyncio
+    from pathlib import Path
 
     from relay.config.records import Config
     from relay.delivery.scheduler import Delivery
@@ -20,6 +21,8 @@ class RelayView(Protocol):
 
     @property
     def config(self) -> Config: ...
+    @property
+    def config_path(self) -> Path | None: ...  # named in the page's command hints
     @property
     def hostname(self) -> str: ...
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -318,7 +319,16 @@ _ALL_DONE = {"retry": "due for delivery now", "release": "released, due for deli
 def _ops(args: argparse.Namespace, spool: Spool) -> QueueOps:
     def waiting(text: str) -> None:
         print(f"m365relay queue: {text}", file=sys.stderr)
-    return QueueOps(spool, wait=args.wait, on_wait=waiting)
+    return QueueOps(spool, wait=args.wait, on_wait=waiting, selector=_selector(args))
+
+
+def _selector(args: argparse.Namespace) -> str:
+    """How this command was told which spool, so its hints name the same one."""
+    if getattr(args, "spool", None) is not None:
+        return f"--spool {shlex.quote(str(args.spool))}"
+    if getattr(args, "config", None) is not None:
+        return f"--config {shlex.quote(str(args.config))}"
+    return ""
 
 
 def _report(args: argparse.Namespace, directory: Path, outcomes: list[Outcome],
