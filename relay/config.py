@@ -502,11 +502,13 @@ def _web_password_hash(raw: Any, run: Run) -> str:
 
 
 def _web_users(raw: Any, run: Run) -> dict[str, str]:
+    bad = [name for name in raw if isinstance(name, str) and (":" in name or not name)
+           ] if isinstance(raw, Mapping) else []
+    for name in bad:
+        run.at(name).report("a user name must be non-empty and without `:` (HTTP Basic)")
     users: dict[str, str] = mapping(_web_password_hash, min_length=1)(raw, run)
-    for name in users:
-        if ":" in name or not name:
-            run.at(name).report("a user name must be non-empty and without `:` (HTTP Basic)")
-            raise Failed
+    if bad:
+        raise Failed
     return users
 
 

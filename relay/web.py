@@ -211,6 +211,8 @@ def _key(settings: HttpSettings) -> str:
 
 async def _respond(writer: asyncio.StreamWriter, method: str, status: int, body: str | bytes,
                    *, content_type: str = _TEXT, extra: dict[str, str] | None = None) -> None:
+    if writer.transport.is_closing():
+        return  # the client gave up (its timeout); an SSL transport would fail on write
     data = body.encode() if isinstance(body, str) else body
     head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}", f"Content-Type: {content_type}",
             f"Content-Length: {len(data)}", "Cache-Control: no-store", "Connection: close"]

@@ -140,3 +140,13 @@ async def test_dashboard_and_rules_query_only_metrics_a_real_relay_exports(
     kinds = {s.labels["kind"] for f in text_string_to_metric_families(body)
              for s in f.samples if s.name == "m365relay_certificate_expiry_timestamp_seconds"}
     assert kinds == {"app", "listener"}
+
+
+def test_example_scrape_config_is_valid_for_promtool() -> None:
+    example = DEPLOY / "prometheus" / "prometheus.example.yml"
+    checked = promtool("check", "config", example)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    job, = yaml.safe_load(example.read_text())["scrape_configs"]
+    assert job["job_name"] == "m365relay"  # what M365RelayDown selects
+    assert job["scheme"] == "https" and "ca_file" in job["tls_config"]
+    assert "password_file" in job["basic_auth"]
