@@ -19,9 +19,9 @@ import yaml
 from conftest import PASSWORD, RelayFactory, TLSFiles
 from tools import need
 
-from relay import config as config_mod
-from relay.service import Relay
-from relay.webguard import exposure_warnings
+from relay.config import records as config_mod
+from relay.http.guard import exposure_warnings
+from relay.service.lifecycle import Relay
 
 USER = "admin"
 

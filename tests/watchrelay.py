@@ -13,7 +13,7 @@ from conftest import PASSWORD, RelayFactory, TLSFiles, message, send, wait_until
 from cryptography.fernet import Fernet
 
 from relay.sandbox import DEMO_APP, Sandbox, SandboxApp
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 # A personal Outlook.com app registration (public client, delegated sign-in).
 PERSONAL = SandboxApp(tenant="consumers", client_id="9e5f94bc-e8a4-4e73-b8be-63364c29d753",
