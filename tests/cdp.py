@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,22 @@ class Page:
     browser: Browser
     session: str
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # Answers to events the browser waits on (Fetch.requestPaused, Fetch.authRequired).
+    handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = field(
+        default_factory=dict)
+
+    async def log_in(self, username: str, password: str) -> None:
+        """Answer HTTP Basic challenges with these credentials, as a person would the dialog."""
+        async def resume(params: dict[str, Any]) -> None:
+            await self.send("Fetch.continueRequest", requestId=params["requestId"])
+
+        async def answer(params: dict[str, Any]) -> None:
+            await self.send("Fetch.continueWithAuth", requestId=params["requestId"],
+                            authChallengeResponse={"response": "ProvideCredentials",
+                                                   "username": username, "password": password})
+
+        self.handlers.update({"Fetch.requestPaused": resume, "Fetch.authRequired": answer})
+        await self.send("Fetch.enable", handleAuthRequests=True, patterns=[{"urlPattern": "*"}])
 
     async def send(self, method: str, **params: Any) -> dict[str, Any]:
         return await self.browser.send(method, params, session=self.session)
@@ -85,6 +101,7 @@ class Browser:
         self._next = 0
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._pages: dict[str, Page] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -95,8 +112,14 @@ class Browser:
                 if future is not None and not future.done():
                     future.set_result(message)
             elif (page := self._pages.get(message.get("sessionId", ""))) is not None:
-                page.events.append((message["method"], message.get("params", {})))
+                params = message.get("params", {})
+                page.events.append((message["method"], params))
                 self.changed.set()
+                if (handler := page.handlers.get(message["method"])) is not None:
+                    # Not awaited here: the handler's own reply arrives through this loop.
+                    task = asyncio.create_task(handler(params))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
 
     async def send(self, method: str, params: dict[str, Any] | None = None, *,
                    session: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
@@ -129,13 +152,15 @@ class Browser:
 
 
 @contextlib.asynccontextmanager
-async def chromium(profile: Path, timeout: float = 60.0) -> AsyncIterator[Browser]:
+async def chromium(profile: Path, *flags: str, timeout: float = 60.0
+                   ) -> AsyncIterator[Browser]:
     """A fresh headless Chromium with its own profile; killed at the end whatever happens."""
     binary = need("chromium", "chromium")
     profile.mkdir(parents=True, exist_ok=True)
     log = profile.parent / f"{profile.name}-chromium.log"
     with log.open("wb") as stderr:
-        process = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        process = subprocess.Popen([binary, *FLAGS, *flags, f"--user-data-dir={profile}",
+                                    "about:blank"],
                                    stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         url = await _devtools_url(process, profile, log, timeout)
@@ -164,3 +189,18 @@ async def _devtools_url(process: subprocess.Popen[bytes], profile: Path, log: Pa
             raise RuntimeError("chromium gave no DevTools address: "
                                + log.read_text(errors="replace")[-2000:])
         await asyncio.sleep(0.05)
+
+
+def trust_certificate_flag(certificate_pem: bytes) -> str:
+    """Chromium's way to trust one server key without a CA store: its SPKI's SHA-256."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(certificate_pem).public_key()
+    spki = key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    return f"--ignore-certificate-errors-spki-list={digest}"

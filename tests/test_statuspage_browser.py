@@ -16,8 +16,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from cdp import Page, chromium
-from conftest import RelayFactory, TLSFiles, message, send
+from cdp import Page, chromium, trust_certificate_flag
+from conftest import PASSWORD, RelayFactory, TLSFiles, message, send
 from watchrelay import BUSY, SANDBOX_APPS, Watched, start_watched
 
 from relay.sandbox import Sandbox
@@ -148,3 +148,30 @@ async def test_page_without_script_is_complete_and_says_utc(
         assert " UTC\n" in body or " UTC " in body
         assert "UTC+05:30" not in body
         assert await page.evaluate("document.body.dataset.refreshed") is None
+
+
+async def test_status_page_over_tls_with_basic_auth(
+        relays: RelayFactory, sandbox: Sandbox, tls_files: TLSFiles, tmp_path: Path) -> None:
+    """The admin's setup beyond loopback: HTTPS and a password. The page's own refreshes go
+    through with the credentials the browser was given once."""
+    watched = await start_watched(
+        relays, sandbox, tls_files,
+        tls={"certificate": str(tls_files.cert), "private_key": str(tls_files.key)},
+        basic_auth_users={"admin": relays.password_hash})
+    assert watched.relay.http_address is not None
+    host, port = watched.relay.http_address
+    trust = trust_certificate_flag(tls_files.cert.read_bytes())
+    async with chromium(tmp_path / "profile", trust) as browser:
+        page = await browser.new_page(timezone=ZONE)
+        await page.log_in("admin", PASSWORD)
+        await page.send("Page.addScriptToEvaluateOnNewDocument", source=_WATCH_CSP)
+        await page.send("Page.navigate", url=f"https://{host}:{port}/")
+        await page.wait_event("Page.loadEventFired")
+        assert await page.evaluate("location.protocol") == "https:"
+        # Two refreshes from /api/status: the first at load, the next 5 s later.
+        await page.wait_for("Number(document.body.dataset.refreshed || 0) >= 2", timeout=20)
+        assert "needs sign-in" in await page.evaluate(text_of("#tokens"))
+        challenges = [p for name, p in page.events if name == "Fetch.authRequired"]
+        assert len(challenges) == 1  # asked once, for the page; the script's fetches reuse it
+        assert page.console_problems() == []
+        assert await page.evaluate("window.__csp") == []
