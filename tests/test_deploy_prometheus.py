@@ -118,6 +118,17 @@ async def test_dashboard_and_rules_query_only_metrics_a_real_relay_exports(
     assert dashboard["uid"] == "m365relay"
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert all(p["targets"] for p in panels), "every panel queries something"
+    # Importable anywhere: the data source is the one chosen at import, panels do not overlap.
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    assert {p["datasource"]["uid"] for p in panels} == {"${DS_PROMETHEUS}"}
+    cells = set()
+    for p in dashboard["panels"]:
+        pos = p["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, p["title"]
+        area = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"])
+                for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not area & cells, f"{p['title']} overlaps another panel"
+        cells |= area
     watched = await start_watched(relays, sandbox, tls_files)
     status, _, body = await get(watched.relay, "/metrics")
     assert status == 200
