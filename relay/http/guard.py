@@ -18,7 +18,8 @@ import ssl
 import time
 from pathlib import Path
 
-from relay.config.records import HttpSettings, HttpTls, IPNetwork
+from relay.config.records import AuthLimits, HttpSettings, HttpTls, IPNetwork
+from relay.ingress.limits import AuthGuard
 from relay.policy import passwords
 
 log = logging.getLogger("m365relay.http")
@@ -74,16 +75,26 @@ class ReloadingTls:
         sslobj.context = self.current()
 
 
+class TooManyFailures(Exception):
+    """This address or user name failed too often (auth_limits); refused without a check."""
+
+
 class BasicAuth:
-    """HTTP Basic against ``http.basic_auth_users``; checks run in a thread, two at a time."""
+    """HTTP Basic against ``http.basic_auth_users``; checks run in a thread, two at a time.
 
-    def __init__(self, users: dict[str, str]) -> None:
+    Failed passwords count per address and per user name with the listeners' rules
+    (``auth_limits``, relay/ingress/limits.py), in a guard of the endpoint's own, so a
+    guessed web password is no cheaper than a guessed device password."""
+
+    def __init__(self, users: dict[str, str], limits: AuthLimits) -> None:
         self.users = users
+        self.limits = limits
+        self.guard = AuthGuard()
         self._ok: dict[bytes, float] = {}  # digest of (user, password, hash) -> valid until
-        self._slots = asyncio.Semaphore(2)  # argon2 takes 64 MiB per check
 
-    async def check(self, header: str | None) -> str | None:
-        """The user name if ``header`` (the Authorization value) is valid, else None."""
+    async def check(self, header: str | None, ip: str) -> str | None:
+        """The user name if ``header`` (the Authorization value) is valid, else None; raises
+        TooManyFailures while ``ip`` or the user name is blocked."""
         if not header or header[:6].lower() != "basic ":
             return None
         try:
@@ -98,11 +109,22 @@ class BasicAuth:
         now = time.monotonic()
         if stored is not None and self._ok.get(key, 0.0) > now:
             return user
-        async with self._slots:
-            # An unknown user is checked against a dummy hash: the same time as a wrong password.
-            ok = await asyncio.to_thread(passwords.verify_hash, stored,
-                                         password.encode())
-        if not ok or stored is None:
+        refusal = self.guard.begin(self.limits, ip, user)
+        if refusal is not None:
+            raise TooManyFailures(refusal.removeprefix("454 4.7.0 "))
+        ok = False
+        try:
+            async with self.guard.hash_slots:  # argon2 takes 64 MiB per check
+                # An unknown user is checked against a dummy hash: as slow as a wrong password.
+                ok = await asyncio.to_thread(passwords.verify_hash, stored, password.encode())
+            ok = ok and stored is not None
+        finally:
+            for what in self.guard.end(self.limits, ip, user, ok=ok):
+                log.warning("http: %s %s blocked for %ds after %s failed logins "
+                            "(auth_limits)", what, ip if what == "address" else repr(user),
+                            self.limits.block, "failures_per_ip" if what == "address"
+                            else "failures_per_user")
+        if not ok:
             return None
         if len(self._ok) >= _CACHE_SIZE:
             self._ok = {k: t for k, t in self._ok.items() if t > now}

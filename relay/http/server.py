@@ -27,7 +27,13 @@ from prometheus_client.exposition import choose_encoder
 
 from relay.config.records import HttpSettings, IPNetwork
 from relay.http import statuspage
-from relay.http.guard import BasicAuth, ReloadingTls, certificate_path, exposure_warnings
+from relay.http.guard import (
+    BasicAuth,
+    ReloadingTls,
+    TooManyFailures,
+    certificate_path,
+    exposure_warnings,
+)
 from relay.http.metrics import RelayCollector, new_registry, read_queue
 
 if TYPE_CHECKING:
@@ -39,7 +45,7 @@ _MAX_HEAD = 16 * 1024
 _REQUEST_TIMEOUT = 10.0
 _PROBE_TIMEOUT = 5.0
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-            404: "Not Found",
+            404: "Not Found", 429: "Too Many Requests",
             405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}
 _TEXT = "text/plain; charset=utf-8"
 _PROBES = {"/healthz", "/readyz"}  # for kubelet and load balancers: no password
@@ -59,7 +65,8 @@ class WebServer:
         self.registry = new_registry(self.collector)
         self.address: tuple[str, int] | None = None
         self.tls = ReloadingTls(settings.tls) if settings.tls is not None else None
-        self.auth = BasicAuth(settings.basic_auth_users) if settings.basic_auth_users else None
+        self.auth = (BasicAuth(settings.basic_auth_users, relay.config.auth_limits)
+                     if settings.basic_auth_users else None)
         self._server: asyncio.Server | None = None
         self._clients: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
@@ -142,20 +149,33 @@ class WebServer:
             await _respond(writer, method, 405, "only GET and HEAD\n",
                            extra={"Allow": "GET, HEAD"})
             return
-        given = headers.get("authorization")
-        if self.auth is not None and path not in _PROBES and await self.auth.check(given) is None:
-            # A browser always asks once without a password first: only wrong ones are news.
-            log.log(logging.WARNING if given else logging.DEBUG, "http: request for %s from %s "
-                    "refused: no valid user and password (http.basic_auth_users)", path, peer)
-            await _respond(writer, method, 401, "user name and password required "
-                           "(http.basic_auth_users)\n",
-                           extra={"WWW-Authenticate": 'Basic realm="m365relay", charset="UTF-8"'})
+        if self.auth is not None and path not in _PROBES and not await self._authorized(
+                writer, method, path, peer, headers.get("authorization")):
             return
         try:
             await self._route(writer, method, path, headers)
         except Exception:
             log.exception("http: %s %s failed", method, path)
             await _respond(writer, method, 500, "internal error; see the relay's log\n")
+
+    async def _authorized(self, writer: asyncio.StreamWriter, method: str, path: str,
+                          peer: object, given: str | None) -> bool:
+        """Check HTTP Basic; when it fails, answer 401 (or 429 while blocked) and say False."""
+        assert self.auth is not None  # noqa: S101 - only called with basic_auth_users
+        try:
+            if await self.auth.check(given, str(peer)) is not None:
+                return True
+        except TooManyFailures as exc:
+            await _respond(writer, method, 429, f"{exc} (auth_limits)\n",
+                           extra={"Retry-After": str(int(self.auth.limits.block))})
+            return False
+        # A browser always asks once without a password first: only wrong ones are news.
+        log.log(logging.WARNING if given else logging.DEBUG, "http: request for %s from %s "
+                "refused: no valid user and password (http.basic_auth_users)", path, peer)
+        await _respond(writer, method, 401, "user name and password required "
+                       "(http.basic_auth_users)\n",
+                       extra={"WWW-Authenticate": 'Basic realm="m365relay", charset="UTF-8"'})
+        return False
 
     def _refusal(self, peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
                  path: str) -> str | None:
