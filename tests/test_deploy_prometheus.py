@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -148,9 +149,30 @@ async def test_dashboard_and_rules_query_only_metrics_a_real_relay_exports(
                  "m365relay_mailbox_pacing_rate", "m365relay_queue_messages_by_age",
                  "m365relay_token_expiry_seconds", "m365relay_throttled_total"):
         assert name in wanted
-    kinds = {s.labels["kind"] for f in text_string_to_metric_families(body)
-             for s in f.samples if s.name == "m365relay_certificate_expiry_timestamp_seconds"}
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for f in text_string_to_metric_families(body) for s in f.samples}
+
+    def value(metric: str, **labels: str) -> float:
+        return samples[(metric, frozenset(labels.items()))]
+
+    kinds = {dict(labels)["kind"] for name, labels in samples
+             if name == "m365relay_certificate_expiry_timestamp_seconds"}
     assert kinds == {"app", "listener"}
+    listener_cert = value("m365relay_certificate_expiry_timestamp_seconds",
+                          kind="listener", name="lan")
+    assert listener_cert > time.time() + 30 * 86400  # trustme issues for years
+    # The values are the relay's state, not just names: 2 deferred under a minute old, the
+    # busy mailbox throttled, 4 acknowledgements on the plain listener, one sign-in needed.
+    assert value("m365relay_queue_messages") == value("m365relay_queue_deferred_messages") == 2
+    assert value("m365relay_queue_messages_by_age", le="1m") == 2
+    assert value("m365relay_queue_messages_by_age", le="older") == 0
+    assert value("m365relay_throttled_total", app="contoso",
+                 mailbox="printers@contoso.example") >= 1
+    assert value("m365relay_smtp_ack_seconds_count", listener="local") == 4
+    assert value("m365relay_smtp_ack_seconds_bucket", listener="local", le="+Inf") == 4
+    assert value("m365relay_smtp_ack_seconds_count", listener="lan") == 0
+    assert value("m365relay_signin_needed", account="personal") == 1
+    assert value("m365relay_spool_free_bytes") > 0
 
 
 def test_example_scrape_config_is_valid_for_promtool() -> None:
