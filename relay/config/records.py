@@ -525,12 +525,62 @@ class DeliverySettings(Record):
     pacing: PacingSettings = spec(nested(PacingSettings), default=PacingSettings())
 
 
+def _web_password_hash(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    if not value.startswith("$argon2"):
+        raise ValueError("not an argon2 hash; create one with `m365relay hash-password` "
+                         "(bcrypt hashes from a Prometheus exporter's web config are not "
+                         "accepted)")
+    return value
+
+
+def _web_users(raw: Any, run: Run) -> dict[str, str]:
+    bad = [name for name in raw if isinstance(name, str) and (":" in name or not name)
+           ] if isinstance(raw, Mapping) else []
+    for name in bad:
+        run.at(name).report("a user name must be non-empty and without `:` (HTTP Basic)")
+    users: dict[str, str] = mapping(_web_password_hash, min_length=1)(raw, run)
+    if bad:
+        raise Failed
+    return users
+
+
+@record
+class HttpTls(Record):
+    """TLS for the HTTP endpoint, as an exporter's ``tls_server_config``. The files are read
+    again when they change (renewals need no restart)."""
+
+    certificate: Path = spec(ReadableFile)
+    private_key: Path = spec(ReadableFile)
+
+    def _check(self) -> None:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                self.certificate, self.private_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cannot use certificate {self.certificate} with private_key "
+                             f"{self.private_key}: {exc}; both must be PEM and belong "
+                             "together (the certificate file may hold the chain)") from None
+
+
 @record
 class HttpSettings(_Bindable):
     # Off unless the section is present; loopback by default because the status page lists
     # recipients and errors (never secrets).
     bind: str = spec(_bind, default="127.0.0.1:9925")
+    # Who may open the status page and its JSON API (and, by default, /metrics).
     networks: tuple[IPNetwork, ...] = spec(Networks, default=LOOPBACK)
+    # Who may scrape /metrics; None: `networks`. /healthz and /readyz answer both lists.
+    metrics_networks: tuple[IPNetwork, ...] | None = spec(optional(Networks), default=None)
+    tls: HttpTls | None = spec(optional(nested(HttpTls)), default=None)
+    # user -> argon2 hash: HTTP Basic for everything but /healthz and /readyz (probes).
+    basic_auth_users: dict[str, str] | None = spec(optional(_web_users), default=None)
+
+    @property
+    def scrape_networks(self) -> tuple[IPNetwork, ...]:
+        return self.networks if self.metrics_networks is None else self.metrics_networks
 
 
 @record

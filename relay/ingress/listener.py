@@ -34,6 +34,7 @@ from typing import Any
 from aiosmtpd.smtp import Envelope, Session
 
 from relay.config.records import Account, Config, Listener
+from relay.delivery.events import Latency
 from relay.delivery.passthrough import Passthrough
 from relay.ingress.data import SMTP_LINE_LIMIT, fold_long_lines
 from relay.ingress.limits import AuthGuard, ConnectionSlots, LogThrottle, raise_open_files_limit
@@ -71,6 +72,8 @@ class RelayHandler:
         self.changed = asyncio.Event()  # a session ended or finished a transaction
         self.closing = False
         self.auth_failures = 0  # for /metrics
+        # End of DATA to the 250 (or 4xx): what a device waits for after its final dot.
+        self.ack_latency = Latency()
         # One guard for all listeners (the service passes it), or more listeners would give
         # an attacker more guesses.
         self.guard = guard or AuthGuard()
@@ -168,6 +171,13 @@ class RelayHandler:
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        started = time.perf_counter()
+        try:
+            return await self._data(server, session, envelope)
+        finally:
+            self.ack_latency.observe(time.perf_counter() - started)
+
+    async def _data(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         account = server.mail_account
         if account is None or envelope.mail_from is None:  # aiosmtpd checks MAIL came first
             return "503 5.5.1 Error: need MAIL command"
