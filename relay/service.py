@@ -17,19 +17,21 @@ import gc
 import logging
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relay import config as config_mod
 from relay import logsafe
-from relay.config import Config
+from relay.config import Config, Listener
 from relay.delivery import Delivery
 from relay.limits import AuthGuard
 from relay.listener import RelayHandler, start_listener
 from relay.notify import Notifier
 from relay.passthrough import Passthrough
 from relay.queuectl.control import QueueControl
+from relay.servertls import ServerTLS, legacy_warning
 from relay.spool import QueueEntry, Spool
 from relay.tokens import TokenProvider
 
@@ -58,6 +60,7 @@ class Relay:
         self.handlers: list[RelayHandler] = []
         self.auth_guard = AuthGuard()  # failed logins count across all listeners
         self.servers: list[asyncio.Server] = []
+        self.tls: dict[str, ServerTLS] = {}  # per listener with TLS; certificates reload
         self.addresses: dict[str, tuple[str, int]] = {}
         self.web: WebServer | None = None  # the `http` endpoint, when configured
         self.http_address: tuple[str, int] | None = None
@@ -85,8 +88,9 @@ class Relay:
                                    functools.partial(self._accepted, listener.name),
                                    self.hostname, guard=self.auth_guard)
             handler.passthrough = Passthrough(self.delivery, self.spool)
+            context = await self._server_tls(listener)
             try:
-                server = await start_listener(listener, handler)
+                server = await start_listener(listener, handler, context)
             except OSError as exc:
                 await self.stop(timeout=0)
                 raise StartupError(f"listeners[{listener.name}]: cannot listen on "
@@ -108,6 +112,25 @@ class Relay:
                 await self.stop(timeout=0)
                 raise StartupError(f"http: cannot listen on {self.config.http.bind}: "
                                    f"{exc.strerror or exc}; change http.bind") from None
+
+    async def _server_tls(self, listener: Listener) -> ssl.SSLContext | None:
+        if listener.tls == "none":
+            return None
+        tls = ServerTLS(listener, self.config.spool.directory)
+        try:
+            served = await asyncio.to_thread(tls.load)
+        except (OSError, ValueError) as exc:
+            await self.stop(timeout=0)
+            raise StartupError(f"listeners[{listener.name}]: cannot use the TLS certificate: "
+                               f"{exc}; check `listeners[{listener.name}].certificate` and "
+                               "`private_key` (PEM, the key matching the certificate)") from None
+        self.tls[listener.name] = tls
+        log.info("listener %s: serving %s, SHA-256 fingerprint %s", listener.name,
+                 served.source, served.fingerprint)
+        warning = legacy_warning(listener)
+        if warning is not None:
+            log.warning("%s", warning)
+        return tls.context
 
     def _accepted(self, listener: str, entry: QueueEntry) -> None:
         self.delivery.events.accepted(listener, entry)
