@@ -335,9 +335,10 @@ class Listener(_Bindable):
                                                      default="spool")
 
     def _check(self) -> None:
-        if self.tls != "none" and (self.certificate is None or self.private_key is None):
-            raise ValueError(f"tls: {self.tls} needs both `certificate` and `private_key` "
-                             "(PEM files, e.g. from your CA or Let's Encrypt)")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("`certificate` and `private_key` go together (PEM files, e.g. "
+                             "from your CA or Let's Encrypt); set neither and the relay makes "
+                             "a self-signed certificate for this listener")
         if self.tls == "none" and self.min_tls_version != "1.2":
             raise ValueError("`min_tls_version` only applies with tls: starttls or implicit")
         if self.require_tls and self.tls != "starttls":

@@ -125,8 +125,11 @@ class ServerTLS:
 
     def _files(self) -> tuple[Path, Path | None]:
         listener = self.listener
-        assert listener.certificate is not None and listener.private_key is not None  # noqa: S101
-        return listener.certificate, listener.private_key
+        if listener.certificate is not None and listener.private_key is not None:
+            return listener.certificate, listener.private_key
+        from relay import selfsigned
+
+        return selfsigned.ensure(listener, self.state_dir), None
 
     def _build(self) -> Served:
         certfile, keyfile = self._files()

@@ -202,6 +202,11 @@ class Relay:
                             handler.listener)
             handler.config = new
             handler.listener = listener
+            tls = self.tls.get(listener.name)
+            if tls is not None and listener.tls != "none":
+                # Certificate files are read again (a Let's Encrypt renewal keeps the paths);
+                # new connections get the new one, open sessions keep theirs.
+                tls.reload(listener)
         log.info("SIGHUP: config reloaded (%d apps, %d accounts)", len(new.apps),
                  len(new.accounts))
 
