@@ -14,7 +14,7 @@ import asyncio
 import logging
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,14 @@ class DelegatedTokens:
         self._states = {n: s for n, s in self._states.items() if n in names}
         for name in names:
             self._states.setdefault(name, _AccountState())
+
+    def drop_clients(self, apps: Collection[str]) -> None:
+        """The files these apps' clients were built from changed (SIGHUP): build anew on the
+        next refresh; the sign-ins themselves stay in the token store."""
+        for account in self._accounts():
+            state = self._states.get(account.name)
+            if state is not None and account.app in apps:
+                state.client = None
 
     def _accounts(self) -> list[Any]:
         apps = self._config.apps

@@ -34,6 +34,7 @@ from relay.queuectl.control import QueueControl
 from relay.servertls import ServerTLS, legacy_warning
 from relay.spool import QueueEntry, Spool
 from relay.tokens import TokenProvider
+from relay.upstream import reset_tls_contexts
 
 if TYPE_CHECKING:
     from relay.web import WebServer
@@ -194,9 +195,16 @@ class Relay:
             log.warning("SIGHUP: http changes need a restart; applying the rest")
         logsafe.register_config_secrets(new)
         self.config = new
-        self.tokens.update(new.apps, margin=new.delivery.token_refresh_margin)
+        # Files the config names are read again too (config.load read the secrets): CA
+        # files, PFX, certificates; token clients and TLS contexts built from them start anew.
+        changed = self.tokens.update(new.apps, margin=new.delivery.token_refresh_margin)
+        reset_tls_contexts()
         self.tokens.use_delegated(new, self.config_path)
         self.delivery.config = new
+        self.delivery.reloaded(changed)
+        if changed:
+            log.info("SIGHUP: apps %s changed (settings or files): new token clients and "
+                     "connections", ", ".join(sorted(changed)))
         for handler in self.handlers:
             listener = next((lis for lis in new.listeners if lis.name == handler.listener.name),
                             handler.listener)
