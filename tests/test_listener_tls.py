@@ -32,15 +32,15 @@ def _openssl() -> str:
     return found
 
 
-async def s_client(port: int, version: str, *, starttls: bool, script: bytes = b""
-                   ) -> tuple[str | None, str]:
+async def s_client(port: int, version: str, *, starttls: bool, script: bytes = b"",
+                   cipher: str = "DEFAULT") -> tuple[str | None, str]:
     """Connect as a device that speaks only TLS ``version``; returns (protocol negotiated or
     None, everything s_client printed). ``script`` is sent over TLS, then s_client waits for
     the server to close."""
     args = [_openssl(), "s_client", "-connect", f"127.0.0.1:{port}", _FLAGS[version],
             # The client's own OpenSSL 3 would refuse TLS 1.0/1.1 at Debian's security level 2;
             # a printer's stack has no such rule, so the refusal tested is the server's.
-            "-cipher", "DEFAULT:@SECLEVEL=0", "-ign_eof", "-nocommands", "-noservername"]
+            "-cipher", f"{cipher}:@SECLEVEL=0", "-ign_eof", "-nocommands", "-noservername"]
     if starttls:
         args += ["-starttls", "smtp"]
     proc = await asyncio.create_subprocess_exec(
@@ -197,3 +197,22 @@ def test_min_tls_version_problems_have_key_paths(tls_files: TLSFiles) -> None:
                for p in problems), problems
     assert any(p.startswith("listeners[1]:") and "only applies with tls: starttls" in p
                for p in problems), problems
+
+
+async def test_rsa_only_printer_gets_the_self_signed_certificate_over_tls_1_0(
+        relays: RelayFactory, sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+    """Firmware with neither ECDHE nor ECDSA: TLS 1.0, RSA key exchange (AES128-SHA), and no
+    certificate configured. The self-signed certificate is RSA so that this still works, and
+    the log says which device needs the old TLS."""
+    data = relays.config()
+    data["listeners"][0].update(tls="starttls", min_tls_version="1.0")
+    relay = await relays.start(data)
+    with caplog.at_level(logging.INFO, logger="m365relay"):
+        protocol, out = await s_client(relay.addresses["local"][1], "1.0", starttls=True,
+                                       script=_MAIL + _BODY, cipher="AES128-SHA")
+    assert protocol == "TLSv1", out
+    assert "Cipher is AES128-SHA" in out and "250 2.0.0 Ok: queued as" in out, out
+    await sandbox.exchange.wait_for_messages(1)
+    assert any("TLS connection established: TLSv1 with cipher AES128-SHA (older than TLS 1.2: "
+               "allowed by listeners[local].min_tls_version)" in r.getMessage()
+               for r in caplog.records), caplog.text
