@@ -43,8 +43,17 @@ def new_context(listener: Listener, certfile: Path, keyfile: Path | None) -> ssl
         context.set_ciphers(LEGACY_CIPHERS)
     else:
         context.minimum_version = _VERSIONS[version]
-    context.load_cert_chain(str(certfile), str(keyfile) if keyfile is not None else None)
+    context.load_cert_chain(str(certfile), str(keyfile) if keyfile is not None else None,
+                            password=_no_passphrase)
     return context
+
+
+def _no_passphrase() -> str:
+    # Without a callback OpenSSL would prompt on the terminal: a relay started by hand would
+    # hang at start, or on SIGHUP with the event loop stopped.
+    raise ValueError("the private key is encrypted with a passphrase; the relay starts "
+                     "unattended, so keep it decrypted and readable by the relay's user only "
+                     "(`openssl pkey -in KEY -out KEY.plain`, mode 0600)")
 
 
 def legacy_warning(listener: Listener) -> str | None:

@@ -216,3 +216,35 @@ async def test_doctor_shows_the_fingerprint_devices_see(
     assert f"SHA-256 {fingerprint(pem_der(tls_files.cert))}" in text, text
     assert [c["link"] for c in report.to_json()["listeners"]] == [
         "listener local TLS", "listener lets TLS"]
+
+
+async def test_an_encrypted_or_mismatched_key_is_explained_not_prompted_for(
+        relays: RelayFactory, tls_files: TLSFiles, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from relay.doctor.command import diagnose
+    from relay.doctor.report import render_text
+    from relay.service import StartupError
+
+    key = serialization.load_pem_private_key(tls_files.key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"printer")))
+    data = relays.config()
+    data["listeners"][0].update(tls="starttls", certificate=str(tls_files.cert),
+                                private_key=str(encrypted))
+    # OpenSSL's own prompt would wait on the terminal; the relay says what to do instead.
+    with pytest.raises(StartupError, match=r"encrypted with a passphrase.*openssl pkey"):
+        await relays.start(data)
+
+    other = tmp_path / "other.key"
+    other.write_bytes(trustme.CA().issue_cert("localhost").private_key_pem.bytes())
+    data["listeners"][0]["private_key"] = str(other)
+    config_path = tmp_path / "relay.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    report = await diagnose(config_path)
+    (check,) = report.listeners
+    assert check.status.value == "fail" and "KEY_VALUES_MISMATCH" in check.summary
+    assert report.exit_code == 1
+    assert "Broken: listener local TLS" in render_text(report)

@@ -38,6 +38,16 @@ def _check(listener: Listener, state_dir: Path) -> Check:
                              "then give devices the new fingerprint, or run doctor as the "
                              "relay's user if the file is only unreadable to you.")
         return _describe(link, key, path, "self-signed certificate")
+    from relay.servertls import new_context
+
+    try:
+        new_context(listener, listener.certificate, listener.private_key)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        return Check(link, Status.FAIL, detail=f"certificate {listener.certificate}",
+                     summary=f"The relay cannot serve this certificate and key: {exc}.",
+                     fix=f"Point `{key}.certificate` at the PEM chain and `{key}.private_key` "
+                         "at its own key (unencrypted); a key from another certificate shows "
+                         "as KEY_VALUES_MISMATCH.")
     return _describe(link, key, listener.certificate, "certificate")
 
 
