@@ -37,12 +37,13 @@ async def boxes(tmp_path: Path) -> AsyncIterator[list[Sandbox]]:
 
 
 async def start_box(boxes: list[Sandbox], directory: Path, *, like: Sandbox | None = None,
-                    apps: tuple[SandboxApp, ...] = (DEMO_APP,)) -> Sandbox:
+                    apps: tuple[SandboxApp, ...] = (DEMO_APP,), graph: bool = False
+                    ) -> Sandbox:
     if like is not None:
         await like.stop()
         boxes.remove(like)
     box = Sandbox(directory, apps=apps, entra_port=like.entra_port if like else 0,
-                  smtp_port=like.smtp_port if like else 0)
+                  smtp_port=like.smtp_port if like else 0, graph=graph)
     await box.start()
     boxes.append(box)
     return box
@@ -230,3 +231,34 @@ def test_a_replaced_pfx_or_ca_file_counts_as_a_changed_app(tmp_path: Path,
     assert provider.update(config_mod.parse(data).apps, margin=600) == {"pfx", "ca"}
     data["apps"]["still"]["client_secret"] = "rotated"
     assert provider.update(config_mod.parse(data).apps, margin=600) == {"still"}
+
+
+async def test_sighup_reconnects_a_graph_lane_with_the_new_trust(
+        boxes: list[Sandbox], tmp_path: Path, password_hash: str) -> None:
+    """The Graph transport keeps an HTTPS session per worker: after the reload it must not go
+    on with the one that trusts the old CA."""
+    box = await start_box(boxes, tmp_path / "sandbox", graph=True)
+    path = tmp_path / "relay.yaml"
+    data = slow_backoff(base_config(box, tmp_path, password_hash))
+    data["apps"]["contoso"].update(transport="graph", graph_endpoint=box.graph_url)
+    path.write_text(yaml.safe_dump(data))
+    relay = Relay(config_mod.load(path), config_path=path)
+    await relay.start()
+    try:
+        port = relay.addresses["local"][1]
+        assert box.graph is not None
+        await send_one(port, "graph one")
+        await box.graph.wait_for_messages(1)
+
+        box = await start_box(boxes, tmp_path / "sandbox", like=box, graph=True)
+        assert box.graph is not None
+        await send_one(port, "graph two")
+        # The cached token goes to the old Graph's port, which is gone: the lane pauses.
+        await wait_until(lambda: relay.delivery.counters.deferred >= 1, timeout=30)
+        data["apps"]["contoso"]["graph_endpoint"] = box.graph_url  # its port is new each start
+        path.write_text(yaml.safe_dump(data))
+        relay.reload()
+        (got,) = await box.graph.wait_for_messages(1, timeout=15)
+        assert got.route == "sendMail"
+    finally:
+        await relay.stop(timeout=5)
