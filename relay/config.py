@@ -339,6 +339,10 @@ class Listener(_Bindable):
             raise ValueError("`certificate` and `private_key` go together (PEM files, e.g. "
                              "from your CA or Let's Encrypt); set neither and the relay makes "
                              "a self-signed certificate for this listener")
+        if self.tls != "none" and self.certificate is not None and self.private_key is not None:
+            from relay.servertls import check_pair  # ssl only: check-config catches a bad pair
+
+            check_pair(self.certificate, self.private_key)
         if self.tls == "none" and self.min_tls_version != "1.2":
             raise ValueError("`min_tls_version` only applies with tls: starttls or implicit")
         if self.require_tls and self.tls != "starttls":

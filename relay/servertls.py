@@ -48,6 +48,23 @@ def new_context(listener: Listener, certfile: Path, keyfile: Path | None) -> ssl
     return context
 
 
+def check_pair(certfile: Path, keyfile: Path) -> None:
+    """Raise ValueError saying why this certificate and key cannot be served (config load)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(certfile), str(keyfile), password=_no_passphrase)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ValueError("`private_key` is not the key of `certificate` "
+                             f"(KEY_VALUES_MISMATCH): {keyfile} belongs to another "
+                             "certificate; after a renewal, point both at the new pair") from None
+        raise ValueError(f"`certificate` and `private_key` cannot be used: {exc.reason or exc}; "
+                         "they must be PEM (a certificate chain, and its key)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read `certificate` or `private_key`: {exc.strerror or exc}"
+                         ) from None
+
+
 def _no_passphrase() -> str:
     # Without a callback OpenSSL would prompt on the terminal: a relay started by hand would
     # hang at start, or on SIGHUP with the event loop stopped.

@@ -184,11 +184,12 @@ async def test_sighup_serves_a_renewed_certificate_to_new_connections(
     assert any(f"now serving certificate {cert}, SHA-256 fingerprint {fingerprint(new)}"
                in r.getMessage() for r in caplog.records)
 
-    # A renewal gone wrong (key of another certificate): the last good certificate stays.
+    # A renewal gone wrong (key of another certificate): refused with the config, and the
+    # last good certificate stays.
     key.write_bytes(trustme.CA().issue_cert("localhost").private_key_pem.bytes())
     with caplog.at_level(logging.ERROR, logger="m365relay"):
         relay.reload()
-    assert "cannot load the certificate" in caplog.text
+    assert "KEY_VALUES_MISMATCH" in caplog.text and "still running the old one" in caplog.text
     assert await asyncio.to_thread(served_certificate, address, tls) == new
 
 
@@ -218,33 +219,53 @@ async def test_doctor_shows_the_fingerprint_devices_see(
         "listener local TLS", "listener lets TLS"]
 
 
-async def test_an_encrypted_or_mismatched_key_is_explained_not_prompted_for(
+async def test_an_encrypted_or_mismatched_key_is_a_config_problem_not_a_prompt(
         relays: RelayFactory, tls_files: TLSFiles, tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from relay.doctor.command import diagnose
-    from relay.doctor.report import render_text
-    from relay.service import StartupError
+    from relay import config as config_mod
 
     key = serialization.load_pem_private_key(tls_files.key.read_bytes(), None)
     encrypted = tmp_path / "encrypted.key"
     encrypted.write_bytes(key.private_bytes(  # type: ignore[union-attr]
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"printer")))
-    data = relays.config()
-    data["listeners"][0].update(tls="starttls", certificate=str(tls_files.cert),
-                                private_key=str(encrypted))
-    # OpenSSL's own prompt would wait on the terminal; the relay says what to do instead.
-    with pytest.raises(StartupError, match=r"encrypted with a passphrase.*openssl pkey"):
-        await relays.start(data)
-
     other = tmp_path / "other.key"
     other.write_bytes(trustme.CA().issue_cert("localhost").private_key_pem.bytes())
-    data["listeners"][0]["private_key"] = str(other)
+    data = relays.config()
+    data["listeners"] = [
+        # OpenSSL's own prompt would wait on the terminal; the relay says what to do instead.
+        {"name": "enc", "bind": "127.0.0.1:0", "tls": "starttls",
+         "certificate": str(tls_files.cert), "private_key": str(encrypted)},
+        {"name": "renewed", "bind": "127.0.0.1:0", "tls": "implicit",
+         "certificate": str(tls_files.cert), "private_key": str(other)}]
+    with pytest.raises(config_mod.ConfigError) as info:
+        config_mod.parse(data, base_dir=tmp_path)
+    problems = info.value.problems
+    assert any(p.startswith("listeners[0]:") and "encrypted with a passphrase" in p
+               and "openssl pkey" in p for p in problems), problems
+    assert any(p.startswith("listeners[1]:") and "KEY_VALUES_MISMATCH" in p
+               for p in problems), problems
+
+
+async def test_doctor_fails_an_expired_listener_certificate(
+        relays: RelayFactory, sandbox: Sandbox, tls_files: TLSFiles, tmp_path: Path) -> None:
+    from relay.doctor.command import diagnose
+    from relay.doctor.report import render_text
+
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+    expired = tls_files.ca.issue_cert("localhost", not_before=past - datetime.timedelta(days=90),
+                                      not_after=past)
+    cert, key = tmp_path / "expired.pem", tmp_path / "expired.key"
+    expired.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    expired.private_key_pem.write_to_path(str(key))
+    data = relays.config()
+    data["listeners"][0].update(tls="starttls", certificate=str(cert), private_key=str(key))
     config_path = tmp_path / "relay.yaml"
     config_path.write_text(yaml.safe_dump(data))
     report = await diagnose(config_path)
     (check,) = report.listeners
-    assert check.status.value == "fail" and "KEY_VALUES_MISMATCH" in check.summary
+    assert check.status.value == "fail" and "expired" in check.summary
+    assert "systemctl reload" in check.fix
     assert report.exit_code == 1
     assert "Broken: listener local TLS" in render_text(report)
