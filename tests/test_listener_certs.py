@@ -20,7 +20,7 @@ import trustme
 import yaml
 from conftest import RelayFactory, TLSFiles, message, send
 
-from relay import selfsigned
+from relay.ingress import selfsigned
 from relay.sandbox import Sandbox
 
 HOSTNAME = "relay.printers.example"
@@ -223,7 +223,7 @@ async def test_an_encrypted_or_mismatched_key_is_a_config_problem_not_a_prompt(
         relays: RelayFactory, tls_files: TLSFiles, tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from relay import config as config_mod
+    from relay.config import records as config_mod
 
     key = serialization.load_pem_private_key(tls_files.key.read_bytes(), None)
     encrypted = tmp_path / "encrypted.key"

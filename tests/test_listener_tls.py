@@ -17,7 +17,7 @@ import pytest
 import trustme
 from conftest import MAILBOX, RelayFactory, TLSFiles
 
-from relay import config as config_mod
+from relay.config import records as config_mod
 from relay.sandbox import Sandbox
 
 _FLAGS = {"1.0": "-tls1", "1.1": "-tls1_1"}
@@ -109,7 +109,7 @@ async def test_default_listener_still_speaks_tls_1_2(relays: RelayFactory,
 
 async def test_upstream_stays_tls_1_2_whatever_the_listeners_allow(
         relays: RelayFactory, tls_files: TLSFiles, tmp_path: Path) -> None:
-    from relay.upstream import tls_context
+    from relay.upstream.smtp import tls_context
 
     data = relays.config()
     _listener(data, tls_files, "starttls", min_tls_version="1.0")

@@ -18,9 +18,9 @@ import yaml
 from conftest import MAILBOX, PASSWORD, base_config, message, wait_until
 from test_lifecycle import RelayProcess
 
-from relay import config as config_mod
+from relay.config import records as config_mod
 from relay.sandbox import DEMO_APP, Sandbox, SandboxApp
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 ROTATED = SandboxApp(tenant=DEMO_APP.tenant, client_id=DEMO_APP.client_id,
                      client_secret="rotated-sandbox-secret")  # the sandbox's only
@@ -190,9 +190,9 @@ async def test_sighup_leaves_a_pause_the_server_asked_for(
 
 
 def test_which_pauses_a_reload_may_end() -> None:
-    from relay.delivery import AppMissing, reload_may_fix
-    from relay.errors import AuthRejected, DeferError, TokenError
-    from relay.upstream import LaneError
+    from relay.delivery.scheduler import AppMissing, reload_may_fix
+    from relay.diagnosis.errors import AuthRejected, DeferError, TokenError
+    from relay.upstream.smtp import LaneError
 
     assert reload_may_fix(TokenError("AADSTS7000215 invalid secret"))
     assert reload_may_fix(LaneError("CERTIFICATE_VERIFY_FAILED"))
@@ -207,7 +207,7 @@ def test_a_replaced_pfx_or_ca_file_counts_as_a_changed_app(tmp_path: Path,
                                                          tls_files: Any) -> None:
     import trustme
 
-    from relay.tokens import TokenProvider
+    from relay.tokens.provider import TokenProvider
 
     ca = trustme.CA()
     pfx = tmp_path / "app.pfx"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from relay.config import Config, Listener
+from relay.config.records import Config, Listener
 from relay.doctor.report import Check, Status
 
 WARN_BEFORE = datetime.timedelta(days=14)
@@ -18,7 +18,7 @@ def listener_checks(config: Config) -> list[Check]:
 
 
 def _check(listener: Listener, state_dir: Path) -> Check:
-    from relay import selfsigned
+    from relay.ingress import selfsigned
 
     link = f"listener {listener.name} TLS"
     key = f"listeners[{listener.name}]"
@@ -38,7 +38,7 @@ def _check(listener: Listener, state_dir: Path) -> Check:
                              "then give devices the new fingerprint, or run doctor as the "
                              "relay's user if the file is only unreadable to you.")
         return _describe(link, key, path, "self-signed certificate")
-    from relay.servertls import new_context
+    from relay.ingress.tls import new_context
 
     try:
         new_context(listener, listener.certificate, listener.private_key)
@@ -54,7 +54,7 @@ def _check(listener: Listener, state_dir: Path) -> Check:
 def _describe(link: str, key: str, path: Path, kind: str) -> Check:
     from cryptography import x509
 
-    from relay.servertls import pem_fingerprint
+    from relay.ingress.tls import pem_fingerprint
 
     try:
         data = path.read_bytes()
