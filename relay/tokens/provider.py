@@ -86,6 +86,9 @@ class TokenProvider:
         self._clock = clock
         self._states: dict[str, _AppState] = {name: _AppState() for name in apps}
         self._inputs = {name: file_inputs(app) for name, app in apps.items()}
+        # One trust context per app, shared by its sessions (building one loads the system's
+        # CAs: tens of ms, and Graph makes sessions on the event loop); rebuilt on reload.
+        self._trusts: dict[str, ssl.SSLContext | bool] = {}
         self.delegated: DelegatedTokens | None = None
 
     def context(self, app_name: str, mailbox: str = "") -> Context:
@@ -164,7 +167,13 @@ class TokenProvider:
         ``m365relay doctor`` probes the authority the way token requests reach it."""
         from relay.tokens.httpsession import TimeoutSession
 
-        return TimeoutSession(trust(self._apps[app_name]), self._timeout)
+        return TimeoutSession(self._trust(app_name), self._timeout)
+
+    def _trust(self, app_name: str) -> ssl.SSLContext | bool:
+        found = self._trusts.get(app_name)
+        if found is None:
+            found = self._trusts[app_name] = trust(self._apps[app_name])
+        return found
 
     def client(self, app_name: str) -> Any:
         """The app's msal client, None before its first token request (for tests)."""
@@ -180,6 +189,7 @@ class TokenProvider:
             if self._apps.get(name) != app or self._inputs.get(name) != inputs:
                 self._states[name] = _AppState()
                 self._inputs[name] = inputs
+                self._trusts.pop(name, None)
                 changed.add(name)
         self._apps = dict(apps)
         if self.delegated is not None:
@@ -247,7 +257,7 @@ class TokenProvider:
             app.client_id,
             client_credential=credential,
             authority=app.authority_url,
-            http_client=TimeoutSession(trust(app), self._timeout),
+            http_client=TimeoutSession(self._trust(app_name), self._timeout),
             **kwargs,
         )
 
