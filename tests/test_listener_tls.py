@@ -216,3 +216,21 @@ async def test_rsa_only_printer_gets_the_self_signed_certificate_over_tls_1_0(
     assert any("TLS connection established: TLSv1 with cipher AES128-SHA (older than TLS 1.2: "
                "allowed by listeners[local].min_tls_version)" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+def test_check_config_warns_about_a_legacy_tls_listener(tmp_path: Path,
+                                                       tls_files: TLSFiles) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = _config({"tls": "starttls", "certificate": str(tls_files.cert),
+                    "private_key": str(tls_files.key), "min_tls_version": "1.1"})
+    data["spool"]["directory"] = str(tmp_path / "spool")
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(data))
+    done = subprocess.run([sys.executable, "-m", "relay", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "warning: listeners[lan].min_tls_version is 1.1" in done.stderr
