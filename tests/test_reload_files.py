@@ -14,8 +14,11 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+import trustme
 import yaml
-from conftest import MAILBOX, PASSWORD, base_config, message, wait_until
+from conftest import MAILBOX, PASSWORD, base_config, message, send, wait_until
+from test_delegated import ME, login, start, write_config
+from test_delegated import box as box  # noqa: PLC0414 - the fixture, used by name
 from test_lifecycle import RelayProcess
 
 from relay.config import records as config_mod
@@ -32,8 +35,8 @@ async def boxes(tmp_path: Path) -> AsyncIterator[list[Sandbox]]:
     each is stopped at the end."""
     started: list[Sandbox] = []
     yield started
-    for box in started:
-        await box.stop()
+    for started_box in started:
+        await started_box.stop()
 
 
 async def start_box(boxes: list[Sandbox], directory: Path, *, like: Sandbox | None = None,
@@ -260,5 +263,39 @@ async def test_sighup_reconnects_a_graph_lane_with_the_new_trust(
         relay.reload()
         (got,) = await box.graph.wait_for_messages(1, timeout=15)
         assert got.route == "sendMail"
+    finally:
+        await relay.stop(timeout=5)
+
+
+async def test_sighup_rebuilds_a_delegated_client_after_a_new_ca_file(
+        box: Sandbox, tmp_path: Path, password_hash: str) -> None:
+    """A delegated (user) sign-in's msal client is built again when its app's `ca_file`
+    changes, and the stored sign-in still serves through the new one."""
+    path = write_config(box, tmp_path, password_hash)
+    await login(box, path, "personal", ME)
+    data = yaml.safe_load(path.read_text())
+    ca_file = tmp_path / "proxy-ca.pem"
+    ca_file.write_bytes(box.ca_file.read_bytes())
+    data["apps"]["outlook"]["ca_file"] = str(ca_file)
+    path.write_text(yaml.safe_dump(data))
+    relay = await start(path)
+    try:
+        await asyncio.to_thread(send, relay.addresses["local"], message("first"))
+        await box.exchange.wait_for_messages(1)
+        assert relay.tokens.delegated is not None
+        client = relay.tokens.delegated.client("personal")
+        assert client is not None
+
+        relay.reload()  # same files: the client stays
+        assert relay.tokens.delegated.client("personal") is client
+        # A proxy's CA added beside the endpoint's (what an admin appends to ca_file).
+        ca_file.write_bytes(box.ca_file.read_bytes() + trustme.CA().cert_pem.bytes())
+        relay.reload()
+        assert relay.tokens.delegated.client("personal") is None
+        # Exchange refuses the cached token once: the relay refreshes through the new client.
+        box.exchange.inject("auth", "535 5.7.3 Authentication unsuccessful")
+        await asyncio.to_thread(send, relay.addresses["local"], message("second"))
+        await box.exchange.wait_for_messages(2)
+        assert relay.tokens.delegated.client("personal") not in (None, client)
     finally:
         await relay.stop(timeout=5)

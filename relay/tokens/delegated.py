@@ -124,6 +124,11 @@ class DelegatedTokens:
         for name in names:
             self._states.setdefault(name, _AccountState())
 
+    def client(self, account: str) -> Any:
+        """The account's msal client, None until its next refresh builds one (for tests)."""
+        state = self._states.get(account)
+        return state.client if state is not None else None
+
     def drop_clients(self, apps: Collection[str]) -> None:
         """The files these apps' clients were built from changed (SIGHUP): build anew on the
         next refresh; the sign-ins themselves stay in the token store."""
