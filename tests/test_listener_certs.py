@@ -269,3 +269,36 @@ async def test_doctor_fails_an_expired_listener_certificate(
     assert "systemctl reload" in check.fix
     assert report.exit_code == 1
     assert "Broken: listener local TLS" in render_text(report)
+
+
+async def test_sighup_moves_a_listener_to_another_certificate_without_a_restart(
+        relays: RelayFactory, tls_files: TLSFiles, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """From the self-signed certificate to the admin's own (and a new hostname for the
+    self-signed one): applied to new connections, with no "needs a restart" warning."""
+    data = relays.config()
+    data["listeners"][0].update(tls="starttls", hostname=HOSTNAME)
+    config_path = tmp_path / "relay.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    relay = await relays.start(data)
+    relay.config_path = config_path
+    address = relay.addresses["local"]
+    path = tmp_path / "spool" / "tls" / "local.pem"
+    assert await asyncio.to_thread(served_certificate, address, "starttls") == pem_der(path)
+
+    data["listeners"][0]["hostname"] = "scan.printers.example"
+    config_path.write_text(yaml.safe_dump(data))
+    with caplog.at_level(logging.INFO, logger="m365relay"):
+        relay.reload()
+    renamed = await asyncio.to_thread(served_certificate, address, "starttls")
+    assert renamed == pem_der(path)
+    san = ssl._ssl._test_decode_cert(str(path))["subjectAltName"]  # type: ignore[attr-defined]
+    assert ("DNS", "scan.printers.example") in san
+
+    data["listeners"][0].update(certificate=str(tls_files.cert), private_key=str(tls_files.key))
+    config_path.write_text(yaml.safe_dump(data))
+    with caplog.at_level(logging.INFO, logger="m365relay"):
+        relay.reload()
+    assert await asyncio.to_thread(served_certificate, address, "starttls") == pem_der(
+        tls_files.cert)
+    assert "need a restart" not in caplog.text

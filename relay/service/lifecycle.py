@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
@@ -188,7 +189,7 @@ class Relay:
         except config_mod.ConfigError as exc:
             log.error("SIGHUP: new config refused, still running the old one.\n%s", exc)
             return
-        if new.listeners != self.config.listeners:  # records compare field by field
+        if _restart_only(new.listeners) != _restart_only(self.config.listeners):
             log.warning("SIGHUP: listener changes need a restart; applying the rest")
         if new.spool != self.config.spool:
             log.warning("SIGHUP: spool changes need a restart; applying the rest")
@@ -256,6 +257,13 @@ class Relay:
                     log.warning("shutdown: closing %s mid-transaction (it was not "
                                 "acknowledged; the client will retry)", session.client)
                 session.close_for_shutdown()
+
+
+def _restart_only(listeners: tuple[Listener, ...]) -> list[Listener]:
+    """The listeners without what a reload applies to them itself (the certificate files and
+    the self-signed certificate's name, relay/ingress/tls.py); records compare field by field."""
+    return [dataclasses.replace(lis, certificate=None, private_key=None, hostname=None)
+            for lis in listeners]
 
 
 async def run(config: Config, *, config_path: Path | None = None,
