@@ -127,13 +127,15 @@ async def test_sighup_rebuilds_only_what_a_changed_file_feeds(
         await relay.stop(timeout=5)
 
 
+@pytest.mark.parametrize("tmpdir", ["watched", "missing"])
 async def test_relay_needs_no_temporary_directory(
-        boxes: list[Sandbox], tmp_path: Path, password_hash: str) -> None:
+        boxes: list[Sandbox], tmp_path: Path, password_hash: str, tmpdir: str) -> None:
     """A read-only root file system with no /tmp (issue 13): nothing may need a temporary
     directory, with or without `ca_file`, through start, deliveries and a reload.
 
-    TMPDIR names an empty, writable directory: Python's tempfile takes it first, so anything
-    temporary the relay made would show up there (as root, /tmp cannot be made unwritable)."""
+    "watched": TMPDIR names an empty, writable directory: Python's tempfile takes it first, so
+    anything temporary the relay made would show up there (as root, /tmp cannot be made
+    unwritable). "missing": TMPDIR names a directory that does not exist."""
     box = await start_box(boxes, tmp_path / "sandbox")
     data = base_config(box, tmp_path, password_hash)
     data["accounts"][0]["app"] = "plain"  # no ca_file: trusts the system's CAs (and fails)
@@ -142,7 +144,8 @@ async def test_relay_needs_no_temporary_directory(
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump(data))
     watched = tmp_path / "tmpdir"
-    watched.mkdir()
+    if tmpdir == "watched":
+        watched.mkdir()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", "serve", "--config", str(path),
         stderr=asyncio.subprocess.PIPE,
@@ -161,7 +164,11 @@ async def test_relay_needs_no_temporary_directory(
         await wait_until(lambda: any("config reloaded" in line for line in relay.lines))
         await send_one(relay.port, "after reload")
         await box.exchange.wait_for_messages(2)
-        assert list(watched.iterdir()) == []  # while running: a stop would clean up
+        # While running: a stop would clean up.
+        if tmpdir == "watched":
+            assert list(watched.iterdir()) == []
+        else:
+            assert not watched.exists()
     finally:
         proc.send_signal(signal.SIGTERM)
         code = await relay.wait(timeout=30)
