@@ -235,6 +235,15 @@ def _graph_https(raw: Any, run: Run) -> str:
     return value.rstrip("/")
 
 
+def _tls_version(raw: Any, run: Run) -> str:
+    # YAML reads an unquoted 1.0 as a number; accept it as the admin meant it.
+    value = f"{raw:.1f}" if isinstance(raw, float) else raw
+    if value not in ("1.0", "1.1", "1.2", "1.3"):
+        raise ValueError(f"{raw!r} is not a TLS version: use \"1.2\" (the default), \"1.3\", "
+                         "or \"1.0\"/\"1.1\" for old devices that cannot do better")
+    return str(value)
+
+
 def _guid(raw: Any, run: Run) -> str:
     value = text(raw, run)
     try:
@@ -328,6 +337,9 @@ class Listener(_Bindable):
     networks: tuple[IPNetwork, ...] = spec(Networks, default=LOOPBACK)
     cleartext_auth_networks: tuple[IPNetwork, ...] = spec(Networks, default=())
     require_tls: bool = spec(boolean, default=False)
+    # Old printers speak only TLS 1.0/1.1 (relay/servertls.py); "1.0" or "1.1" lets them in.
+    min_tls_version: Literal["1.0", "1.1", "1.2", "1.3"] = spec(_tls_version, default="1.2")
+    # The name devices connect to, for the self-signed certificate; None: the machine's FQDN.
     hostname: str | None = spec(optional(text), default=None)
     max_message_size: int = spec(Size(), default=35 * 1024 * 1024)
     max_recipients: int = spec(integer(ge=1, le=10000), default=500)
@@ -356,9 +368,16 @@ class Listener(_Bindable):
                                                      default="spool")
 
     def _check(self) -> None:
-        if self.tls != "none" and (self.certificate is None or self.private_key is None):
-            raise ValueError(f"tls: {self.tls} needs both `certificate` and `private_key` "
-                             "(PEM files, e.g. from your CA or Let's Encrypt)")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("`certificate` and `private_key` go together (PEM files, e.g. "
+                             "from your CA or Let's Encrypt); set neither and the relay makes "
+                             "a self-signed certificate for this listener")
+        if self.tls != "none" and self.certificate is not None and self.private_key is not None:
+            from relay.config.certfiles import check_pair
+
+            check_pair(self.certificate, self.private_key)
+        if self.tls == "none" and self.min_tls_version != "1.2":
+            raise ValueError("`min_tls_version` only applies with tls: starttls or implicit")
         if self.require_tls and self.tls != "starttls":
             raise ValueError("require_tls only makes sense with tls: starttls")
 

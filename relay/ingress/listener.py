@@ -44,17 +44,9 @@ from relay.message import Envelope as SpoolEnvelope
 from relay.policy import identity, rewrite
 from relay.spool.store import Spool, SpoolFullError
 
-__all__ = ["RelayHandler", "RelaySMTP", "server_tls_context", "start_listener"]
+__all__ = ["RelayHandler", "RelaySMTP", "start_listener"]
 
 log = logging.getLogger("m365relay.listener")
-
-
-def server_tls_context(listener: Listener) -> ssl.SSLContext | None:
-    if listener.tls == "none":
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(listener.certificate), str(listener.private_key))
-    return context
 
 
 class RelayHandler:
@@ -235,11 +227,12 @@ class RelayHandler:
                 f"with {proto}; {date}")
 
 
-async def start_listener(listener: Listener, handler: RelayHandler) -> asyncio.Server:
-    """Bind and start serving one listener; port 0 picks a free port (see ``sockets``)."""
+async def start_listener(listener: Listener, handler: RelayHandler,
+                         context: ssl.SSLContext | None = None) -> asyncio.Server:
+    """Bind and start serving one listener; port 0 picks a free port (see ``sockets``).
+    ``context`` is the listener's TLS (relay/servertls.py), None for ``tls: none``."""
     raise_open_files_limit()
     loop = asyncio.get_running_loop()
-    context = server_tls_context(listener)
     implicit = listener.tls == "implicit"
 
     def factory() -> RelaySMTP:

@@ -145,6 +145,7 @@ class RelaySMTP(FastSMTP):
         if self.transport is not None:  # the TLS transport after STARTTLS: same session
             super().connection_made(transport)
             self.account = None  # STARTTLS resets the session (RFC 3207 4.2)
+            self._log_tls(transport)
             return
         handler = self.relay_handler
         self.address = address = peer_ip(transport.get_extra_info("peername"))
@@ -172,6 +173,22 @@ class RelaySMTP(FastSMTP):
             self._unlogged_connect = listener.name
         else:
             log.info("connect from %s on %s", self.client, listener.name)
+        if self.implicit_tls:
+            self._log_tls(transport)
+
+    def _log_tls(self, transport: asyncio.BaseTransport) -> None:
+        """Which TLS each device speaks, as Postfix logs it (smtpd_tls_loglevel 1): what an
+        admin reads before raising ``min_tls_version``."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return
+        version = ssl_object.version() or "?"
+        cipher = (ssl_object.cipher() or ("?",))[0]
+        old = "" if version in ("TLSv1.2", "TLSv1.3") else (
+            f" (older than TLS 1.2: allowed by listeners[{self.relay_handler.listener.name}]"
+            ".min_tls_version)")
+        log.info("%s: TLS connection established: %s with cipher %s%s", self.client, version,
+                 cipher, old)
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted:
