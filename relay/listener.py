@@ -144,11 +144,20 @@ class RelayHandler:
                     "address to an account's networks")
         refusal = identity.sender_refusal(account, address, "Sender")
         if refusal is not None:
+            self._sender_refused(server, account, "MAIL FROM", address)
             return refusal
         server.mail_account = account
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
+
+    @staticmethod
+    def _sender_refused(server: RelaySMTP, account: Account, what: str, address: str) -> None:
+        # The device's mail is lost (a 5xx), so the admin must see it at the default level.
+        log.warning("%s: %s <%s> refused for account %s: it may only send as <%s> "
+                    "(accounts[%s].from: %s; add the address to allowed_from to allow it)",
+                    server.client, what, safe(address), account.name, account.mailbox,
+                    account.name, account.from_)
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -178,6 +187,7 @@ class RelayHandler:
         if header_from:
             refusal = identity.sender_refusal(account, header_from, "From: header")
             if refusal is not None:
+                self._sender_refused(server, account, "From: header", header_from)
                 return refusal
         sending = identity.sending_identity(account, header_from, envelope.mail_from)
         header = rewrite.prepare(fields, body, mailbox=sending.sender,
