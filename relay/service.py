@@ -170,6 +170,7 @@ class Relay:
         if new.http != self.config.http:
             log.warning("SIGHUP: http changes need a restart; applying the rest")
         logsafe.register_config_secrets(new)
+        self.auth_guard.reload()  # accounts and hashes may have changed: verify afresh
         self.config = new
         self.tokens.update(new.apps, margin=new.delivery.token_refresh_margin)
         self.tokens.use_delegated(new, self.config_path)
