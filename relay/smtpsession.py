@@ -30,7 +30,7 @@ from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword, syntax
 
 from relay import auth
 from relay.config import Account, IPNetwork
-from relay.smtpbase import FastSMTP
+from relay.smtpcompat import CompatSMTP
 from relay.smtpdata import DataAssembler
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def in_networks(address: Any, networks: tuple[IPNetwork, ...]) -> bool:
     return address is not None and any(address in net for net in networks)
 
 
-class RelaySMTP(FastSMTP):
+class RelaySMTP(CompatSMTP):
     """One SMTP session."""
 
     # aiosmtpd 1.4.6 sends "User Name\x00"; Xerox printers, Go and curl give up on the NUL.
@@ -117,6 +117,9 @@ class RelaySMTP(FastSMTP):
     @property
     def is_tls(self) -> bool:
         return self.implicit_tls or self._tls_protocol is not None
+
+    def reading_message(self) -> bool:
+        return self._data_deadline is not None or self._busy
 
     @property
     def in_transaction(self) -> bool:
