@@ -30,7 +30,7 @@ import yaml
 
 from bench import procstat
 from bench.messages import mailbox_name
-from relay.config import DeliverySettings, Listener
+from relay.config.records import DeliverySettings, Listener
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_VENV = ROOT / "bench" / ".venv"
@@ -45,7 +45,8 @@ def relay_username(mailbox: int) -> str:
 
 @functools.cache
 def _relay_password_hash() -> str:
-    from relay.auth import hash_password  # argon2 as the relay's own `hash-password` makes it
+    # argon2 as the relay's own `hash-password` makes it
+    from relay.policy.passwords import hash_password
 
     return hash_password(RELAY_PASSWORD)
 

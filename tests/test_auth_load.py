@@ -21,10 +21,10 @@ from conftest import RelayFactory, message, smtp_client
 from rawsmtp import RawSMTP
 from test_http import metrics, value
 
-from relay import config as config_mod
-from relay.auth import hash_password
+from relay.config import records as config_mod
+from relay.policy.passwords import hash_password
 from relay.sandbox import Sandbox
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 ACCOUNTS = 5
 

@@ -18,7 +18,7 @@ from conftest import MAILBOX, PASSWORD, RelayFactory, TLSFiles, wait_until
 from rawsmtp import RawSMTP
 
 from relay.sandbox import Sandbox
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 USER = "scanner01"
 BODY = b"Subject: scan\r\nFrom: <scanner@contoso.example>\r\n\r\nScan attached.\r\n"

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from conftest import PASSWORD, RelayFactory, message, send, smtp_client
 
-from relay import cli, logsafe
-from relay.spool import Spool
+from relay import logsafe
+from relay.service import logs
+from relay.spool.store import Spool
 
 LOGIN = ("scanner01", PASSWORD)
 _RNG = random.Random(14)  # the corpus is the same in every run; it is large enough to matter
@@ -143,7 +144,7 @@ def test_logging_survives_its_stream_being_closed(monkeypatch: pytest.MonkeyPatc
     first, second = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
     root = logging.getLogger()
-    cli.setup_logging("info")
+    logs.setup_logging("info")
     logging.getLogger("m365relay.test").info("one")
     first.close()
     monkeypatch.setattr(sys, "stderr", second)
