@@ -97,9 +97,9 @@ async def test_password_guessing_is_blocked_like_device_logins(
         assert (await acurl(relay, "/", *ca, "-u", f"{USER}:{guess}"))[1] == "401"
     _rc, code, body = await acurl(relay, "/", *ca, "-u", f"{USER}:d", "-D", "/dev/stderr")
     assert code == "429" and "Retry-After: 600" in body and "auth_limits" in body
-    # Blocked: even the right password is not checked now, unless it was just checked.
+    # Blocked: even the right password is refused now, as for device logins (one AuthGuard).
     assert (await acurl(relay, "/", *ca, "-u", f"other:{PASSWORD}"))[1] == "429"
-    assert (await acurl(relay, "/", *ca, *good))[1] == "200"
+    assert (await acurl(relay, "/", *ca, *good))[1] == "429"
     assert (await acurl(relay, "/healthz", *ca))[1] == "200"
 
 

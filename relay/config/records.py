@@ -298,6 +298,8 @@ FilePath: Check = _resolve_path
 ReadableFile: Check = then(_resolve_path, _readable)
 PfxFile: Check = then(_pfx_path, _readable)
 Duration: Check = plain(_duration)
+# 0 switches the feature off (auth_limits.cache_ttl).
+DurationOrOff: Check = plain(lambda value: 0.0 if value in (0, "0") else _duration(value))
 Networks: Check = plain(_networks)
 Email: Check = plain(_email)
 Patterns: Check = plain(_patterns)
@@ -612,6 +614,9 @@ class AuthLimits(Record):
     failures_per_user: int = spec(integer(ge=0), default=10)
     window: float = spec(Duration, default=600.0)
     block: float = spec(Duration, default=600.0)
+    # How long a password that passed its argon2 check is recognised without another (Dovecot's
+    # auth_cache_ttl); 0 checks every login.
+    cache_ttl: float = spec(DurationOrOff, default=3600.0)
 
 
 @record

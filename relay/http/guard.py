@@ -8,14 +8,11 @@ use, `m365relay hash-password`), not bcrypt as in the exporter toolkit.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import hashlib
 import ipaddress
 import logging
 import ssl
-import time
 from pathlib import Path
 
 from relay.config.records import AuthLimits, HttpSettings, HttpTls, IPNetwork
@@ -24,8 +21,6 @@ from relay.policy import passwords
 
 log = logging.getLogger("m365relay.http")
 
-_CACHE_SECONDS = 300.0  # a scrape every 15 s must not cost an argon2 check (64 MiB, ~50 ms)
-_CACHE_SIZE = 64
 
 
 class ReloadingTls:
@@ -89,8 +84,9 @@ class BasicAuth:
     def __init__(self, users: dict[str, str], limits: AuthLimits) -> None:
         self.users = users
         self.limits = limits
+        # The devices' guard, an instance of the endpoint's own: the same failure limits, check
+        # slots and credential cache (a scrape every 15 s must not cost an argon2 check).
         self.guard = AuthGuard()
-        self._ok: dict[bytes, float] = {}  # digest of (user, password, hash) -> valid until
 
     async def check(self, header: str | None, ip: str) -> str | None:
         """The user name if ``header`` (the Authorization value) is valid, else None; raises
@@ -105,33 +101,22 @@ class BasicAuth:
         if not sep:
             return None
         stored = self.users.get(user)
-        key = hashlib.sha256(f"{user}\0{password}\0{stored}".encode()).digest()
-        now = time.monotonic()
-        if stored is not None and self._ok.get(key, 0.0) > now:
-            return user
-        refusal = self.guard.begin(self.limits, ip, user)
-        if refusal is not None:
-            raise TooManyFailures(refusal.removeprefix("454 4.7.0 "))
-        ok = False
-        try:
-            async with self.guard.hash_slots:  # argon2 takes 64 MiB per check
-                # An unknown user is checked against a dummy hash: as slow as a wrong password.
-                ok = await asyncio.to_thread(passwords.verify_hash, stored, password.encode())
-            ok = ok and stored is not None
-        finally:
-            for what in self.guard.end(self.limits, ip, user, ok=ok):
-                log.warning("http: %s %s blocked for %ds after %s failed logins "
-                            "(auth_limits)", what, ip if what == "address" else repr(user),
-                            self.limits.block, "failures_per_ip" if what == "address"
-                            else "failures_per_user")
-        if not ok:
-            return None
-        if len(self._ok) >= _CACHE_SIZE:
-            self._ok = {k: t for k, t in self._ok.items() if t > now}
-            if len(self._ok) >= _CACHE_SIZE:
-                self._ok.clear()
-        self._ok[key] = now + _CACHE_SECONDS
-        return user
+        secret = password.encode()
+        cache_key = (None if stored is None else
+                     self.guard.cache.key(user.encode(), secret, stored))
+        # An unknown user is checked against a dummy hash: as slow as a wrong password.
+        verdict = await self.guard.check(self.limits, ip, user, cache_key,
+                                         lambda: passwords.verify(stored, secret))
+        if verdict.refusal is not None:
+            log.warning("http: login for %r from %s refused without a check: %s", user, ip,
+                        verdict.refusal.why)
+            raise TooManyFailures(verdict.refusal.reply.removeprefix("454 4.7.0 "))
+        for what in verdict.blocked:
+            log.warning("http: %s %s blocked for %ds after %s failed logins "
+                        "(auth_limits)", what, ip if what == "address" else repr(user),
+                        self.limits.block, "failures_per_ip" if what == "address"
+                        else "failures_per_user")
+        return user if verdict.ok and stored is not None else None
 
 
 def _loopback_only(networks: tuple[IPNetwork, ...]) -> bool:

@@ -181,6 +181,25 @@ class RelayCollector(Collector):
             sessions.add_metric([handler.listener.name], len(handler.sessions))
         yield auth
         yield sessions
+        yield from self._logins()
+
+    def _logins(self) -> Iterator[Metric]:
+        guard = self.relay.auth_guard
+        yield CounterMetricFamily(
+            "m365relay_smtp_auth_password_checks",
+            "argon2 password checks run for device logins (the credential cache spares the "
+            "rest; auth_limits.cache_ttl)", value=guard.password_checks)
+        yield CounterMetricFamily(
+            "m365relay_smtp_auth_cache_hits",
+            "Device logins recognised by the credential cache, with no argon2 check",
+            value=guard.cache_hits)
+        refusals = CounterMetricFamily(
+            "m365relay_smtp_auth_refusals",
+            "Device logins refused without a password check: blocked (too many failures, "
+            "auth_limits) or busy (no check slot in time)", labels=["cause"])
+        for cause, count in sorted(guard.refusals.items()):
+            refusals.add_metric([cause], count)
+        yield refusals
 
     def _listeners(self) -> Iterator[Metric]:
         latency = HistogramMetricFamily(

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
     from relay.config.records import Config
     from relay.delivery.scheduler import Delivery
+    from relay.ingress.limits import AuthGuard
     from relay.ingress.listener import RelayHandler
     from relay.spool.store import Spool
     from relay.tokens.provider import TokenProvider
@@ -33,5 +34,7 @@ class RelayView(Protocol):
     def delivery(self) -> Delivery: ...
     @property
     def handlers(self) -> list[RelayHandler]: ...
+    @property
+    def auth_guard(self) -> AuthGuard: ...  # logins: argon2 checks, cache hits, refusals
     @property
     def servers(self) -> list[asyncio.Server]: ...

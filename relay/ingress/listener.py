@@ -138,13 +138,25 @@ class RelayHandler:
                      "networks", server.client, safe(address))
             return ("530 5.7.0 Authentication required: log in with AUTH, or add this client's "
                     "address to an account's networks")
-        refusal = identity.sender_refusal(account, address, "Sender")
+        # The null sender (a device's own reports, fax confirmations) claims no identity:
+        # with from: enforce the From header decides, after DATA.
+        refusal = None if address in ("", "<>") else identity.sender_refusal(account, address,
+                                                                            "Sender")
         if refusal is not None:
+            self._sender_refused(server, account, "MAIL FROM", address)
             return refusal
         server.mail_account = account
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
+
+    @staticmethod
+    def _sender_refused(server: RelaySMTP, account: Account, what: str, address: str) -> None:
+        # The device's mail is lost (a 5xx), so the admin must see it at the default level.
+        log.warning("%s: %s <%s> refused for account %s: it may only send as <%s> "
+                    "(accounts[%s].from: %s; add the address to allowed_from to allow it)",
+                    server.client, what, safe(address), account.name, account.mailbox,
+                    account.name, account.from_)
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -181,8 +193,11 @@ class RelayHandler:
         if header_from:
             refusal = identity.sender_refusal(account, header_from, "From: header")
             if refusal is not None:
+                self._sender_refused(server, account, "From: header", header_from)
                 return refusal
-        sending = identity.sending_identity(account, header_from, envelope.mail_from)
+        # aiosmtpd keeps the null sender as "<>": no bounce may go to it (RFC 5321 4.5.5).
+        reverse_path = "" if envelope.mail_from == "<>" else envelope.mail_from
+        sending = identity.sending_identity(account, header_from, reverse_path)
         header = rewrite.prepare(fields, body, mailbox=sending.sender,
                                  rewrite_from=not sending.keep_from, hostname=self.hostname,
                                  received=self._received(server, session))
@@ -195,8 +210,8 @@ class RelayHandler:
         size = len(data[0]) + len(data[1])
         spooled = SpoolEnvelope(
             mail_from=sending.mail_from, rcpt_tos=tuple(envelope.rcpt_tos), account=account.name,
-            app=account.app, mailbox=sending.mailbox, bounce_to=envelope.mail_from,
-            client=server.client, received_at=time.time(), original_from=envelope.mail_from)
+            app=account.app, mailbox=sending.mailbox, bounce_to=reverse_path,
+            client=server.client, received_at=time.time(), original_from=reverse_path)
         mode = account.delivery or self.listener.delivery
         if mode == "passthrough" and self.passthrough is not None:
             return await self.passthrough.transact(server.client, spooled, data)

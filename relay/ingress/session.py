@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, AnyStr, Protocol
 from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword, syntax
 
 from relay.config.records import Account, IPNetwork
+from relay.ingress.compat import CompatSMTP
 from relay.ingress.data import DataAssembler
-from relay.ingress.smtpbase import FastSMTP
 from relay.policy import passwords as auth
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def in_networks(address: Any, networks: tuple[IPNetwork, ...]) -> bool:
     return address is not None and any(address in net for net in networks)
 
 
-class RelaySMTP(FastSMTP):
+class RelaySMTP(CompatSMTP):
     """One SMTP session."""
 
     # aiosmtpd 1.4.6 sends "User Name\x00"; Xerox printers, Go and curl give up on the NUL.
@@ -136,6 +136,9 @@ class RelaySMTP(FastSMTP):
     @property
     def is_tls(self) -> bool:
         return self.implicit_tls or self._tls_protocol is not None
+
+    def reading_message(self) -> bool:
+        return self._data_deadline is not None or self._busy
 
     @property
     def in_transaction(self) -> bool:
@@ -494,29 +497,36 @@ class RelaySMTP(FastSMTP):
         limits = handler.config.auth_limits
         name = login.decode("utf-8", errors="replace")
         user = safe(name, 64)
-        refusal = guard.begin(limits, self.client, name)
-        if refusal is not None:
-            if handler.quiet.allow(f"auth-refused {self.client} {user}") is not None:
-                log.warning("%s: AUTH %s for user %r refused without checking: %s",
-                            self.client, mechanism, user, refusal[10:])
-            return self._failed(refusal)
-        account = None
+        account, password_hash = auth.password_hash_for(handler.config, login)
+        key = None if password_hash is None else guard.cache.key(login, password, password_hash)
+        self._busy = True  # a login waiting for its check is not idle (no timeout, no reclaim)
         try:
-            async with guard.hash_slots:  # a guessing run queues here; see relay.ingress.limits
-                account = await auth.authenticate(handler.config, login, password)
+            verdict = await guard.check(limits, self.client, name, key,
+                                        lambda: auth.verify(password_hash, password))
         finally:
-            blocked = guard.end(limits, self.client, name, ok=account is not None)
-        for what in blocked:
-            key = "failures_per_ip" if what == "address" else "failures_per_user"
+            self._busy = False
+        refusal = verdict.refusal
+        if refusal is not None:
+            quiet = handler.quiet.allow(f"auth-{refusal.cause} {self.client} {user}")
+            if quiet is not None:
+                more = f" ({quiet} more since the last report)" if quiet else ""
+                log.warning("%s: AUTH %s for user %r refused without checking the password, "
+                            "%s%s", self.client, mechanism, user, refusal.why, more)
+            if refusal.cause == "busy":  # not the client's fault: no failure counted
+                return AuthResult(success=False, handled=False, message=refusal.reply)
+            return self._failed(refusal.reply)
+        for what in verdict.blocked:
+            key_name = "failures_per_ip" if what == "address" else "failures_per_user"
             # (Worded so the log redactor does not take "AUTH <word> <word>" for credentials.)
             log.warning("AUTH: too many failed logins for %s %s; its logins are refused for "
                         "%gs (auth_limits.%s, auth_limits.block)",
                         what, self.client if what == "address" else repr(user), limits.block,
-                        key)
-        if account is None:
+                        key_name)
+        if not verdict.ok or account is None:
             log.warning("%s: AUTH %s failed for user %r", self.client, mechanism, user)
             handler.auth_failures += 1
             return self._failed("535 5.7.8 Authentication credentials invalid")
-        log.info("%s: AUTH %s ok user=%r account=%s", self.client, mechanism, user, account.name)
+        log.info("%s: AUTH %s ok user=%r account=%s%s", self.client, mechanism, user,
+                 account.name, " (cached)" if verdict.cached else "")
         self.account = account
         return AuthResult(success=True, auth_data=LoginPassword(login, b""))

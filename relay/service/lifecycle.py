@@ -196,6 +196,7 @@ class Relay:
         if new.http != self.config.http:
             log.warning("SIGHUP: http changes need a restart; applying the rest")
         logsafe.register_config_secrets(new)
+        self.auth_guard.reload()  # accounts and hashes may have changed: verify afresh
         self.config = new
         # Files the config names are read again too (config.load read the secrets): CA
         # files, PFX, certificates; token clients and TLS contexts built from them start anew.
