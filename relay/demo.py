@@ -18,8 +18,12 @@ from urllib.parse import urlsplit
 import yaml
 
 from relay import config as config_mod
+from relay import progname
 from relay.sandbox import Sandbox
 from relay.service import Relay
+
+DEVICE_SENDER = "scanner@printers.example"  # what a scanner on the LAN would send as
+DEMO_RECIPIENT = "you@contoso.example"
 
 
 def _sandbox_settings(path: Path) -> tuple[Path, int, int]:
@@ -64,8 +68,7 @@ async def run_demo(path: Path) -> int:
             name, (host, port) = next(iter(relay.addresses.items()))
             print(f"\n== relay listening on {host}:{port} ({name}); sending a test message",
                   file=out)
-            await asyncio.to_thread(_send, host, port, "scanner@printers.example",
-                                    "someone@contoso.example")
+            await asyncio.to_thread(_send, host, port, DEVICE_SENDER, DEMO_RECIPIENT)
             received = await sandbox.exchange.wait_for_messages(1, timeout=30)
         finally:
             await relay.stop(timeout=10)
@@ -76,9 +79,12 @@ async def run_demo(path: Path) -> int:
           f"{sandbox.entra.token_request_count} token request(s)", file=out)
     print(f"== saved as {_relative(message.path) if message.path else '?'}\n\n{head}\n",
           file=out)
-    print("Next: run the pieces yourself in two terminals --\n"
-          f"  m365relay sandbox --dir {shown} --entra-port {entra_port} --smtp-port {smtp_port}\n"
-          f"  m365relay serve --config {path}\n"
-          f"and point a device (or: swaks --server {host}:{port} --to you@contoso.example) "
-          "at the relay.", file=out)
+    program = progname.command()
+    print("Next: run the pieces yourself, the sandbox in one terminal and the relay in another:"
+          f"\n  {program} sandbox --dir {shown} --entra-port {entra_port} "
+          f"--smtp-port {smtp_port}\n"
+          f"  {program} serve --config {path}\n"
+          "then point a device at the relay, or send as one from a third terminal:\n"
+          f"  swaks --server {host}:{port} --from {DEVICE_SENDER} --to {DEMO_RECIPIENT}",
+          file=out)
     return 0

@@ -26,7 +26,7 @@ from relay.spool import Spool
 from relay.tokens import TokenProvider
 from relay.tokenstore import TokenStore, TokenStoreError, new_key
 
-DEFAULT_CONFIG = Path("/etc/m365relay/config.yaml")
+DEFAULT_CONFIG = config_mod.DEFAULT_PATH
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
 

@@ -12,7 +12,7 @@ from typing import Any
 from relay import config as config_mod
 from relay.doctor.report import Check, Report, Status, render_json, render_text
 
-DEFAULT_CONFIG = Path("/etc/m365relay/m365relay.yaml")
+DEFAULT_CONFIG = config_mod.DEFAULT_PATH
 EX_USAGE = 2
 _ADDRESS = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from relay.config import SpoolSettings
+from relay.config import DEFAULT_PATH, SpoolSettings
 from relay.configcheck import Failed, Run, validate
 from relay.queuectl import control, view
 from relay.queuectl.ops import Outcome, QueueOps
@@ -100,7 +100,8 @@ def _common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
 
     where = p.add_mutually_exclusive_group()
     where.add_argument("--config", "-c", type=Path, default=default(None), metavar="FILE",
-                       help="the relay's config file (only spool.directory is read)")
+                       help="the relay's config file (only spool.directory is read; "
+                            f"default {DEFAULT_PATH} if it exists)")
     where.add_argument("--spool", type=Path, default=default(None), metavar="DIR",
                        help="the spool directory itself")
     p.add_argument("--json", action="store_true", default=default(False),
@@ -136,8 +137,11 @@ def _spool_dir(args: argparse.Namespace) -> Path:
         directory = _from_config(Path(args.config))
     elif os.environ.get("M365RELAY_SPOOL"):  # as `--config-from-env` reads it (containers)
         directory = Path(os.environ["M365RELAY_SPOOL"])
+    elif DEFAULT_PATH.exists():  # where every command looks without --config
+        directory = _from_config(DEFAULT_PATH)
     else:
-        raise _Usage("say which spool: --config FILE (the relay's config) or --spool DIR", 2)
+        raise _Usage("say which spool: --config FILE (the relay's config; default "
+                     f"{DEFAULT_PATH}) or --spool DIR", 2)
     if not (directory / "queue").is_dir():
         raise _Usage(f"no spool at {directory} (its queue/ folder is missing): check "
                      "spool.directory, and start the relay once so it creates the spool")
