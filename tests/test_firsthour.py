@@ -22,10 +22,10 @@ import pytest
 import yaml
 from conftest import base_config
 
-from relay import progname
 from relay.cli import main
-from relay.config import DEFAULT_PATH
-from relay.explain import Context, explain_connection_error
+from relay.config import progname
+from relay.config.records import DEFAULT_PATH
+from relay.diagnosis.explain import Context, explain_connection_error
 from relay.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
