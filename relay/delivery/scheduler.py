@@ -415,7 +415,7 @@ class Delivery:
         if later:
             first = refused[later[0]]
             self.pacer.throttled((lane.app, lane.mailbox.lower()), first)
-            await self._defer(entry, later, first)
+            await self._defer(entry, later, first, partly_sent=bool(accepted))
         if removal is not None:
             await removal
             log.info("%s: removed", entry.id)
@@ -441,7 +441,10 @@ class Delivery:
         settings = self.config.delivery
         return float(min(settings.max_backoff, settings.min_backoff * 2 ** max(attempts - 1, 0)))
 
-    async def _defer(self, entry: QueueEntry, rcpts: list[str], exc: DeliveryError) -> None:
+    async def _defer(self, entry: QueueEntry, rcpts: list[str], exc: DeliveryError, *,
+                     partly_sent: bool = False) -> None:
+        """Retry ``rcpts`` later. ``partly_sent``: Exchange took the message for the others,
+        and until the state naming who is left is saved a crash sends it to them again."""
         attempts = entry.state.attempts + 1
         wait = max(self._backoff(attempts), exc.retry_after)
         state = DeliveryState(attempts=attempts, next_attempt_at=self._clock() + wait,
@@ -452,7 +455,11 @@ class Delivery:
                         self._trail(entry), exc.describe(), wait)
             self.events.record("deferred", entry, rcpt, exc.describe(), exc.code)
         try:
-            await asyncio.to_thread(self.spool.save_state, entry.id, state)
+            if partly_sent:  # not behind ingress in the shared pool (an fsync: not the loop)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._records, self.spool.save_state, entry.id, state)
+            else:
+                await asyncio.to_thread(self.spool.save_state, entry.id, state)
         except OSError as exc2:
             # The message itself is safe; only its retry schedule is lost (it retries sooner).
             log.error("%s: cannot save retry state: %s", entry.id, exc2)
