@@ -152,9 +152,17 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.sandbox.demo import run_demo
+    from relay.service.lifecycle import StartupError
 
     setup_logging(args.log_level)
-    return asyncio.run(run_demo(args.config))
+    try:
+        return asyncio.run(run_demo(args.config))
+    except (OSError, StartupError) as exc:
+        # Most often the ports of a sandbox or relay still running from an earlier try.
+        log.error("cannot start the demo: %s. Is a sandbox or relay from an earlier try still "
+                  "running? Stop it (Ctrl+C in its terminal), or change the ports in %s",
+                  exc, args.config)
+        return EX_UNAVAILABLE
 
 
 def _command(argv: Sequence[str]) -> str | None:

@@ -129,6 +129,25 @@ async def test_demo_closing_hint_runs_as_printed(tmp_path: Path, background: Bac
             await asyncio.sleep(0.1)
 
 
+@pytest.mark.parametrize("taken", ["sandbox", "relay"])
+def test_demo_on_ports_in_use_says_what_to_stop(tmp_path: Path, taken: str) -> None:
+    config = demo_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        if taken == "sandbox":
+            data["apps"]["sandbox"]["smtp_port"] = port
+        else:
+            data["listeners"][0]["bind"] = f"127.0.0.1:{port}"
+        config.write_text(yaml.safe_dump(data))
+        result = run("demo", str(config), cwd=tmp_path)
+    assert result.returncode == 69, result.stderr
+    assert "cannot start the demo" in result.stderr and str(port) in result.stderr
+    assert "Traceback" not in result.stderr and "bug" not in result.stderr
+
+
 def test_program_name_is_what_can_be_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                          ) -> None:
     monkeypatch.chdir(ROOT)
