@@ -288,3 +288,12 @@ def test_a_refused_connection_names_the_endpoint_its_port_and_keys(
     assert ("SMTP" in explained.fix or "smtp" in explained.fix) is not https, explained.fix
     local = ctx.authority_host.startswith("localhost")
     assert ("start it first" in explained.fix) is local
+
+
+def test_doctor_on_a_bad_config_gives_a_command_that_runs_from_here(tmp_path: Path) -> None:
+    (tmp_path / "relay.yaml").write_text("accounts:\n  - password_hash: plain-text\n")
+    result = run("doctor", "--config", "relay.yaml", cwd=tmp_path)
+    assert result.returncode == 78
+    hinted = re.findall(r"`(\S+) (?:check-config|hash-password)", result.stdout)
+    assert hinted, result.stdout
+    assert all(Path(tmp_path, h).resolve() == M365RELAY.resolve() for h in hinted), hinted

@@ -277,7 +277,8 @@ def _known_app(raw: Any, run: Run) -> str:
 def _argon2(raw: Any, run: Run) -> str:
     value = text(raw, run)
     if not value.startswith("$argon2"):
-        raise ValueError("not an argon2 hash; create one with `m365relay hash-password`")
+        raise ValueError("not an argon2 hash; create one with "
+                         f"`{progname.command()} hash-password`")
     return value
 
 

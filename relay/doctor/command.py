@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay.config import progname
 from relay.config import records as config_mod
 from relay.doctor.report import Check, Report, Status, render_json, render_text
 
@@ -33,8 +34,8 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
         return Report(str(path), Check(
             "config", Status.FAIL, detail=f"{len(exc.problems)} problem(s)",
             summary="The configuration is not valid, so nothing else can be checked.",
-            fix=f"Fix the problems listed above, then run `m365relay check-config {path}` "
-                "until it says OK."), problems=exc.problems)
+            fix=f"Fix the problems listed above, then run `{progname.command()} check-config "
+                f"{path}` until it says OK."), problems=exc.problems)
     accounts = list(config.accounts)
     if account is not None:
         accounts = [a for a in accounts if a.name == account]
