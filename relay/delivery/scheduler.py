@@ -12,7 +12,11 @@ class decides the rest: :class:`DeferError` → backoff and retry, :class:`Bounc
 instead of letting every queued message hammer a broken path.
 
 Per message, one thread hop claims and reads the spooled file (a large one is only verified,
-then sent from the file in pieces), and one removes it after the 250.
+then sent from the file in pieces). After the 250 the queue file is unlinked at once, on the
+loop: that unlink is the record that Exchange has the message, and a crash before it means one
+more copy, so it waits for no thread. The rest (retry state, closing the file) goes to a thread
+of the delivery's own. So a crash sends again at most the messages whose 250 was on its way or
+just arrived: at most one per upstream connection.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from relay.config.records import Config
@@ -108,6 +113,9 @@ class Delivery:
         # Within Exchange's per-mailbox limits (delivery.pacing); reads the settings live so a
         # reload applies.
         self.pacer = Pacer(lambda: self.config.delivery.pacing, spool.directory, clock)
+        # Cleaning up after a delivery gets a thread of its own: in the shared pool it queued
+        # behind ingress fsyncs and argon2 checks, and the worker with it.
+        self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-records")
 
     # --- intake ------------------------------------------------------------------------
 
@@ -369,8 +377,8 @@ class Delivery:
         return out
 
     def _remove(self, queue_id: str, out: _CheckOut) -> None:
-        """Forget a delivered message, then let go of its file, in a thread: closing the last
-        descriptor of an unlinked file frees it, which is disk work too."""
+        """After :meth:`Spool.forget`: the retry state, then the file itself, in a thread:
+        closing the last descriptor of an unlinked file frees it, which is disk work too."""
         try:
             self.spool.remove(queue_id)
         finally:
@@ -426,11 +434,28 @@ class Delivery:
             await conn.close()
             await self._defer(entry, rcpts, DeferError(f"internal error: {exc!r}"))
             return
+        await self._delivered(lane, conn, entry, out, data=data, rcpts=rcpts, refused=refused,
+                              reply=reply)
+
+    async def _delivered(self, lane: _Lane, conn: Upstream, entry: QueueEntry, out: _CheckOut,
+                         *, data: Message, rcpts: list[str], refused: dict[str, DeliveryError],
+                         reply: str) -> None:
+        """Exchange took the message: for every recipient, or refused some."""
+        removal = None
+        if not refused:
+            # Record it before anything else: until the record is written a crash means one
+            # more copy. So it is made here on the loop (an unlink, as quick as the log line
+            # below) rather than through a thread, where it waited behind ingress fsyncs and
+            # argon2 checks, for seconds under load.
+            self.spool.forget(entry.id)
+            removal = asyncio.get_running_loop().run_in_executor(
+                self._records, self._remove, entry.id, out)
         if lane.failures:
             lane.failures = 0
             for _ in range(len(lane.ready)):  # the path works again: back to full width
                 self._kick(lane)
         accepted = [r for r in rcpts if r not in refused]
+        age = self._clock() - entry.envelope.received_at
         for rcpt in accepted:
             log.info("%s: to=<%s>, relay=%s, delay=%.1f, status=sent (%s)", entry.id, rcpt,
                      conn.relay, age, reply)
@@ -444,9 +469,9 @@ class Delivery:
         if later:
             first = refused[later[0]]
             self.pacer.throttled((lane.app, lane.mailbox.lower()), first)
-            await self._defer(entry, later, first)
-        elif not bounced:
-            await asyncio.to_thread(self._remove, entry.id, out)
+            await self._defer(entry, later, first, partly_sent=bool(accepted))
+        if removal is not None:
+            await removal
             log.info("%s: removed", entry.id)
 
     def _block(self, lane: _Lane, exc: DeliveryError) -> None:
@@ -472,9 +497,11 @@ class Delivery:
         return float(min(settings.max_backoff, settings.min_backoff * 2 ** max(attempts - 1, 0)))
 
     async def _defer(self, entry: QueueEntry, rcpts: list[str], exc: DeliveryError, *,
-                     reloads: int | None = None) -> None:
+                     reloads: int | None = None, partly_sent: bool = False) -> None:
         """Keep the message for a retry after its backoff; at once instead when a reload
-        since ``reloads`` (the attempt's start) may have fixed what it failed on."""
+        since ``reloads`` (the attempt's start) may have fixed what it failed on.
+        ``partly_sent``: Exchange took the message for the others, and until the state naming
+        who is left is saved a crash sends it to them again."""
         attempts = entry.state.attempts + 1
         wait = max(self._backoff(attempts), exc.retry_after)
         if reloads is not None and reloads != self._reloads and reload_may_fix(exc):
@@ -487,7 +514,11 @@ class Delivery:
                         self._trail(entry), exc.describe(), wait)
             self.events.record("deferred", entry, rcpt, exc.describe(), exc.code)
         try:
-            await asyncio.to_thread(self.spool.save_state, entry.id, state)
+            if partly_sent:  # not behind ingress in the shared pool (an fsync: not the loop)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._records, self.spool.save_state, entry.id, state)
+            else:
+                await asyncio.to_thread(self.spool.save_state, entry.id, state)
         except OSError as exc2:
             # The message itself is safe; only its retry schedule is lost (it retries sooner).
             log.error("%s: cannot save retry state: %s", entry.id, exc2)
@@ -562,8 +593,14 @@ class Delivery:
         for lane in self._lanes.values():
             lane.wake.set()
         await self.pacer.close()  # wakes workers waiting for their pace; saves the counts
-        if not workers:
-            return
+        try:
+            if workers:
+                await self._finish(workers, timeout)
+        finally:
+            # A removal already in its thread still completes (the interpreter joins it).
+            self._records.shutdown(wait=False)
+
+    async def _finish(self, workers: list[asyncio.Task[None]], timeout: float) -> None:
         started = time.monotonic()
         _done, pending = await asyncio.wait(workers, timeout=timeout)
         if pending:
