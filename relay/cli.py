@@ -30,7 +30,7 @@ log = logging.getLogger("m365relay")
 # to list every command: `login` alone imports msal, requests and cryptography (~20 MB, ~0.3 s)
 # that `serve` would carry for its whole life and wait for before listening.
 _MORE_COMMANDS = {"doctor": "relay.doctor.command", "queue": "relay.queuectl.cli",
-                  "login": "relay.login"}
+                  "login": "relay.login", "init": "relay.setup.command"}
 
 
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
