@@ -52,9 +52,11 @@ def _values(inputs: ScriptInputs) -> dict[str, str]:
     rbac_need = grants(transport=inputs.transport, hve=inputs.hve, rbac=True)
     cloud = CLOUDS[inputs.cloud]
     client_id = "" if inputs.client_id in (None, PLACEHOLDER_CLIENT_ID) else inputs.client_id
+    ps_ids = {EXCHANGE_ONLINE_APP_ID: "$ExchangeOnlineAppId",
+              MICROSOFT_GRAPH_APP_ID: "$MicrosoftGraphAppId"}
     permissions = ", ".join(
-        f"@{{ Resource = '{p.resource_app_id}'; Value = '{p.value}'; Name = '{p.resource_name}' }}"
-        for p in need.entra)
+        f"@{{ Resource = {ps_ids[p.resource_app_id]}; Value = '{p.value}'; "
+        f"Name = '{p.resource_name}' }}" for p in need.entra)
     ids = {EXCHANGE_ONLINE_APP_ID: "${EXO_APP_ID}", MICROSOFT_GRAPH_APP_ID: "${GRAPH_APP_ID}"}
     pem = inputs.certificate.cert.read_text(encoding="ascii")
     return {
