@@ -6,6 +6,7 @@ in, each one checked first, so nothing from a config can break out of a quoted s
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ def _values(inputs: ScriptInputs) -> dict[str, str]:
         "AZ_CLOUD": cloud.az_cloud,
         "CERT_DER": inputs.certificate.der_base64,
         "CERT_SHA1": inputs.certificate.sha1_thumbprint,
+        "CERT_SHA1_B64": base64.b64encode(bytes.fromhex(inputs.certificate.sha1_thumbprint))
+        .decode("ascii"),
         "CERT_PEM": pem if pem.endswith("\n") else pem + "\n",
         "EXO_APP_ID": EXCHANGE_ONLINE_APP_ID,
         "GRAPH_APP_ID": MICROSOFT_GRAPH_APP_ID,
