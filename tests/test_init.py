@@ -5,6 +5,7 @@ re-runs that add without losing anything, and the setup scripts it writes."""
 from __future__ import annotations
 
 import asyncio
+import grp
 import os
 import re
 import select
@@ -79,13 +80,14 @@ def sandbox_ready(data: dict[str, Any], box: Sandbox, tenant: str) -> dict[str, 
     return data
 
 
+@pytest.mark.parametrize("transport", ["smtp", "graph"])
 async def test_non_interactive_config_checks_and_delivers_with_the_generated_certificate(
-        tmp_path: Path) -> None:
+        tmp_path: Path, transport: str) -> None:
     tenant = "contoso"  # the sandbox's authority path; a domain or GUID works the same way
     path = tmp_path / "etc" / "m365relay.yaml"
     result = init("--config", str(path), "--tenant", tenant, "--app", "contoso",
                   "--client-id", CLIENT_ID, "--mailbox", MAILBOX, "--device", "copier",
-                  "--listen", "127.0.0.1:2587", "--tls", "starttls",
+                  "--listen", "127.0.0.1:2587", "--tls", "starttls", "--transport", transport,
                   "--spool", str(tmp_path / "spool"), "--yes")
     checked = check_config(path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -97,8 +99,10 @@ async def test_non_interactive_config_checks_and_delivers_with_the_generated_cer
     # setup-m365.ps1 uploaded it; it verifies every client assertion against it.
     app = SandboxApp(tenant=tenant, client_id=CLIENT_ID, certificate_pem=cert_pem,
                      mailboxes=frozenset({MAILBOX}))
-    async with Sandbox(tmp_path / "sandbox", apps=(app,)) as box:
+    async with Sandbox(tmp_path / "sandbox", apps=(app,), graph=transport == "graph") as box:
         data = sandbox_ready(yaml.safe_load(path.read_text()), box, tenant)
+        if transport == "graph":
+            data["apps"]["contoso"]["graph_endpoint"] = box.graph_url
         relay = Relay(config_mod.parse(data, base_dir=folder))
         await relay.start()
         try:
@@ -106,15 +110,20 @@ async def test_non_interactive_config_checks_and_delivers_with_the_generated_cer
             code, _ = await asyncio.to_thread(
                 send, relay.addresses["devices"], message("init e2e"), login=("copier", password),
                 starttls=tls, sender="copier@printers.example")
-            received = await box.exchange.wait_for_messages(1)
+            if transport == "graph":
+                assert box.graph is not None
+                graph = await box.graph.wait_for_messages(1)
+                delivered = [(m.client_id, m.auth_user) for m in graph]
+            else:
+                smtp = await box.exchange.wait_for_messages(1)
+                delivered = [(m.client_id, m.auth_user) for m in smtp]
+                assert b"Subject: init e2e" in smtp[0].data
         finally:
             await relay.stop(timeout=5)
         requests = box.entra.token_requests
 
     assert code == 250
-    assert received[0].client_id == CLIENT_ID
-    assert received[0].auth_user == MAILBOX
-    assert b"Subject: init e2e" in received[0].data
+    assert delivered == [(CLIENT_ID, MAILBOX)]
     assert "client_secret" not in requests[0] and requests[0]["client_assertion"] == "***"
 
 
@@ -445,3 +454,66 @@ def test_az_script_has_the_ids_and_checks_before_each_change(tmp_path: Path) -> 
 ])
 def test_the_syntax_check_catches_broken_powershell(broken: str) -> None:
     assert problems(broken)
+
+
+def test_group_gets_read_access_to_secrets_and_keeps_it_on_a_rerun(tmp_path: Path) -> None:
+    group = grp.getgrgid(os.getegid()).gr_name if os.geteuid() else "nogroup"
+    gid = grp.getgrnam(group).gr_gid
+    path, _ = basic(tmp_path, "--group", group)
+    key = path.parent / "contoso-app.key"
+
+    for item in (path, key):
+        assert (stat.S_IMODE(item.stat().st_mode), item.stat().st_gid) == (0o640, gid), item
+    init("--config", str(path), "--device", "copier", "--yes")
+    assert (stat.S_IMODE(path.stat().st_mode), path.stat().st_gid) == (0o640, gid)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (("--tls-cert", "x.pem"), "--tls-cert and --tls-key go together"),
+    (("--hve", "--transport", "graph"), "--hve sends over SMTP"),
+    (("--group", "no-such-group-here"), "no such group"),
+])
+def test_contradicting_flags_are_refused(tmp_path: Path, flags: tuple[str, ...],
+                                         expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    result = init("--config", str(path), "--tenant", TENANT, "--mailbox", MAILBOX, "-y", *flags,
+                  check=False)
+
+    assert result.returncode == 2 and expected in result.stderr
+    assert not path.exists()
+
+
+def test_an_existing_app_is_not_silently_changed(tmp_path: Path) -> None:
+    path, _ = basic(tmp_path)
+    text = path.read_text()
+
+    result = init("--config", str(path), "--cloud", "china", "--device", "copier", "-y",
+                  check=False)
+
+    assert result.returncode == 2 and "apps.contoso.cloud is 'global'" in result.stderr
+    assert path.read_text() == text
+
+
+def test_devices_without_tls_get_cleartext_auth_for_their_networks_only(tmp_path: Path) -> None:
+    path, _ = basic(tmp_path, "--device", "copier", "--tls", "none", "--network",
+                    "192.168.20.0/24")
+
+    listener = yaml.safe_load(path.read_text())["listeners"][0]
+    assert listener["tls"] == "none" and listener["bind"] == "0.0.0.0:25"
+    assert listener["cleartext_auth_networks"] == ["192.168.20.0/24"]
+    assert check_config(path).returncode == 0
+
+
+def test_interactive_rerun_asks_what_to_add(tmp_path: Path) -> None:
+    path, _ = basic(tmp_path)
+    term = Terminal([sys.executable, "-m", "relay", "init", "--config", str(path)])
+    term.answer("Mailbox(es) to add, comma-separated: ", "alerts@contoso.example")
+    term.answer("WITHOUT a password", "")
+    term.answer("generated password", "")
+    term.answer("Write these files? [Y/n] ", "")
+    code = term.finish()
+
+    assert code == 0, term.output.decode(errors="replace")
+    names = [a["name"] for a in yaml.safe_load(path.read_text())["accounts"]]
+    assert names == ["scanner", "alerts"]
+    assert check_config(path).returncode == 0

@@ -8,6 +8,8 @@ Device passwords are printed once, here, and stored only as argon2 hashes.
 from __future__ import annotations
 
 import argparse
+import grp
+import os
 import secrets
 import socket
 import sys
@@ -63,15 +65,50 @@ def add_parser(sub: Any) -> None:
                    help="mailbox access: FullAccess per mailbox (default) or RBAC for "
                         "Applications scoped to the mailboxes")
     p.add_argument("--spool", type=Path, help="queue folder (default /var/spool/m365relay)")
+    p.add_argument("--group", help="give this group read access to the config and keys "
+                                   "(mode 0640), e.g. m365relay: the packaged layout")
     p.add_argument("--non-interactive", "--yes", "-y", dest="non_interactive",
                    action="store_true", help="never ask; fail naming the missing flags")
     p.set_defaults(func=cmd_init)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if args.hve and args.transport == "graph":
+        raise UsageError("--hve sends over SMTP (smtp.hve.mx.microsoft); leave out --transport "
+                         "graph")
+    if args.group is not None:
+        try:
+            grp.getgrnam(args.group)
+        except KeyError:
+            raise UsageError(f"--group {args.group}: no such group (create the relay's user "
+                             "first, e.g. systemd-sysusers)") from None
+
+
+def _same_app(args: argparse.Namespace, raw: dict[str, Any] | None) -> None:
+    """On an existing app, flags that would change it are refused rather than ignored."""
+    apps = (raw or {}).get("apps") or {}
+    name = args.app or (next(iter(apps)) if len(apps) == 1 else None)
+    known = apps.get(name) if isinstance(apps, dict) else None
+    if not isinstance(known, dict):
+        return
+    for flag, key, value, default in (("--tenant", "tenant", args.tenant, None),
+                                      ("--cloud", "cloud", args.cloud, "global"),
+                                      ("--transport", "transport", args.transport, "smtp"),
+                                      ("--hve", "hve", args.hve or None, False)):
+        if value is not None and value != known.get(key, default):
+            raise UsageError(f"apps.{name}.{key} is {known.get(key, default)!r}; init does not "
+                             f"change an existing app ({flag}): edit the config, or add another "
+                             "with --app NEWNAME")
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     path = args.config.expanduser().absolute()
     try:
+        _check_flags(args)
         raw = _existing(path)
+        _same_app(args, raw)
         interactive = not args.non_interactive and sys.stdin.isatty()
         plan = answers.gather(args, raw, answers.Asker(interactive))
         if interactive and not _confirm(plan, path):
@@ -174,6 +211,8 @@ def _apply(args: argparse.Namespace, plan: Plan, path: Path, raw: dict[str, Any]
             created.unlink(missing_ok=True)
         raise
     configfile.write_atomically(path, text, backup=raw is not None)
+    if args.group is not None:
+        _share_with_group(args.group, [path, key_path, *made])
     merged = yaml.safe_load(text)
     client_id = str(merged["apps"][plan.app]["client_id"])
     written = scripts.write(folder, scripts.ScriptInputs(
@@ -184,6 +223,15 @@ def _apply(args: argparse.Namespace, plan: Plan, path: Path, raw: dict[str, Any]
     _report(plan, path, made=made, written=written, cert=cert, passwords=passwords,
             client_id=client_id)
     return 0
+
+
+def _share_with_group(group: str, files: list[Path]) -> None:
+    """root:GROUP 0640 for what holds secrets (config, keys); certificates stay 0644."""
+    gid = grp.getgrnam(group).gr_gid
+    for item in dict.fromkeys(files):
+        os.chown(item, -1, gid)
+        if item.stat().st_mode & 0o777 == 0o600:
+            item.chmod(0o640)
 
 
 def _config_text(args: argparse.Namespace, plan: Plan, path: Path, raw: dict[str, Any] | None,

@@ -262,19 +262,25 @@ def _check_kept(old: Mapping[str, Any], new: Any, *, app_name: str, client_id: s
 def write_atomically(path: Path, text: str, *, backup: bool) -> None:
     """Replace ``path`` with ``text`` (same mode as before, 0600 for a new file), keeping the
     previous version as ``path.bak`` when asked."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
+    old = path.stat() if path.exists() else None
+    mode = old.st_mode & 0o777 if old else 0o600
     tmp = path.with_name(f".{path.name}.init-tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         os.fchmod(f.fileno(), mode)
+        if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+            # root:m365relay 0640 stays root:m365relay, or the relay could not read it.
+            os.fchown(f.fileno(), old.st_uid, old.st_gid)
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     if backup and path.exists():
-        old = path.read_bytes()
+        previous = path.read_bytes()
         bak = path.with_name(path.name + ".bak")
         fd = os.open(bak, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
-            f.write(old)
+            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(f.fileno(), old.st_uid, old.st_gid)
+            f.write(previous)
     tmp.replace(path)
