@@ -14,12 +14,15 @@ import secrets
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from relay.setup import answers, certs, configfile, scripts
+from relay.setup import answers, configfile
 from relay.setup.answers import Plan, UsageError
+
+if TYPE_CHECKING:
+    from relay.setup.certs import CertificateFiles
 
 EX_USAGE = 2
 EX_CONFIG = 78
@@ -193,6 +196,9 @@ def _app_files(plan: Plan, folder: Path, raw: dict[str, Any] | None) -> tuple[Pa
 
 
 def _apply(args: argparse.Namespace, plan: Plan, path: Path, raw: dict[str, Any] | None) -> int:
+    # cryptography (~20 MB) only when init runs, not when `m365relay --help` lists commands.
+    from relay.setup import certs, scripts
+
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     accounts, passwords = _accounts(plan, raw)
@@ -266,7 +272,9 @@ def _listener(args: argparse.Namespace, plan: Plan, folder: Path,
                 names = [socket.getfqdn(), "localhost", "127.0.0.1"]
                 if host not in ("0.0.0.0", "::", *names):  # noqa: S104 - comparing
                     names.append(host)
-                certs.create_listener_certificate(key_path, cert_path, tuple(names))
+                from relay.setup.certs import create_listener_certificate
+
+                create_listener_certificate(key_path, cert_path, tuple(names))
                 made += [key_path, cert_path]
             cert, key = _file_ref(cert_path, folder), _file_ref(key_path, folder)
     # Passwords in clear only when asked for no TLS while devices log in (old firmware).
@@ -296,7 +304,7 @@ def _check(text: str, path: Path, raw: dict[str, Any] | None) -> None:
 
 
 def _report(plan: Plan, path: Path, *, made: list[Path], written: list[Path],
-            cert: certs.CertificateFiles, passwords: list[tuple[str, str]],
+            cert: CertificateFiles, passwords: list[tuple[str, str]],
             client_id: str) -> None:
     print(f"\nWrote {path} (mode {path.stat().st_mode & 0o777:04o}); check it any time with "
           f"`m365relay check-config {path}`.")
