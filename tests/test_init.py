@@ -521,3 +521,19 @@ def test_interactive_rerun_asks_what_to_add(tmp_path: Path) -> None:
     names = [a["name"] for a in yaml.safe_load(path.read_text())["accounts"]]
     assert names == ["scanner", "alerts"]
     assert check_config(path).returncode == 0
+
+
+def test_doctor_accepts_the_generated_credential_and_shows_the_same_thumbprint(
+        tmp_path: Path) -> None:
+    from relay.doctor.credential import check_credential
+    from relay.doctor.report import Status
+
+    path, result = basic(tmp_path)
+    printed = re.search(r"SHA-1, as Entra shows it\): ([0-9A-F]{40})", result.stdout)
+    config = config_mod.load(path)
+
+    check, _ = check_credential("contoso", config.apps["contoso"])
+
+    assert check.status is Status.OK, check.summary
+    assert printed is not None and printed.group(1) in check.detail.upper().replace(":", "")
+    assert "RSA 2048-bit key matches" in check.detail
