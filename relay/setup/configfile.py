@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 PLACEHOLDER_CLIENT_ID = "00000000-0000-0000-0000-000000000000"
+COMMENT_COLUMN = 40
 _PLAIN = re.compile(r"^[A-Za-z0-9_./@:+-]+$")
 
 
@@ -67,31 +68,35 @@ def q(value: str) -> str:
     return json.dumps(value)
 
 
+def _c(line: str, comment: str) -> str:
+    """``line`` with ``comment`` in the column the rest of the file uses."""
+    return f"{line.ljust(COMMENT_COLUMN - 1)} # {comment}"
+
+
 def _flow_list(values: Sequence[str]) -> str:
     return "[" + ", ".join(q(v) for v in values) + "]"
 
 
 def render_app(app: NewApp, indent: str = "  ") -> str:
     i, j = indent, indent * 2
-    client_note = ("   # REPLACE: setup-m365.ps1 prints it; then m365relay init --client-id ID"
-                   if app.client_id == PLACEHOLDER_CLIENT_ID else "   # Application (client) ID")
+    client_note = ("REPLACE: setup-m365.ps1 prints it; then m365relay init --client-id ID"
+                   if app.client_id == PLACEHOLDER_CLIENT_ID else "Application (client) ID")
     lines = [
         f"{i}{app.name}:",
-        f"{j}tenant: {q(app.tenant)}                 # tenant id (GUID) or a verified domain",
-        f"{j}client_id: {app.client_id}{client_note}",
+        _c(f"{j}tenant: {q(app.tenant)}", "tenant id (GUID) or a verified domain"),
+        _c(f"{j}client_id: {app.client_id}", client_note),
         f"{j}# Made by m365relay init; setup-m365.ps1 uploads the certificate (never the key).",
         f"{j}certificate:",
-        f"{j}{i}private_key: {{file: {q(app.key_file)}}}   # owner-only (0600)",
+        _c(f"{j}{i}private_key: {{file: {q(app.key_file)}}}", "owner-only (0600)"),
         f"{j}{i}certificate: {{file: {q(app.cert_file)}}}",
+        _c(f"{j}{'' if app.cloud != 'global' else '# '}cloud: {app.cloud}",
+           "global | usgov | usgov-dod | china"),
     ]
-    lines.append(f"{j}cloud: {app.cloud}" if app.cloud != "global" else
-                 f"{j}# cloud: global                  # global | usgov | usgov-dod | china")
     if app.hve:
-        lines.append(f"{j}hve: true                         # High Volume Email: mailbox = the HVE "
-                     "account")
+        lines.append(_c(f"{j}hve: true", "High Volume Email: each mailbox is an HVE account"))
     if app.transport != "smtp":
-        lines.append(f"{j}transport: {app.transport}                 # Microsoft Graph sendMail "
-                     "(Mail.Send, Mail.ReadWrite)")
+        lines.append(_c(f"{j}transport: {app.transport}",
+                        "Microsoft Graph sendMail (Mail.Send, Mail.ReadWrite)"))
     return "\n".join(lines) + "\n"
 
 
@@ -99,30 +104,29 @@ def render_account(account: NewAccount, indent: str = "  ", app: str = "") -> st
     i = indent
     lines = [f"{i}- name: {q(account.name)}"]
     if account.username and account.password_hash:
-        lines += [f"{i}  username: {q(account.username)}          # the device's SMTP AUTH user",
+        lines += [_c(f"{i}  username: {q(account.username)}", "the device's SMTP AUTH user"),
                   f"{i}  password_hash: {json.dumps(account.password_hash)}"]
     if account.networks:
-        lines.append(f"{i}  networks: {_flow_list(account.networks)}   # matched by address, "
-                     "no AUTH")
-    lines += [f"{i}  app: {q(app)}", f"{i}  mailbox: {q(account.mailbox)}",
-              f"{i}  from: rewrite                     # From becomes the mailbox (display name "
-              "kept)"]
+        lines.append(_c(f"{i}  networks: {_flow_list(account.networks)}",
+                        "matched by address, no AUTH"))
+    lines += [f"{i}  app: {q(app)}", _c(f"{i}  mailbox: {q(account.mailbox)}", "sends as this"),
+              _c(f"{i}  from: rewrite", "From becomes the mailbox (display name kept)")]
     return "\n".join(lines) + "\n"
 
 
 def _render_listener(listener: NewListener) -> list[str]:
     out = ["listeners:",
            "  - name: devices",
-           f"    bind: {q(listener.bind)}",
-           f"    tls: {listener.tls}                        # none | starttls | implicit"]
+           _c(f"    bind: {q(listener.bind)}", "where devices send (port 0: any free port)"),
+           _c(f"    tls: {listener.tls}", "none | starttls | implicit")]
     if listener.certificate and listener.private_key:
-        out += [f"    certificate: {q(listener.certificate)}   # self-signed by init; "
-                "replace with your CA's",
-                f"    private_key: {q(listener.private_key)}"]
-    out.append(f"    networks: {_flow_list(listener.networks)}   # who may connect at all")
+        out += [_c(f"    certificate: {q(listener.certificate)}",
+                   "self-signed by init; replace with your CA's"),
+                _c(f"    private_key: {q(listener.private_key)}", "owner-only (0600)")]
+    out.append(_c(f"    networks: {_flow_list(listener.networks)}", "who may connect at all"))
     if listener.cleartext_auth:
-        out.append(f"    cleartext_auth_networks: {_flow_list(listener.networks)}   # passwords "
-                   "without TLS: only for devices that cannot do STARTTLS")
+        out.append(_c(f"    cleartext_auth_networks: {_flow_list(listener.networks)}",
+                      "passwords without TLS: only for devices that cannot do STARTTLS"))
     return out
 
 
@@ -138,19 +142,19 @@ def render_config(*, listener: NewListener, app: NewApp, accounts: Sequence[NewA
         "",
         *_render_listener(listener),
         "",
-        "apps:                                 # Entra ID app registrations",
+        _c("apps:", "Entra ID app registrations"),
         render_app(app).rstrip("\n"),
         "",
-        "accounts:                             # local identity -> app + mailbox",
+        _c("accounts:", "local identity -> app + mailbox"),
         *(render_account(a, app=app.name).rstrip("\n") for a in accounts),
         "",
         "spool:",
-        f"  directory: {q(spool)}        # owner-only; 250 is answered only after fsync here",
+        _c(f"  directory: {q(spool)}", "owner-only; 250 is answered only after fsync here"),
         "",
-        "# delivery:                           # defaults follow Exchange Online's limits",
-        "#   max_age: 5d                       # then the message bounces to its sender",
-        "#   connections_per_mailbox: 3",
-        "# http: {}                            # status page, /metrics on 127.0.0.1:9925",
+        _c("# delivery:", "defaults follow Exchange Online's limits"),
+        _c("#   max_age: 5d", "then the message bounces to its sender"),
+        _c("#   connections_per_mailbox: 3", "Exchange allows 3 per mailbox"),
+        _c("# http: {}", "status page and /metrics on 127.0.0.1:9925"),
     ]
     return "\n".join(head) + "\n"
 
@@ -210,7 +214,7 @@ def set_client_id(text: str, app: str, client_id: str) -> str:
             break
         found = re.match(r"^(\s+client_id:\s*)(\S+)(.*)$", line.rstrip("\n"))
         if found:
-            lines[n] = f"{found.group(1)}{client_id}   # Application (client) ID\n"
+            lines[n] = _c(f"{found.group(1)}{client_id}", "Application (client) ID") + "\n"
             return "".join(lines)
     raise MergeError(f"apps.{app} has no `client_id:` line to update; add `client_id: "
                      f"{client_id}` under it")
