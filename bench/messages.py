@@ -4,8 +4,8 @@ Each message carries an ``X-Bench-Id`` header, a body with lines that need dot-s
 8-bit UTF-8, and random text so no two bodies are alike. The verdict is strict: every accepted
 message arrives exactly once, at the right mailbox and recipient, with a byte-identical body and
 every original header field byte-identical and in order; fields a hop adds (``Received:``) are
-allowed and listed. The header splitter here is deliberately our own, not relay.rewrite's, so a
-bug in the code under test cannot hide in the checker.
+allowed and listed. The header splitter here is deliberately our own, not
+relay.policy.rewrite's, so a bug in the code under test cannot hide in the checker.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import yaml
 
 from bench import procstat
 from bench.messages import mailbox_name
-from relay.config import DeliverySettings, Listener
+from relay.config.records import DeliverySettings, Listener
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_VENV = ROOT / "bench" / ".venv"

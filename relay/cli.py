@@ -10,17 +10,15 @@ import argparse
 import asyncio
 import getpass
 import importlib
-import json
 import logging
-import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from relay import __version__, logsafe, permissions
-from relay import config as config_mod
-from relay.events import log_fields
+from relay import __version__, logsafe
+from relay.config import permissions
+from relay.config import records as config_mod
+from relay.service.logs import setup_logging
 
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
@@ -29,66 +27,8 @@ log = logging.getLogger("m365relay")
 # Commands whose parsers live beside their code. Their modules are imported only to run them or
 # to list every command: `login` alone imports msal, requests and cryptography (~20 MB, ~0.3 s)
 # that `serve` would carry for its whole life and wait for before listening.
-_MORE_COMMANDS = {"doctor": "relay.doctor.command", "queue": "relay.queuectl.cli",
+_MORE_COMMANDS = {"doctor": "relay.doctor.command", "queue": "relay.queue.cli",
                   "login": "relay.login", "init": "relay.setup.command"}
-
-
-_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName", logsafe.MARK}
-
-
-class _TextFormatter(logging.Formatter):
-    """logging.Formatter's default time format, with the strftime done once per second (it
-    costs as much as the rest of formatting a line, and a busy relay logs many per second)."""
-
-    _cached: tuple[int, str] = (-1, "")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        second = int(record.created)
-        cached_second, stamp = self._cached
-        if second != cached_second:
-            stamp = time.strftime(self.default_time_format, self.converter(record.created))
-            self._cached = (second, stamp)
-        return f"{stamp},{int(record.msecs):03d}"  # default_msec_format
-
-
-class _JsonFormatter(_TextFormatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        # Fields of maillog lines (queue_id, to, status, ...) and any `extra=`, for collectors.
-        out: dict[str, object] = {**log_fields(message), **{
-            k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}}
-        out.update({"time": self.formatTime(record), "level": record.levelname.lower(),
-                    "logger": record.name, "message": message})
-        # logsafe leaves the traceback only as redacted exc_text.
-        exception = record.exc_text or (
-            self.formatException(record.exc_info) if record.exc_info else "")
-        if exception:
-            out["exception"] = exception
-        return json.dumps(out, default=str)
-
-
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    logsafe.install()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(logsafe.RedactingFilter())
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    elif os.environ.get("JOURNAL_STREAM"):
-        # journald stamps each line itself.
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # Library chatter at DEBUG can include protocol lines (AUTH blobs); keep it quiet. aiosmtpd
-    # ("mail.log") also warns about its own deprecated login_data on every AUTH.
-    for name in ("aiosmtplib", "msal", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 def _load(path: Path) -> config_mod.Config | None:
@@ -111,7 +51,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.service import StartupError, run
+    from relay.service.lifecycle import StartupError, run
 
     setup_logging(args.log_level, args.log_format)
     loaded = _load_source(args)
@@ -130,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _load_source(args: argparse.Namespace) -> tuple[config_mod.Config, Path | None] | None:
     """--config FILE, --config-from-env, or both (the file if it exists: the container image)."""
-    from relay.envconfig import load_source
+    from relay.config.env import load_source
 
     try:
         return load_source(args.config, from_env_vars=args.config_from_env)
@@ -140,7 +80,7 @@ def _load_source(args: argparse.Namespace) -> tuple[config_mod.Config, Path | No
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
-    from relay import healthcheck
+    from relay.service import healthcheck
 
     # Docker reads 0 as healthy and 1 as unhealthy (2 is reserved): nothing else is returned.
     if args.address:
@@ -160,7 +100,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from relay.auth import hash_password
+    from relay.policy.passwords import hash_password
 
     if args.stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -191,7 +131,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from relay.demo import run_demo
+    from relay.sandbox.demo import run_demo
 
     setup_logging(args.log_level)
     return asyncio.run(run_demo(args.config))

@@ -18,13 +18,13 @@ from typing import Any, TextIO
 
 import msal
 
-from relay import config as config_mod
-from relay.delegated import build_client
-from relay.queuectl import control
-from relay.queuectl.ops import QueueOps
-from relay.spool import Spool
-from relay.tokens import TokenProvider
-from relay.tokenstore import TokenStore, TokenStoreError, new_key
+from relay.config import records as config_mod
+from relay.queue.ops import QueueOps
+from relay.service import control
+from relay.spool.store import Spool
+from relay.tokens.delegated import build_client
+from relay.tokens.provider import TokenProvider
+from relay.tokens.store import TokenStore, TokenStoreError, new_key
 
 DEFAULT_CONFIG = Path("/etc/m365relay/config.yaml")
 EX_CONFIG = 78

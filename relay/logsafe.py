@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from relay.config import Config
+    from relay.config.records import Config
 
 REDACTED = "[redacted]"
 MARK = "m365relay_redacted"  # set on cleaned records

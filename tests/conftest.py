@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import trustme
 
-from relay import config as config_mod
-from relay.auth import hash_password
+from relay.config import records as config_mod
+from relay.policy.passwords import hash_password
 from relay.sandbox import DEMO_APP, Sandbox
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 PASSWORD = "correct horse battery staple"
 MAILBOX = "scanner@contoso.example"

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from conftest import base_config
 
-from relay import clouds
-from relay import config as config_mod
+from relay.config import clouds
+from relay.config import records as config_mod
 from relay.sandbox import Sandbox
-from relay.tokens import TokenProvider
+from relay.tokens.provider import TokenProvider
 
 GUID = "11111111-2222-3333-4444-555555555555"
 

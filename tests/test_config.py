@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config as config_mod
+from relay.config import records as config_mod
 
 GUID = "11111111-2222-3333-4444-555555555555"
 

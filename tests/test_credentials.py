@@ -20,14 +20,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from relay import config as config_mod
-from relay.credentials import AssertionFile, CredentialError, certificate_pems
+from relay.config import records as config_mod
 from relay.doctor.credential import check_credential
 from relay.doctor.report import Status
 from relay.sandbox import Sandbox
 from relay.sandbox.apps import DEMO_APP, SandboxApp
 from relay.sandbox.federated import EXCHANGE_AUDIENCE, FederatedCredential
 from relay.sandbox.tokens import b64url_encode
+from relay.tokens.credentials import AssertionFile, CredentialError, certificate_pems
 
 CERT_CLIENT_ID = "aaaaaaaa-1111-2222-3333-444444444444"
 FED_CLIENT_ID = "bbbbbbbb-1111-2222-3333-444444444444"

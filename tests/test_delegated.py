@@ -25,15 +25,15 @@ import yaml
 from conftest import PASSWORD, message, send, wait_until
 from cryptography.fernet import Fernet
 
-from relay import config as config_mod
-from relay.config import ConfigError
+from relay.config import records as config_mod
+from relay.config.records import ConfigError
+from relay.diagnosis.explain import Context, Verdict, explain_token_error
 from relay.doctor.command import diagnose
 from relay.doctor.report import Status
-from relay.explain import Context, Verdict, explain_token_error
 from relay.login import LoginError, run_login
 from relay.sandbox import Sandbox
 from relay.sandbox.apps import DEMO_APP, SandboxApp
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 PERSONAL = SandboxApp(tenant="consumers", client_id="9e5f94bc-e8a4-4e73-b8be-63364c29d753",
                       roles=())

@@ -22,7 +22,8 @@ import pytest
 import yaml
 from conftest import MAILBOX, message, send
 
-from relay import cli, envconfig
+from relay import cli
+from relay.config import env as envconfig
 from relay.sandbox import DEMO_APP, Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -466,7 +466,7 @@ async def test_encrypted_key_without_passphrase_names_the_key(tmp_path: Path,
 
 async def test_claims_name_wrong_audience_and_clock(sandbox: Sandbox, tmp_path: Path,
                                                     password_hash: str) -> None:
-    from relay import config as config_mod
+    from relay.config import records as config_mod
     config = config_mod.parse(base_config(sandbox, tmp_path, password_hash), base_dir=tmp_path)
     app = config.apps["contoso"]
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.dsn import build_dsn
-from relay.spool import Envelope
+from relay.delivery.dsn import build_dsn
+from relay.message import Envelope
 
 ARRIVAL = 1_700_000_000.0
 NOW = 1_700_400_000.0

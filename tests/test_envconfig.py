@@ -11,10 +11,10 @@ import pytest
 import yaml
 from conftest import TLSFiles
 
-from relay import healthcheck
-from relay.auth import hash_password
-from relay.config import ConfigError
-from relay.envconfig import from_env, load_source
+from relay.config.env import from_env, load_source
+from relay.config.records import ConfigError
+from relay.policy.passwords import hash_password
+from relay.service import healthcheck
 
 GUID = "11111111-2222-3333-4444-555555555555"
 

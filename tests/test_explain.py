@@ -1,4 +1,4 @@
-"""relay.explain: upstream replies, Entra errors and network failures -> verdict + advice.
+"""relay.diagnosis.explain: upstream replies, Entra errors and network failures -> verdict + advice.
 
 Reply strings come from /work/shared/MICROSOFT365.md §1-§5 verbatim where it quotes them
 (host suffixes and all); the few marked "representative" follow the documented
@@ -23,8 +23,8 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import explain
-from relay.explain import (
+from relay.diagnosis import explain
+from relay.diagnosis.explain import (
     Context,
     Explanation,
     Verdict,

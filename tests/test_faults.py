@@ -24,9 +24,9 @@ import trustme
 import yaml
 from conftest import RelayFactory, message, send, smtp_client, wait_until
 
-from relay import config as config_mod
+from relay.config import records as config_mod
 from relay.sandbox import Sandbox
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 MIN_BACKOFF, MAX_BACKOFF = 0.2, 1.0
 

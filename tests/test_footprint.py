@@ -13,8 +13,8 @@ import sys
 # Loaded later, or never, by a relay whose apps use client secrets and whose devices are
 # matched by address.
 LAZY = ("cryptography", "msal", "requests", "prometheus_client", "argon2", "pydantic",
-        "relay.delegated", "relay.tokenstore", "relay.login", "relay.doctor.chain",
-        "relay.queuectl.cli", "relay.web", "relay.metrics")
+        "relay.tokens.delegated", "relay.tokens.store", "relay.login", "relay.doctor.chain",
+        "relay.queue.cli", "relay.http.server", "relay.http.metrics")
 
 
 def modules_after(code: str) -> set[str]:
@@ -25,9 +25,9 @@ def modules_after(code: str) -> set[str]:
 
 
 def test_serve_starts_without_the_heavy_imports() -> None:
-    loaded = modules_after("import relay.cli, relay.service, relay.envconfig\n"
+    loaded = modules_after("import relay.cli, relay.service.lifecycle, relay.config.env\n"
                            "relay.cli.build_parser('serve')")
-    assert "relay.service" in loaded and "yaml" in loaded  # the check itself works
+    assert "relay.service.lifecycle" in loaded and "yaml" in loaded  # the check itself works
     found = sorted(name for name in loaded for lazy in LAZY
                    if name == lazy or name.startswith(lazy + "."))
     assert not found, f"imported before the listeners are up: {found}"
@@ -41,7 +41,7 @@ def test_the_full_command_list_still_has_every_command() -> None:
 
 
 def test_the_cached_timestamp_reads_as_logging_would_write_it() -> None:
-    from relay.cli import _TextFormatter
+    from relay.service.logs import _TextFormatter
 
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     ours, stdlib = _TextFormatter(fmt), logging.Formatter(fmt)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from rawsmtp import RawSMTP
 
 from relay.sandbox import Sandbox
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as (\w+)")
 REPLY = re.compile(r"^[2-5]\d\d[ -]")

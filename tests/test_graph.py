@@ -20,15 +20,15 @@ import pytest
 import yaml
 from conftest import RelayFactory, message, wait_until
 
-from relay import config as config_mod
+from relay.config import records as config_mod
+from relay.diagnosis.explain import Context, Verdict
+from relay.diagnosis.graph import explain_graph
 from relay.doctor.command import diagnose
 from relay.doctor.report import Status
-from relay.explain import Context, Verdict
-from relay.graph_api import with_envelope_recipients
-from relay.graph_explain import explain_graph
+from relay.message import DeliveryState, Envelope, QueueEntry
 from relay.sandbox import DEMO_APP, Sandbox
-from relay.service import Relay
-from relay.spool import DeliveryState, Envelope, QueueEntry
+from relay.service.lifecycle import Relay
+from relay.upstream.graph_api import with_envelope_recipients
 
 MAILBOX = "printers@contoso.example"
 

@@ -17,11 +17,11 @@ import pytest
 from conftest import PASSWORD, RelayFactory, message, send, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import config as config_mod
-from relay.cli import _JsonFormatter
-from relay.events import log_fields, reply_code
+from relay.config import records as config_mod
+from relay.delivery.events import log_fields, reply_code
 from relay.sandbox import Sandbox
-from relay.service import Relay, StartupError
+from relay.service.lifecycle import Relay, StartupError
+from relay.service.logs import _JsonFormatter
 
 # No proxy from the environment may sit between the test and the relay.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

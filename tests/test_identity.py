@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from conftest import MAILBOX, PASSWORD, RelayFactory, message, send, smtp_client, wait_until
 
-from relay import config as config_mod
-from relay import identity
+from relay.config import records as config_mod
+from relay.policy import identity
 from relay.sandbox import DEMO_APP, Sandbox
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 LOGIN = ("scanner01", PASSWORD)
 

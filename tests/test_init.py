@@ -23,9 +23,9 @@ import yaml
 from conftest import message, send
 from pssyntax import grammar_errors, problems
 
-from relay import config as config_mod
+from relay.config import records as config_mod
 from relay.sandbox import Sandbox, SandboxApp
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 from relay.setup.targets import EXCHANGE_ONLINE_APP_ID, MICROSOFT_GRAPH_APP_ID
 
 CLIENT_ID = "0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9"

@@ -210,8 +210,8 @@ async def test_port_in_use_exits_69(config_file: Path) -> None:
 
 async def test_sighup_reload_applies_new_accounts_and_refuses_bad_config(
         sandbox: Sandbox, tmp_path: Path, password_hash: str, config_file: Path) -> None:
-    from relay import config as config_mod
-    from relay.service import Relay
+    from relay.config import records as config_mod
+    from relay.service.lifecycle import Relay
 
     relay = Relay(config_mod.load(config_file), config_path=config_file)
     await relay.start()

@@ -20,7 +20,7 @@ from conftest import PASSWORD, RelayFactory, wait_until
 from rawsmtp import RawSMTP
 
 from relay.sandbox import Sandbox
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 
 def plain(user: str, password: str) -> str:

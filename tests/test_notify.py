@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import base_config
 
-from relay.notify import Notifier
 from relay.sandbox import Sandbox
+from relay.service.notify import Notifier
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from conftest import MAILBOX, PASSWORD, RelayFactory, message, send, smtp_client, wait_until
 
-from relay.config import PacingSettings
-from relay.errors import BounceError, DeferError
-from relay.metrics import RelayCollector
-from relay.pacing import STATE_FILE, LanePace, Pacer, is_throttling
+from relay.config.records import PacingSettings
+from relay.delivery.pacing import STATE_FILE, LanePace, Pacer, is_throttling
+from relay.diagnosis.errors import BounceError, DeferError
+from relay.http.metrics import RelayCollector
 from relay.sandbox import Sandbox
 
 PRINTERS = "printers@contoso.example"

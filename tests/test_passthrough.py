@@ -10,7 +10,7 @@ from typing import Any
 from conftest import PASSWORD, RelayFactory, message, send, wait_until
 
 from relay.sandbox import Sandbox
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 
 def passthrough(data: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from conftest import PASSWORD, RelayFactory, TLSFiles, wait_until
 from rawsmtp import RawSMTP
 
 from relay.sandbox import Sandbox
-from relay.service import Relay
+from relay.service.lifecycle import Relay
 
 # Published end-of-data confusions (SEC Consult 2023, Postfix/Sendmail/Exchange advisories).
 SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\n", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n",

@@ -26,8 +26,9 @@ import pytest
 import yaml
 from conftest import MAILBOX, PASSWORD, RelayFactory, message, send, wait_until
 
+from relay.message import DeliveryState, Envelope
 from relay.sandbox import Sandbox
-from relay.spool import DeliveryState, Envelope, Spool, SpoolError
+from relay.spool.store import Spool, SpoolError
 
 PAUSE = "421 4.3.2 Service not available"
 SENDER = "device@printers.example"

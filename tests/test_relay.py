@@ -283,8 +283,8 @@ async def test_addresses_the_parser_trips_on_are_malformed(relays: RelayFactory)
 
 
 def test_tls_context_never_skips_verification() -> None:
-    from relay.config import parse
-    from relay.upstream import tls_context
+    from relay.config.records import parse
+    from relay.upstream.smtp import tls_context
 
     config = parse({
         "listeners": [{"name": "x"}],

@@ -1,8 +1,8 @@
-"""relay.smtpbase against aiosmtpd itself: the cheap session set-up, _getaddr and block-wise
+"""relay.ingress.smtpbase against aiosmtpd itself: the cheap session set-up, _getaddr and block-wise
 DATA reading must do exactly what aiosmtpd 1.4.6 and the line-by-line reader do.
 
 When aiosmtpd changes what ``SMTP.__init__`` sets, the comparison here fails: update
-:class:`relay.smtpbase.FastSMTP` to match, then this test.
+:class:`relay.ingress.smtpbase.FastSMTP` to match, then this test.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from conftest import RelayFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import rewrite
-from relay.smtpbase import DataReader, FastSMTP
-from relay.smtpdata import SMTP_LINE_LIMIT, DataAssembler, fold_long_lines
-from relay.smtpsession import _JUNK, RelaySMTP
+from relay.ingress.data import SMTP_LINE_LIMIT, DataAssembler, fold_long_lines
+from relay.ingress.session import _JUNK, RelaySMTP
+from relay.ingress.smtpbase import DataReader, FastSMTP
+from relay.policy import rewrite
 
 # -- set-up ------------------------------------------------------------------------------
 

@@ -14,9 +14,10 @@ from conftest import RelayFactory, message, send, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay.message import Envelope
 from relay.sandbox import Sandbox
-from relay.smtpwire import DotStuffer
-from relay.spool import INLINE_LIMIT, Envelope, Spool
+from relay.spool.store import INLINE_LIMIT, Spool
+from relay.upstream.smtpwire import DotStuffer
 
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 SENDER = "device@printers.example"

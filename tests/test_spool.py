@@ -15,11 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import (
-    BodyCheck,
-    DeliveryState,
-    Envelope,
-    QueueEntry,
+from relay.message import BodyCheck, DeliveryState, Envelope, QueueEntry
+from relay.spool.store import (
     Spool,
     SpoolCorruptError,
     SpoolError,

@@ -3,7 +3,7 @@
 The app's links (credential, token endpoint, token, claims, upstream, STARTTLS) are walked once
 per app and shared by its accounts; XOAUTH2 and the test message are per mailbox. The token and
 the XOAUTH2 login go through the relay's own TokenProvider and UpstreamConnection, and every
-upstream failure is explained by relay.explain, so doctor says what the relay would log.
+upstream failure is explained by relay.diagnosis.explain, so doctor says what the relay would log.
 """
 
 from __future__ import annotations
@@ -25,14 +25,9 @@ import aiosmtplib
 import requests
 import requests.utils
 
-from relay.config import Account, App, Config
-from relay.doctor.claims import SEND_ROLE, check_claims, role_fix
-from relay.doctor.credential import CertificateFacts, check_credential
-from relay.doctor.graphlink import graph_checks
-from relay.doctor.report import AccountReport, Check, Status
-from relay.doctor.signin import signin_checks
-from relay.errors import DeliveryError, TokenError
-from relay.explain import (
+from relay.config.records import Account, App, Config
+from relay.diagnosis.errors import DeliveryError, TokenError
+from relay.diagnosis.explain import (
     Context,
     Explanation,
     Verdict,
@@ -40,12 +35,17 @@ from relay.explain import (
     explain_smtp,
     explain_token_error,
 )
-from relay.tokens import TokenProvider
-from relay.upstream import UpstreamConnection, tls_context
+from relay.doctor.claims import SEND_ROLE, check_claims, role_fix
+from relay.doctor.credential import CertificateFacts, check_credential
+from relay.doctor.graphlink import graph_checks
+from relay.doctor.report import AccountReport, Check, Status
+from relay.doctor.signin import signin_checks
+from relay.tokens.provider import TokenProvider
+from relay.upstream.smtp import UpstreamConnection, tls_context
 
 _AADSTS = re.compile(r"AADSTS\d+")
 _ENHANCED = re.compile(r"(?<![\w.])[245]\.\d{1,3}\.\d{1,3}(?![\w.])")
-# relay.explain writes these where it cannot know the id; doctor knows it from the token.
+# relay.diagnosis.explain writes these where it cannot know the id; doctor knows it from the token.
 _OBJECT_ID_PLACEHOLDERS = ("<enterprise app object id>", "<service principal id>")
 
 

@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from relay.clouds import HVE_ROLE
-from relay.config import App
+from relay.config.clouds import HVE_ROLE
+from relay.config.records import App
 from relay.doctor.graphlink import GRAPH_ROLE, graph_role_fix
 from relay.doctor.report import Check, Status
 

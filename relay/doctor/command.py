@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from relay import config as config_mod
+from relay.config import records as config_mod
 from relay.doctor.report import Check, Report, Status, render_json, render_text
 
 DEFAULT_CONFIG = Path("/etc/m365relay/m365relay.yaml")
@@ -25,7 +25,7 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
                    timeout: float = 20.0, from_env: bool = False) -> Report:
     """Walk the chain for every account (or the one named) of the config at ``path`` (or of
     the M365RELAY_* variables with ``from_env``, as in the container image)."""
-    from relay.envconfig import load_source
+    from relay.config.env import load_source
 
     try:
         config, _ = load_source(path, from_env_vars=from_env)
@@ -52,7 +52,7 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from relay.cli import setup_logging
+    from relay.service.logs import setup_logging
 
     # The report says everything; log lines would repeat it in another shape.
     setup_logging("debug" if args.verbose else "critical")

@@ -18,10 +18,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relay.config import App, CertificateCredential
-from relay.credentials import AssertionFile, CredentialError, certificate_pems
+from relay.config.records import App, CertificateCredential
 from relay.doctor.claims import NotAJwt, decode_claims
 from relay.doctor.report import Check, Status
+from relay.tokens.credentials import AssertionFile, CredentialError, certificate_pems
 
 RENEW_WARNING = timedelta(days=30)
 _MAKE_CERT = ("`openssl req -x509 -newkey rsa:2048 -sha256 -days 730 -nodes -subj "

@@ -4,11 +4,11 @@ TLS, token accepted, mailbox exists), then the optional test message through sen
 
 from __future__ import annotations
 
-from relay.config import Account, App
+from relay.config.records import Account, App
+from relay.diagnosis.errors import DeliveryError
 from relay.doctor.report import Check, Status
-from relay.errors import DeliveryError
-from relay.graph import GraphConnection
-from relay.tokens import TokenProvider
+from relay.tokens.provider import TokenProvider
+from relay.upstream.graph import GraphConnection
 
 GRAPH_ROLE = "Mail.Send"
 

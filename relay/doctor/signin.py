@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 
-from relay.config import Account, App
-from relay.delegated import login_command
+from relay.config.records import Account, App
+from relay.diagnosis.errors import TokenError
 from relay.doctor.report import Check, Status
-from relay.errors import TokenError
-from relay.tokens import TokenProvider
+from relay.tokens.delegated import login_command
+from relay.tokens.provider import TokenProvider
 
 _AADSTS = re.compile(r"AADSTS\d+")
 

@@ -159,7 +159,7 @@ def _file_ref(target: Path, folder: Path) -> str:
 
 def _accounts(plan: Plan, raw: dict[str, Any] | None) -> tuple[list[configfile.NewAccount],
                                                                list[tuple[str, str]]]:
-    from relay.auth import hash_password  # argon2: only when a device gets a password
+    from relay.policy.passwords import hash_password  # argon2: only for a device password
 
     taken = {a.get("name") for a in (raw or {}).get("accounts") or [] if isinstance(a, dict)}
     users = {a.get("username") for a in (raw or {}).get("accounts") or [] if isinstance(a, dict)}
@@ -286,7 +286,7 @@ def _listener(args: argparse.Namespace, plan: Plan, folder: Path,
 def _check(text: str, path: Path, raw: dict[str, Any] | None) -> None:
     """The relay's own loader must accept the new text (problems an existing config already
     had, such as an {env: ...} not set on this host, are not init's to fix)."""
-    from relay import config as config_mod
+    from relay.config import records as config_mod
 
     def problems(data: Any) -> list[str]:
         try:

@@ -1,0 +1,213 @@
+"""The config from ``M365RELAY_*`` environment variables: one app, one mailbox (containers).
+
+The variables become the same data a YAML file would hold and go through :func:`config.parse`,
+so the checks are the same; each problem is then reported by the variable to change
+(``M365RELAY_CLIENT_ID: 'x' is not a GUID ...``), not by a key path the user never wrote.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from relay.config import records as config_mod
+from relay.config.records import Config, ConfigError, Secret
+
+PREFIX = "M365RELAY_"
+# Docker's conventions: unprivileged ports inside the container, mapped by `-p` outside.
+DEFAULT_LISTEN = ("0.0.0.0:2525", "0.0.0.0:587")
+DEFAULT_SPOOL = "/var/spool/m365relay"
+APP = "m365"
+ACCOUNT = "default"
+SOURCE = "environment (M365RELAY_* variables)"
+
+# Variable -> the config key it fills; `[]` stands for every list index.
+KEYS = {
+    "M365RELAY_TENANT": f"apps.{APP}.tenant",
+    "M365RELAY_CLIENT_ID": f"apps.{APP}.client_id",
+    "M365RELAY_CLIENT_SECRET": f"apps.{APP}.client_secret",
+    "M365RELAY_CLIENT_SECRET_FILE": f"apps.{APP}.client_secret",
+    "M365RELAY_CERTIFICATE_FILE": f"apps.{APP}.certificate.certificate",
+    "M365RELAY_PRIVATE_KEY_FILE": f"apps.{APP}.certificate.private_key",
+    "M365RELAY_PRIVATE_KEY_PASSPHRASE": f"apps.{APP}.certificate.passphrase",
+    "M365RELAY_AUTHORITY": f"apps.{APP}.authority",
+    "M365RELAY_SMTP_HOST": f"apps.{APP}.smtp_host",
+    "M365RELAY_SMTP_PORT": f"apps.{APP}.smtp_port",
+    "M365RELAY_CA_FILE": f"apps.{APP}.ca_file",
+    "M365RELAY_MAILBOX": "accounts[].mailbox",
+    "M365RELAY_FROM": "accounts[].from",
+    "M365RELAY_USERNAME": "accounts[].username",
+    "M365RELAY_PASSWORD_HASH": "accounts[].password_hash",
+    "M365RELAY_NETWORKS": "accounts[].networks",
+    "M365RELAY_LISTEN": "listeners[].bind",
+    "M365RELAY_TLS_CERTIFICATE": "listeners[].certificate",
+    "M365RELAY_TLS_PRIVATE_KEY": "listeners[].private_key",
+    "M365RELAY_SPOOL": "spool.directory",
+    "M365RELAY_HOSTNAME": "hostname",
+}
+_ALSO = {"listeners[].networks": "M365RELAY_NETWORKS",
+         "listeners[].cleartext_auth_networks": "M365RELAY_NETWORKS"}
+REQUIRED = ("M365RELAY_TENANT", "M365RELAY_CLIENT_ID", "M365RELAY_MAILBOX", "M365RELAY_NETWORKS")
+_LOOPBACK = ["127.0.0.0/8", "::1/128"]
+_CHECKED_BY_BUILD = (f"apps.{APP}: ", "accounts[0]: ")
+
+
+def _items(value: str) -> list[str]:
+    return [item for item in re.split(r"[\s,]+", value) if item]
+
+
+def build(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """The config data, the problems found on the way, and key path -> variable."""
+    env = {k: v for k, v in environ.items() if k.startswith(PREFIX) and v.strip()}
+    problems = []
+    for name in sorted(set(env) - set(KEYS)):
+        guess = difflib.get_close_matches(name, KEYS, n=1)
+        problems.append(f"{name}: unknown variable"
+                        + (f" (did you mean {guess[0]}?)" if guess else ""))
+    sources = {key: var for var, key in KEYS.items()} | _ALSO
+
+    def plain(name: str) -> str | None:
+        value = env.get(name)
+        return value.strip() if value is not None else None
+
+    app: dict[str, Any] = {}
+    for name, key in (("M365RELAY_TENANT", "tenant"), ("M365RELAY_CLIENT_ID", "client_id"),
+                      ("M365RELAY_AUTHORITY", "authority"), ("M365RELAY_SMTP_HOST", "smtp_host"),
+                      ("M365RELAY_SMTP_PORT", "smtp_port"), ("M365RELAY_CA_FILE", "ca_file")):
+        if (value := plain(name)) is not None:
+            app[key] = value
+    problems += _credential(env, app, sources)
+
+    networks = _items(env.get("M365RELAY_NETWORKS", ""))
+    account: dict[str, Any] = {"name": ACCOUNT, "app": APP}
+    for name, key in (("M365RELAY_MAILBOX", "mailbox"), ("M365RELAY_FROM", "from"),
+                      ("M365RELAY_USERNAME", "username"),
+                      ("M365RELAY_PASSWORD_HASH", "password_hash")):
+        if (value := plain(name)) is not None:
+            account[key] = value
+    logs_in = "username" in account or "password_hash" in account
+    if logs_in and not ("username" in account and "password_hash" in account):
+        problems.append("M365RELAY_USERNAME and M365RELAY_PASSWORD_HASH go together (devices "
+                        "log in with it); make the hash with `m365relay hash-password`")
+    if not logs_in:
+        # Devices on these networks send without logging in, as with Postfix's mynetworks.
+        account["networks"] = networks
+
+    tls_files = {key: plain(name) for name, key in (("M365RELAY_TLS_CERTIFICATE", "certificate"),
+                                                    ("M365RELAY_TLS_PRIVATE_KEY", "private_key"))}
+    tls = {k: v for k, v in tls_files.items() if v is not None}
+    listeners = []
+    for i, bind in enumerate(_items(env.get("M365RELAY_LISTEN", "")) or DEFAULT_LISTEN):
+        port = bind.rpartition(":")[2]
+        listener: dict[str, Any] = {
+            "name": f"smtp-{port}" if port != "0" else f"smtp-{i}",
+            "bind": bind,
+            # Loopback too, so the container's HEALTHCHECK (`m365relay healthcheck`) gets a 220.
+            "networks": networks + _LOOPBACK,
+        }
+        if tls:
+            listener |= {"tls": "starttls", **tls}
+        elif logs_in:
+            # No certificate: allow the login in clear, but only from the listed networks.
+            listener["cleartext_auth_networks"] = networks
+        listeners.append(listener)
+
+    data: dict[str, Any] = {
+        "listeners": listeners,
+        "apps": {APP: app},
+        "accounts": [account],
+        "spool": {"directory": plain("M365RELAY_SPOOL") or DEFAULT_SPOOL},
+    }
+    if (hostname := plain("M365RELAY_HOSTNAME")) is not None:
+        data["hostname"] = hostname
+    if not networks:
+        problems.append("M365RELAY_NETWORKS is not set: list who may connect, e.g. "
+                        "172.16.0.0/12 for containers on Docker's networks, or 192.168.1.0/24 "
+                        "for a LAN (comma-separated)")
+    return data, problems, sources
+
+
+def _credential(env: Mapping[str, str], app: dict[str, Any], sources: dict[str, str]
+                ) -> list[str]:
+    secret = env.get("M365RELAY_CLIENT_SECRET")
+    secret_file = env.get("M365RELAY_CLIENT_SECRET_FILE")
+    cert = env.get("M365RELAY_CERTIFICATE_FILE")
+    key = env.get("M365RELAY_PRIVATE_KEY_FILE")
+    chosen = sum(map(bool, (secret, secret_file, cert or key)))
+    if secret:
+        # A Secret, not {env: NAME}: the value comes from `environ`, which may not be os.environ.
+        app["client_secret"] = Secret(secret, "env:M365RELAY_CLIENT_SECRET")
+    elif secret_file:
+        app["client_secret"] = {"file": secret_file.strip()}
+        sources[f"apps.{APP}.client_secret"] = "M365RELAY_CLIENT_SECRET_FILE"
+    elif cert or key:
+        credential: dict[str, Any] = {}
+        if cert:
+            credential["certificate"] = {"file": cert.strip()}
+        if key:
+            credential["private_key"] = {"file": key.strip()}
+        if passphrase := env.get("M365RELAY_PRIVATE_KEY_PASSPHRASE"):
+            credential["passphrase"] = Secret(passphrase, "env:M365RELAY_PRIVATE_KEY_PASSPHRASE")
+        app["certificate"] = credential
+    if chosen == 1:
+        return []
+    # A stand-in, so that the other variables are still checked and reported in the same pass.
+    app.pop("certificate", None)
+    app["client_secret"] = Secret("unset", "unset")
+    if chosen == 0:
+        return ["no app credential: set M365RELAY_CLIENT_SECRET (or M365RELAY_CLIENT_SECRET_FILE, "
+                "e.g. a Docker secret under /run/secrets), or M365RELAY_CERTIFICATE_FILE + "
+                "M365RELAY_PRIVATE_KEY_FILE (a certificate is what Microsoft recommends)"]
+    return ["more than one app credential is set (M365RELAY_CLIENT_SECRET, "
+            "M365RELAY_CLIENT_SECRET_FILE, M365RELAY_CERTIFICATE_FILE); keep exactly one"]
+
+
+def _rename(problem: str, sources: Mapping[str, str]) -> str:
+    path, _, message = problem.partition(": ")
+    var = sources.get(path) or sources.get(re.sub(r"\[\d+\]", "[]", path))
+    if var is None:
+        return problem
+    if message == "required key is missing":
+        return f"{var} is not set (it fills {path})"
+    return f"{var}: {message} (config key {path})"
+
+
+def from_env(environ: Mapping[str, str] | None = None, *, base_dir: Path | None = None) -> Config:
+    """Build and validate the config; ConfigError names the variables to fix."""
+    data, problems, sources = build(os.environ if environ is None else environ)
+    try:
+        config = config_mod.parse(data, source=SOURCE, base_dir=base_dir)
+    except ConfigError as exc:
+        # Checks on a whole record (which credential; login or networks) were made by build()
+        # in terms of variables; the same findings by key path would only repeat them.
+        problems += [_rename(p, sources) for p in exc.problems
+                     if not p.startswith(_CHECKED_BY_BUILD)]
+    if problems:
+        # One variable fills several keys (M365RELAY_NETWORKS, M365RELAY_LISTEN): say it once.
+        unique: dict[str, str] = {}
+        for problem in problems:
+            unique.setdefault(problem.split(" (config key ")[0], problem)
+        raise ConfigError(SOURCE, list(unique.values()))
+    return config
+
+
+def load_source(path: Path | None, *, from_env_vars: bool,
+                environ: Mapping[str, str] | None = None) -> tuple[Config, Path | None]:
+    """The config for ``serve`` and ``healthcheck``, and the file to reload on SIGHUP (if any).
+
+    With both a path and ``from_env_vars`` (the container image's default), the file wins when it
+    exists, so one image serves both a mounted config and the variables.
+    """
+    env = os.environ if environ is None else environ
+    if path is not None and (not from_env_vars or path.exists()):
+        return config_mod.load(path), path
+    if path is not None and not any(k.startswith(PREFIX) for k in env):
+        raise ConfigError(str(path), [
+            f"there is no config file at {path} and no {PREFIX}* variables are set: mount "
+            f"the config file there, or set {', '.join(REQUIRED)} and a client secret or "
+            "certificate (README: Operations, Docker)"])
+    return from_env(env), None

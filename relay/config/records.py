@@ -1,0 +1,621 @@
+"""Configuration: YAML parsed once into frozen, typed records.
+
+Every problem is reported together, each with its key path
+(``accounts[2].mailbox: not an email address``), so an admin fixes a config in one pass.
+Only the CLI turns a :class:`ConfigError` into an exit code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from relay.config import clouds
+from relay.config.check import (
+    Check,
+    Failed,
+    Record,
+    Run,
+    boolean,
+    choice,
+    integer,
+    items,
+    mapping,
+    nested,
+    number,
+    optional,
+    plain,
+    record,
+    spec,
+    text,
+    then,
+    validate,
+)
+from relay.config.clouds import CloudName
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+EXCHANGE_SCOPE = "https://outlook.office365.com/.default"
+# Delegated (user) sign-in: msal adds offline_access itself and refuses it in scope lists.
+DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send"
+# Personal Outlook.com/Hotmail SMTP (MICROSOFT365.md §10, [P]: configurable via smtp_host).
+CONSUMER_SMTP_HOST = "smtp-mail.outlook.com"
+GRAPH_ENDPOINT = "https://graph.microsoft.com"
+# Microsoft Graph per `cloud` (MICROSOFT365.md §6 names graph.microsoft.us for GCC High; DoD
+# and 21Vianet hosts are UNVERIFIED, from Microsoft's national cloud deployment list).
+_GRAPH_CLOUDS = {"global": GRAPH_ENDPOINT, "usgov": "https://graph.microsoft.us",
+                 "usgov-dod": "https://dod-graph.microsoft.us",
+                 "china": "https://microsoftgraph.chinacloudapi.cn"}
+_EMAIL = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?i?b?)\s*$", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists every one by key path."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        count = len(self.problems)
+        super().__init__(f"{source}: {count} problem(s) in the configuration:\n{lines}")
+
+
+# --- value types ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value resolved at load time; repr and str never show it."""
+
+    value: str
+    source: str  # "inline", "env:NAME" or "file:PATH": safe to show in messages
+
+    def __repr__(self) -> str:
+        return f"Secret({self.source})"
+
+    __str__ = __repr__
+
+
+def _base_dir(run: Run) -> Path:
+    return Path(run.context.get("base_dir", "."))
+
+
+def _resolve_path(value: Any, run: Run) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ValueError("expected a file path")
+    path = Path(str(value)).expanduser()
+    # Relative paths are relative to the config file, so a config works from any cwd.
+    return path if path.is_absolute() else _base_dir(run) / path
+
+
+def _secret(value: Any, run: Run) -> Secret:
+    if isinstance(value, Secret):
+        return value
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("is empty")
+        return Secret(value, "inline")
+    if isinstance(value, Mapping) and len(value) == 1:
+        (kind, ref), = value.items()
+        if kind == "env" and isinstance(ref, str):
+            found = os.environ.get(ref)
+            if not found:
+                raise ValueError(f"environment variable {ref} is not set or empty; export it "
+                                 "in the service's environment (e.g. systemd EnvironmentFile=)")
+            return Secret(found, f"env:{ref}")
+        if kind == "file" and isinstance(ref, str):
+            path = _resolve_path(ref, run)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file {path}: {exc.strerror}; check the path "
+                                 "and that the relay's user may read it") from None
+            # Files written by editors and `echo` end with a newline that is not part of a secret.
+            text = text.strip() if "BEGIN" not in text else text
+            if not text.strip():
+                raise ValueError(f"secret file {path} is empty")
+            return Secret(text, f"file:{path}")
+    raise ValueError("expected a string, {env: VARIABLE} or {file: PATH}")
+
+
+def _readable(path: Path, run: Run) -> Path:
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path}; check the path and its permissions")
+    return path
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError("expected a duration: seconds, or a number with s, m, h or d (e.g. 5m)")
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        unit = m.group(2).lower()[:1]
+        size = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    else:
+        raise ValueError("expected a size in bytes, or a number with KB, MB or GB (e.g. 35MB)")
+    if size < 0:
+        raise ValueError("must not be negative")
+    return size
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        # Reported with the key path like every other problem, so a ValueError.
+        raise ValueError("expected a list of networks such as [192.168.1.0/24, 10.0.0.5]")  # noqa: TRY004
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network (CIDR)") from None
+    return tuple(out)
+
+
+def _email(value: Any) -> str:
+    if not isinstance(value, str) or not _EMAIL.match(value):
+        raise ValueError(f"{value!r} is not an email address")
+    return value
+
+
+_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+_DOMAIN = re.compile(r"^\*@[^@\s<>*]+\.[^@\s<>*]+$")
+
+
+def _patterns(value: Any) -> tuple[str, ...]:
+    """``allowed_from`` / ``allowed_recipients``: matched by relay.policy.identity."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a list of addresses or `*@domain` patterns")  # noqa: TRY004 - the config reports ValueError per key
+    out = []
+    for item in items:
+        if not isinstance(item, str) or not (_ADDRESS.match(item) or _DOMAIN.match(item)):
+            raise ValueError(f"{item!r} is neither an email address nor `*@domain`")
+        out.append(item)
+    return tuple(out)
+
+
+def _split_bind(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:587 or [::]:25)")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":587" means all interfaces, as in Postfix
+    return host, int(port)
+
+
+def _bind(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    _split_bind(value)
+    return value
+
+
+def _pfx_path(value: Any, run: Run) -> Path:
+    if isinstance(value, Mapping) and set(value) == {"file"}:
+        value = value["file"]
+    return _resolve_path(value, run)
+
+
+def _https(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    if not value.startswith("https://"):
+        raise ValueError("must be an https:// URL; token requests are never sent in clear")
+    return value.rstrip("/")
+
+
+def _graph_https(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    if not value.startswith("https://"):
+        raise ValueError("must be an https:// URL such as https://graph.microsoft.com "
+                         "(GCC High: https://graph.microsoft.us)")
+    return value.rstrip("/")
+
+
+def _guid(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a GUID; copy the Application (client) ID from the "
+                         "app registration's Overview page in the Entra admin center") from None
+    return value
+
+
+def _known_app(raw: Any, run: Run) -> str:
+    value, apps = text(raw, run), run.context.get("apps")
+    if apps is not None and value not in apps:
+        known = ", ".join(sorted(apps)) or "none defined"
+        raise ValueError(f"no app named {value!r} under `apps` (known: {known})")
+    return value
+
+
+def _argon2(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    if not value.startswith("$argon2"):
+        raise ValueError("not an argon2 hash; create one with `m365relay hash-password`")
+    return value
+
+
+def _not_inline(value: Any, run: Run) -> Secret:
+    secret = _secret(value, run)
+    if secret.source == "inline":
+        raise ValueError("must be {env: VARIABLE} or {file: PATH}, never inline: the key "
+                         "decrypts every stored sign-in")
+    return secret
+
+
+SecretValue: Check = _secret
+FilePath: Check = _resolve_path
+ReadableFile: Check = then(_resolve_path, _readable)
+PfxFile: Check = then(_pfx_path, _readable)
+Duration: Check = plain(_duration)
+Networks: Check = plain(_networks)
+Email: Check = plain(_email)
+Patterns: Check = plain(_patterns)
+
+
+def Size(ge: int | None = None) -> Check:  # named as a type, like the checks above
+    return then(plain(_size), integer(ge))
+
+
+class _Bindable(Record):
+    """A record with a ``bind: HOST:PORT`` (listeners, the HTTP endpoint)."""
+
+    __slots__ = ()
+    bind: str
+
+    @property
+    def host(self) -> str:
+        return _split_bind(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_bind(self.bind)[1]
+
+
+# --- sections ------------------------------------------------------------------------------
+# Each field: its type, then spec(check, default=...). No default: the key is required.
+
+
+@record
+class Listener(_Bindable):
+    bind: str = spec(_bind, default="127.0.0.1:2525")
+    name: str = spec(text)
+    tls: Literal["none", "starttls", "implicit"] = spec(
+        choice("none", "starttls", "implicit"), default="none")
+    certificate: Path | None = spec(optional(ReadableFile), default=None)
+    private_key: Path | None = spec(optional(ReadableFile), default=None)
+    networks: tuple[IPNetwork, ...] = spec(Networks, default=LOOPBACK)
+    cleartext_auth_networks: tuple[IPNetwork, ...] = spec(Networks, default=())
+    require_tls: bool = spec(boolean, default=False)
+    hostname: str | None = spec(optional(text), default=None)
+    max_message_size: int = spec(Size(), default=35 * 1024 * 1024)
+    max_recipients: int = spec(integer(ge=1, le=10000), default=500)
+    # Legacy senders emit long lines; RFC 5321 allows 1000 but Postfix accepts far more.
+    max_line_length: int = spec(Size(ge=1000), default=64 * 1024)
+    idle_timeout: float = spec(Duration, default=300.0)
+    # Bare CR/LF are how SMTP smuggling splits messages; normalize is Postfix 3.9's default.
+    bare_line_endings: Literal["normalize", "reject"] = spec(
+        choice("normalize", "reject"), default="normalize")
+    # Postfix: default_process_limit 100, smtpd_client_connection_count_limit 50. A LAN relay
+    # sees one or two connections per device.
+    max_connections: int = spec(integer(ge=1, le=100_000), default=100)
+    max_connections_per_ip: int = spec(integer(ge=1, le=100_000), default=20)
+    # What Postfix's smtpd_timeout drops to under stress: at a connection limit, sessions idle
+    # this long (outside a mail transaction) give their slot to the newcomer.
+    stress_idle_timeout: float = spec(Duration, default=10.0)
+    session_timeout: float = spec(Duration, default=3600.0)
+    # A slow scan over weak Wi-Fi needs minutes; a slowloris is cut by the total.
+    data_idle_timeout: float = spec(Duration, default=300.0)
+    data_timeout: float = spec(Duration, default=1800.0)
+    # Postfix smtpd_junk_command_limit and smtpd_hard_error_limit; both reset after a message.
+    max_junk_commands: int = spec(integer(ge=1), default=100)
+    max_errors: int = spec(integer(ge=1), default=20)
+    # Per account `delivery` wins; see README "Delivery modes".
+    delivery: Literal["spool", "passthrough"] = spec(choice("spool", "passthrough"),
+                                                     default="spool")
+
+    def _check(self) -> None:
+        if self.tls != "none" and (self.certificate is None or self.private_key is None):
+            raise ValueError(f"tls: {self.tls} needs both `certificate` and `private_key` "
+                             "(PEM files, e.g. from your CA or Let's Encrypt)")
+        if self.require_tls and self.tls != "starttls":
+            raise ValueError("require_tls only makes sense with tls: starttls")
+
+
+@record
+class CertificateCredential(Record):
+    private_key: Secret | None = spec(optional(SecretValue), default=None)
+    certificate: Secret | None = spec(optional(SecretValue), default=None)
+    # PKCS#12 holding both key and certificate, as Windows and Key Vault export them.
+    pfx: Path | None = spec(optional(PfxFile), default=None)
+    passphrase: Secret | None = spec(optional(SecretValue), default=None)
+
+    def _check(self) -> None:
+        pem = self.private_key is not None or self.certificate is not None
+        if pem == (self.pfx is not None):
+            raise ValueError("set either `pfx` (a .pfx/.p12 file) or both `private_key` and "
+                             "`certificate` (PEM)")
+        if pem and (self.private_key is None or self.certificate is None):
+            raise ValueError("`private_key` and `certificate` go together")
+
+
+@record
+class ClientAssertion(Record):
+    # Not checked at load: the issuer (kubelet, CI runner) may write it after the relay starts.
+    file: Path = spec(FilePath)
+
+    @staticmethod
+    def _prepare(data: Any) -> Any:
+        # {env: AZURE_FEDERATED_TOKEN_FILE}: the path Azure Workload Identity's webhook injects.
+        if isinstance(data, Mapping) and set(data) == {"env"} and isinstance(data["env"], str):
+            path = os.environ.get(data["env"])
+            if not path:
+                raise ValueError(f"environment variable {data['env']} is not set or empty; with "
+                                 "Azure Workload Identity, label the pod "
+                                 "azure.workload.identity/use: \"true\"")
+            return {"file": path}
+        return data
+
+
+@record
+class App(Record):
+    tenant: str = spec(text)
+    client_id: str = spec(_guid)
+    client_secret: Secret | None = spec(optional(SecretValue), default=None)
+    certificate: CertificateCredential | None = spec(optional(nested(CertificateCredential)),
+                                                     default=None)
+    client_assertion: ClientAssertion | None = spec(optional(nested(ClientAssertion)), default=None)
+    cloud: CloudName = spec(choice("global", "usgov", "usgov-dod", "china"), default="global")
+    hve: bool = spec(boolean, default=False)
+    authority: str | None = spec(optional(_https), default=None)
+    # Defaults for these three come from `cloud` and `hve` (relay/config/clouds.py), see _prepare.
+    smtp_host: str = spec(text, default="smtp.office365.com")
+    smtp_port: int = spec(integer(ge=1, le=65535), default=587)
+    ca_file: Path | None = spec(optional(ReadableFile), default=None)
+    scope: str = spec(text, default=EXCHANGE_SCOPE)
+    # Graph sendMail instead of SMTP AUTH (relay/upstream/graph.py), for tenants with SMTP AUTH off.
+    transport: Literal["smtp", "graph"] = spec(choice("smtp", "graph"), default="smtp")
+    graph_endpoint: str = spec(_graph_https, default=GRAPH_ENDPOINT)
+    # Graph refuses requests over about 4 MB (413); larger mail goes draft + upload session.
+    graph_request_limit: int = spec(Size(ge=64 * 1024), default=4 * 1024 * 1024)
+    # "delegated": a person signs in once (`m365relay login`), relay/tokens/delegated.py.
+    flow: Literal["client_credentials", "delegated"] = spec(
+        choice("client_credentials", "delegated"), default="client_credentials")
+
+    @staticmethod
+    def _prepare(data: Any) -> Any:
+        """Defaults that depend on other keys; a key the config sets always wins."""
+        if not isinstance(data, Mapping):
+            return data
+        if data.get("flow") == "delegated":
+            # First, so that these win over the cloud's defaults below.
+            personal = str(data.get("tenant", "")).casefold() == "consumers"
+            data = {"scope": DELEGATED_SCOPE,
+                    "smtp_host": CONSUMER_SMTP_HOST if personal else "smtp.office365.com",
+                    **data}
+        if data.get("transport") == "graph":
+            # The token's audience must match the transport; an explicit `scope` still wins.
+            data = dict(data)
+            cloud = _GRAPH_CLOUDS.get(str(data.get("cloud", "global")), GRAPH_ENDPOINT)
+            data.setdefault("graph_endpoint", cloud)
+            endpoint = str(data["graph_endpoint"]).rstrip("/")
+            # A national cloud's Graph is its own audience; anything else (a proxy, the
+            # sandbox) stands in for the cloud's.
+            known = endpoint if endpoint in _GRAPH_CLOUDS.values() else cloud
+            data.setdefault("scope", f"{known}/.default")
+        return clouds.fill_defaults(data)
+
+    def _check(self) -> None:
+        given = (self.client_secret, self.certificate, self.client_assertion)
+        if self.flow == "delegated":
+            if self.certificate is not None or self.client_assertion is not None:
+                raise ValueError("`flow: delegated` takes no credential (a public client) or "
+                                 "`client_secret` (a confidential one)")
+            if self.transport != "smtp":
+                raise ValueError("`flow: delegated` sends over SMTP only; remove `transport`")
+            return
+        if sum(c is not None for c in given) != 1:
+            raise ValueError("set exactly one of `client_secret`, `certificate` or "
+                             "`client_assertion` (a certificate is what Microsoft recommends; "
+                             "`client_assertion` is federated, with no secret)")
+
+    @property
+    def authority_url(self) -> str:
+        host = clouds.CLOUDS[self.cloud].authority_host
+        return self.authority or f"https://{host}/{self.tenant}"
+
+
+@record
+class Account(Record):
+    name: str = spec(text)
+    app: str = spec(_known_app)
+    mailbox: str = spec(Email)
+    username: str | None = spec(optional(text), default=None)
+    password_hash: str | None = spec(optional(_argon2), default=None)
+    networks: tuple[IPNetwork, ...] = spec(Networks, default=())
+    from_: Literal["rewrite", "enforce", "allow"] = spec(
+        choice("rewrite", "enforce", "allow"), default="rewrite", key="from")
+    # Sending identity and recipient policy: relay/policy/identity.py.
+    allowed_from: tuple[str, ...] = spec(Patterns, default=())
+    send_as: Literal["authenticate", "sendas"] = spec(choice("authenticate", "sendas"),
+                                                      default="authenticate")
+    allowed_recipients: tuple[str, ...] = spec(Patterns, default=())  # empty: any recipient
+    # None: the listener's.
+    delivery: Literal["spool", "passthrough"] | None = spec(
+        optional(choice("spool", "passthrough")), default=None)
+
+    def _check(self) -> None:
+        if (self.username is None) != (self.password_hash is None):
+            raise ValueError("`username` and `password_hash` go together")
+        if self.username is None and not self.networks:
+            raise ValueError("an account needs `username` + `password_hash`, or `networks` "
+                             "(clients matched by address, no AUTH), or both")
+        if self.from_ == "allow" and not self.allowed_from:
+            raise ValueError("`from: allow` needs `allowed_from` (addresses or `*@domain`)")
+
+
+@record
+class SpoolSettings(Record):
+    directory: Path = spec(FilePath)
+    min_free_space: int = spec(Size(), default=100 * 1024 * 1024)
+
+
+@record
+class PacingSettings(Record):
+    # Exchange Online: 30 messages a minute and 10,000 recipients a rolling day per mailbox.
+    # 0 switches pacing (or the warning) off, e.g. for benchmarks against a fake upstream.
+    messages_per_minute: float = spec(number(ge=0), default=30.0)
+    recipients_per_day_warning: int = spec(integer(ge=0), default=9000)
+
+
+@record
+class DeliverySettings(Record):
+    # Postfix defaults: minimal_backoff_time 300s, maximal_backoff_time 4000s,
+    # maximal_queue_lifetime 5d.
+    min_backoff: float = spec(Duration, default=300.0)
+    max_backoff: float = spec(Duration, default=4000.0)
+    max_age: float = spec(Duration, default=5 * 86400.0)
+    # Exchange Online allows 3 concurrent connections per mailbox, then 432 4.3.2.
+    connections_per_mailbox: int = spec(integer(ge=1, le=3), default=3)
+    idle_timeout: float = spec(Duration, default=30.0)
+    # Exchange rejects tokens close to expiry; refresh well before.
+    token_refresh_margin: float = spec(Duration, default=600.0)
+    timeout: float = spec(Duration, default=60.0)
+    pacing: PacingSettings = spec(nested(PacingSettings), default=PacingSettings())
+
+
+@record
+class HttpSettings(_Bindable):
+    # Off unless the section is present; loopback by default because the status page lists
+    # recipients and errors (never secrets).
+    bind: str = spec(_bind, default="127.0.0.1:9925")
+    networks: tuple[IPNetwork, ...] = spec(Networks, default=LOOPBACK)
+
+
+@record
+class AuthLimits(Record):
+    """Password guessing: shared by all listeners, so more listeners give no more guesses."""
+
+    failures_per_session: int = spec(integer(ge=1, le=100), default=3)
+    # 0 turns the per-address or per-user lockout off.
+    failures_per_ip: int = spec(integer(ge=0), default=5)
+    failures_per_user: int = spec(integer(ge=0), default=10)
+    window: float = spec(Duration, default=600.0)
+    block: float = spec(Duration, default=600.0)
+
+
+@record
+class TokenStoreSettings(Record):
+    """Where `m365relay login` keeps delegated sign-ins: one encrypted file per account."""
+
+    directory: Path = spec(FilePath)
+    # A Fernet key (`m365relay login --new-key`), from {env: VAR} or {file: PATH} only.
+    key: Secret = spec(_not_inline)
+
+
+@record
+class Config(Record):
+    listeners: tuple[Listener, ...] = spec(items(nested(Listener), min_length=1))
+    apps: dict[str, App] = spec(mapping(nested(App), min_length=1))
+    accounts: tuple[Account, ...] = spec(items(nested(Account), min_length=1))
+    spool: SpoolSettings = spec(nested(SpoolSettings))
+    delivery: DeliverySettings = spec(nested(DeliverySettings), default=DeliverySettings())
+    http: HttpSettings | None = spec(optional(nested(HttpSettings)), default=None)
+    auth_limits: AuthLimits = spec(nested(AuthLimits), default=AuthLimits())
+    hostname: str | None = spec(optional(text), default=None)
+    token_store: TokenStoreSettings | None = spec(optional(nested(TokenStoreSettings)),
+                                                  default=None)
+
+    def _check(self) -> None:
+        delegated = sorted(name for name, app in self.apps.items() if app.flow == "delegated")
+        if delegated and self.token_store is None:
+            raise ValueError(f"apps {', '.join(delegated)} use `flow: delegated`; set "
+                             "`token_store` (directory + key) to keep their sign-ins")
+
+    def account_for_user(self, username: str) -> Account | None:
+        return next((a for a in self.accounts if a.username == username), None)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _duplicates(data: Mapping[str, Any]) -> list[str]:
+    """Checks across list items, run on the raw data so they are reported with the rest."""
+    problems = []
+    for section, key in (("listeners", "name"), ("accounts", "name"), ("accounts", "username"),
+                         ("listeners", "bind")):
+        items = data.get(section)
+        if not isinstance(items, list):
+            continue
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            value = item.get(key) if isinstance(item, Mapping) else None
+            if not isinstance(value, str) or value.endswith(":0"):
+                continue
+            if value in seen:
+                problems.append(f"{section}[{i}].{key}: {value!r} is already used by "
+                                f"{section}[{seen[value]}]; it must be unique")
+            seen.setdefault(value, i)
+    return problems
+
+
+def parse(data: Any, *, source: str = "config", base_dir: Path | None = None) -> Config:
+    """Validate already-parsed YAML data; raises ConfigError listing every problem."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, ["(top level): expected a mapping with listeners, apps, "
+                                   "accounts and spool"])
+    apps = data.get("apps")
+    context = {
+        "base_dir": str(base_dir or Path.cwd()),
+        "apps": set(apps) if isinstance(apps, Mapping) else set(),
+    }
+    problems = _duplicates(data)
+    run = Run(context)
+    try:
+        config = validate(Config, data, run)
+    except Failed:
+        raise ConfigError(source, problems + run.problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(path), [f"{where}not valid YAML ({problem})"]) from None
+    return parse(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,510 @@
+"""Delivery: take spooled messages to Exchange Online, retry, bounce.
+
+Messages are grouped in *lanes*, one per (app, mailbox), because that is the unit Exchange
+limits (3 concurrent connections per mailbox) and the unit that fails together (a missing
+mailbox permission fails every message of that mailbox). Each lane runs up to
+``connections_per_mailbox`` workers; a worker keeps its authenticated connection while there is
+work, and through a pause of its lane, and closes it after ``idle_timeout``.
+
+The spool entry is removed only after Exchange said 250 for every recipient. The exception
+class decides the rest: :class:`DeferError` → backoff and retry, :class:`BounceError` → DSN and
+``failed/``; a :class:`LaneError` (connect, TLS, token, login) or a 421 pauses the whole lane
+instead of letting every queued message hammer a broken path.
+
+Per message, one thread hop claims and reads the spooled file (a large one is only verified,
+then sent from the file in pieces), and one removes it after the 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from dataclasses import dataclass, field, replace
+
+from relay.config.records import Config
+from relay.delivery.dsn import build_dsn
+from relay.delivery.events import Events
+from relay.delivery.pacing import Pacer
+from relay.diagnosis.errors import AuthRejected, BounceError, DeferError, DeliveryError, TokenError
+from relay.message import DeliveryState, Envelope, Message, QueueEntry
+from relay.spool.store import Claim, Spool, SpoolMissingError
+from relay.tokens.provider import TokenProvider
+from relay.upstream.graph import GraphConnection
+from relay.upstream.smtp import LaneError, UpstreamConnection
+
+log = logging.getLogger("m365relay.delivery")
+Upstream = UpstreamConnection | GraphConnection  # apps.<name>.transport: smtp | graph
+
+
+@dataclass
+class Counters:
+    delivered: int = 0  # recipients accepted upstream
+    deferred: int = 0
+    bounced: int = 0    # recipients failed permanently
+
+
+@dataclass
+class _Lane:
+    app: str
+    mailbox: str
+    ready: deque[QueueEntry] = field(default_factory=deque)
+    workers: set[asyncio.Task[None]] = field(default_factory=set)
+    idle: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    blocked_until: float = 0.0
+    failures: int = 0  # path failures in a row; while > 0 only one worker probes the path
+    pauses: int = 0  # identifies the current pause, so an older pause's timer cannot end it
+    borrowed: int = 0  # connection slots lent to passthrough transactions (delivery/passthrough.py)
+    waiting: int = 0  # passthrough transactions waiting for a slot; idle workers make room
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _CheckOut:
+    """A message taken out for one attempt: its claim (None when locking failed), and the
+    verified message or why it could not be read."""
+    claim: Claim | None = None
+    message: Message | None = None
+    error: OSError | None = None
+    lock_error: OSError | None = None
+
+    def close(self) -> None:
+        if self.message is not None:
+            self.message.close()
+        if self.claim is not None:
+            self.claim.release()
+
+
+class Delivery:
+    def __init__(self, config: Config, spool: Spool, tokens: TokenProvider, *,
+                 clock: Callable[[], float] = time.time, hostname: str | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.tokens = tokens
+        self.counters = Counters()
+        self.events = Events()  # per-account outcomes and recent ones, for /metrics and /
+        self.connections: set[Upstream] = set()  # held by workers, for /metrics
+        self._clock = clock
+        self._hostname = hostname or config.hostname or socket.gethostname()
+        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._stopping = False
+        # Within Exchange's per-mailbox limits (delivery.pacing); reads the settings live so a
+        # reload applies.
+        self.pacer = Pacer(lambda: self.config.delivery.pacing, spool.directory, clock)
+
+    # --- intake ------------------------------------------------------------------------
+
+    def submit(self, entry: QueueEntry) -> None:
+        """Schedule a spooled entry: now, or at its ``next_attempt_at``."""
+        if self._stopping:
+            return  # it stays in the spool; the next start picks it up
+        stale = self._timers.pop(entry.id, None)  # one schedule per message, the newest
+        if stale is not None:
+            stale.cancel()
+        delay = entry.state.next_attempt_at - self._clock()
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            self._timers[entry.id] = loop.call_later(delay, self._timer_fired, entry)
+            return
+        lane = self._lane(entry.envelope)
+        lane.ready.append(entry)
+        self._kick(lane)
+
+    def pending(self) -> int:
+        """Entries waiting or in flight in memory (not counting ones on a timer)."""
+        return sum(len(lane.ready) + len(lane.workers) - lane.idle for lane in self._lanes.values())
+
+    def workers(self) -> int:
+        """Delivery workers running (each holds at most one upstream connection)."""
+        return sum(len(lane.workers) for lane in self._lanes.values())
+
+    def forget(self, ids: Collection[str]) -> None:
+        """Drop messages from the in-memory schedule (``m365relay queue hold/delete``).
+
+        One in flight finishes its attempt first: it holds the message's spool claim, which
+        the operator's command waits for."""
+        for queue_id in ids:
+            handle = self._timers.pop(queue_id, None)
+            if handle is not None:
+                handle.cancel()
+        for lane in self._lanes.values():
+            if any(e.id in ids for e in lane.ready):
+                lane.ready = deque(e for e in lane.ready if e.id not in ids)
+
+    def expedite(self, entries: Iterable[QueueEntry]) -> None:
+        """Try now, even on a paused lane: an operator asked (``queue retry/release/bounce``)."""
+        entries = list(entries)
+        self.forget({e.id for e in entries})
+        for entry in entries:
+            self._lane(entry.envelope).blocked_until = 0.0
+            self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
+
+    def upstream(self, app_name: str, mailbox: str) -> Upstream | None:
+        """A new connection as the workers make them (passthrough uses it); None if the app
+        is no longer configured."""
+        app = self.config.apps.get(app_name)
+        if app is None:
+            return None
+        kind = GraphConnection if app.transport == "graph" else UpstreamConnection
+        return kind(app_name=app_name, app=app, mailbox=mailbox, tokens=self.tokens,
+                    timeout=self.config.delivery.timeout, local_hostname=self._hostname)
+
+    @contextlib.asynccontextmanager
+    async def borrow(self, app: str, mailbox: str, timeout: float) -> AsyncIterator[bool]:
+        """One of the mailbox's ``connections_per_mailbox`` slots for a passthrough transaction,
+        shared with this lane's workers so Exchange never sees more; yields False if none
+        came free within ``timeout``."""
+        lane = self._lane(Envelope(mail_from="", rcpt_tos=(), account="", app=app,
+                                   mailbox=mailbox, bounce_to="", client="", received_at=0.0))
+        limit = self.config.delivery.connections_per_mailbox
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        lane.waiting += 1
+        try:
+            while len(lane.workers) + lane.borrowed >= limit:
+                lane.freed.clear()
+                if lane.idle:
+                    lane.wake.set()
+                try:
+                    await asyncio.wait_for(lane.freed.wait(), deadline - loop.time())
+                except TimeoutError:
+                    break
+        finally:
+            lane.waiting -= 1
+        if len(lane.workers) + lane.borrowed >= limit:
+            yield False
+            return
+        lane.borrowed += 1
+        try:
+            yield True
+        finally:
+            lane.borrowed -= 1
+            lane.freed.set()
+            if lane.ready and not self._stopping:
+                self._kick(lane)
+
+    def _timer_fired(self, entry: QueueEntry) -> None:
+        self._timers.pop(entry.id, None)
+        self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
+
+    def _lane(self, envelope: Envelope) -> _Lane:
+        key = (envelope.app, envelope.mailbox.lower())
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(envelope.app, envelope.mailbox)
+        return lane
+
+    def _kick(self, lane: _Lane) -> None:
+        if lane.blocked_until > self._clock():
+            return
+        # A path that just failed gets one probe after its pause, not a worker per message.
+        limit = 1 if lane.failures else self.config.delivery.connections_per_mailbox
+        if lane.idle:
+            lane.wake.set()
+        elif len(lane.workers) + lane.borrowed < limit:
+            task = asyncio.create_task(self._worker(lane), name=f"deliver {lane.mailbox}")
+            lane.workers.add(task)
+            task.add_done_callback(lambda t: self._worker_done(lane, t))
+
+    def _worker_done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+        lane.workers.discard(task)
+        lane.freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery worker for %s crashed", lane.mailbox, exc_info=task.exception())
+        if lane.ready and not self._stopping:
+            self._kick(lane)
+
+    # --- workers -------------------------------------------------------------------------
+
+    async def _worker(self, lane: _Lane) -> None:
+        settings = self.config.delivery
+        app = self.config.apps.get(lane.app)
+        if app is None:
+            # A reload renamed or removed the app these messages were accepted for. Without
+            # this pause every kick would start a worker that fails at once, in a busy loop.
+            self._block(lane, DeferError(
+                f"apps.{lane.app} is no longer in the configuration; messages for "
+                f"{lane.mailbox} stay queued until it is back under that name (or give up "
+                "on them: `m365relay queue bounce`)"))
+            return
+        upstream = GraphConnection if app.transport == "graph" else UpstreamConnection
+        conn = upstream(app_name=lane.app, app=app, mailbox=lane.mailbox, tokens=self.tokens,
+                        timeout=settings.timeout, local_hostname=self._hostname)
+        self.connections.add(conn)
+        try:
+            while not self._stopping:
+                paused = lane.blocked_until > self._clock()
+                if paused or not lane.ready:
+                    if lane.waiting:
+                        return  # an idle connection gives its slot to a waiting passthrough
+                    if paused and not conn.connected:
+                        return  # nothing to keep; the pause's end starts a worker (a probe)
+                    # A paused lane's workers wait it out with their connections open, as idle
+                    # ones do: each new one costs Exchange a STARTTLS and a login.
+                    if not await self._idle(lane, settings.idle_timeout):
+                        return
+                    continue
+                key = (lane.app, lane.mailbox.lower())
+                if not await self.pacer.admit(key):
+                    return
+                try:
+                    if not lane.ready or lane.blocked_until > self._clock():
+                        continue  # emptied or paused while this worker waited for the pace
+                    entry = lane.ready.popleft()
+                    await self._attempt(lane, conn, entry)
+                finally:
+                    self.pacer.done(key)
+        except asyncio.CancelledError:
+            conn.abort()  # the shutdown deadline passed mid-send: no polite QUIT to wait on
+            raise
+        finally:
+            self.connections.discard(conn)
+            await conn.close()
+
+    @staticmethod
+    async def _idle(lane: _Lane, timeout: float) -> bool:
+        """Wait for work (a kick, or the end of the lane's pause); False after ``timeout``."""
+        lane.idle += 1
+        lane.wake.clear()
+        try:
+            await asyncio.wait_for(lane.wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            lane.idle -= 1
+        return True
+
+    async def _attempt(self, lane: _Lane, conn: Upstream, entry: QueueEntry) -> None:
+        """One attempt under the message's spool claim, so ``m365relay queue`` never acts on
+        it at the same moment."""
+        out = await asyncio.to_thread(self._check_out, entry.id)
+        if out.lock_error is not None:
+            # e.g. no locks on this filesystem: delivering unlocked beats not delivering.
+            log.warning("%s: cannot lock the queued message (%s); delivering anyway", entry.id,
+                        out.lock_error)
+        elif out.claim is None:
+            log.info("%s: no longer queued (delivered, held or deleted meanwhile); dropped from "
+                     "the schedule", entry.id)
+            return
+        try:
+            # The state on disk has the operator's changes (bounce); the one in memory is newer
+            # only if saving it failed.
+            if out.claim is not None and out.claim.state.attempts >= entry.state.attempts:
+                entry = replace(entry, state=out.claim.state)
+            await self._deliver(lane, conn, entry, out)
+        finally:
+            out.close()  # already done in the thread when the message was removed
+
+    def _check_out(self, queue_id: str) -> _CheckOut:
+        """Claim and read (or, when large, verify) a message: one thread hop for both."""
+        out = _CheckOut()
+        try:
+            out.claim = self.spool.claim(queue_id)
+        except OSError as exc:
+            out.lock_error = exc
+        else:
+            if out.claim is None:
+                return out
+        try:
+            out.message = self.spool.load(queue_id, claim=out.claim)
+        except OSError as exc:
+            out.error = exc
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    def _remove(self, queue_id: str, out: _CheckOut) -> None:
+        """Forget a delivered message, then let go of its file, in a thread: closing the last
+        descriptor of an unlinked file frees it, which is disk work too."""
+        try:
+            self.spool.remove(queue_id)
+        finally:
+            out.close()
+
+    async def _deliver(self, lane: _Lane, conn: Upstream, entry: QueueEntry, out: _CheckOut
+                       ) -> None:
+        env, state = entry.envelope, entry.state
+        rcpts = list(state.pending_rcpts if state.pending_rcpts is not None else env.rcpt_tos)
+        age = self._clock() - env.received_at
+        if isinstance(out.error, SpoolMissingError):
+            # Deleted by an operator, or damaged and already moved to corrupt/ by the spool.
+            log.error("%s: dropped from the delivery schedule: %s", entry.id, out.error)
+            return
+        if out.error is not None or out.message is None:
+            log.error("%s: cannot read spooled message: %s; it stays queued", entry.id,
+                      out.error)
+            await self._defer(entry, rcpts, DeferError(f"spool read failed: {out.error}"))
+            return
+        data = out.message
+        if state.bounce_reason:  # `m365relay queue bounce`: handled like a 5xx
+            await self._bounce(entry, dict.fromkeys(rcpts, state.bounce_reason), rcpts, data)
+            return
+        if age > self.config.delivery.max_age:
+            reason = (f"5.4.7 message expired: not delivered in {age / 86400:.1f} days "
+                      f"(delivery.max_age); last error: {state.last_error or 'none'}")
+            await self._bounce(entry, dict.fromkeys(rcpts, reason), rcpts, data)
+            return
+        try:
+            refused, reply = await conn.send(env.mail_from, rcpts, data)
+        except BounceError as exc:
+            await self._bounce(entry, dict.fromkeys(rcpts, exc.describe()), rcpts, data)
+            return
+        except DeferError as exc:
+            self.pacer.throttled((lane.app, lane.mailbox.lower()), exc)
+            # The path failed (connect, TLS, token, login), or a 421 closed the session for
+            # whatever reason the server has: pause the lane. A 432 inside a working session
+            # (Exchange's submission limit for the mailbox) defers only this message; the pacer
+            # slows the mailbox down, and the lane keeps its authenticated connections.
+            if isinstance(exc, LaneError | AuthRejected | TokenError) or exc.code == 421:
+                self._block(lane, exc)
+            await self._defer(entry, rcpts, exc)
+            return
+        except Exception as exc:
+            # A bug must not strand the message in memory: log it and retry on schedule.
+            log.exception("%s: unexpected error while delivering", entry.id)
+            await conn.close()
+            await self._defer(entry, rcpts, DeferError(f"internal error: {exc!r}"))
+            return
+        if lane.failures:
+            lane.failures = 0
+            for _ in range(len(lane.ready)):  # the path works again: back to full width
+                self._kick(lane)
+        accepted = [r for r in rcpts if r not in refused]
+        for rcpt in accepted:
+            log.info("%s: to=<%s>, relay=%s, delay=%.1f, status=sent (%s)", entry.id, rcpt,
+                     conn.relay, age, reply)
+            self.events.record("sent", entry, rcpt, reply)
+        self.counters.delivered += len(accepted)
+        self.pacer.sent(lane.mailbox, len(accepted))
+        bounced = {r: e.describe() for r, e in refused.items() if isinstance(e, BounceError)}
+        later = [r for r, e in refused.items() if not isinstance(e, BounceError)]
+        if bounced:
+            await self._bounce(entry, bounced, rcpts, data, keep=later)
+        if later:
+            first = refused[later[0]]
+            self.pacer.throttled((lane.app, lane.mailbox.lower()), first)
+            await self._defer(entry, later, first)
+        elif not bounced:
+            await asyncio.to_thread(self._remove, entry.id, out)
+            log.info("%s: removed", entry.id)
+
+    def _block(self, lane: _Lane, exc: DeliveryError) -> None:
+        if lane.blocked_until > self._clock():
+            return  # a sibling worker's attempt already paused the lane for this outage
+        lane.failures += 1
+        lane.pauses += 1
+        wait = max(self._backoff(lane.failures), exc.retry_after)
+        lane.blocked_until = self._clock() + wait
+        log.warning("lane %s paused for %ds: %s", lane.mailbox, wait, exc.describe())
+        asyncio.get_running_loop().call_later(wait, self._unblock, lane, lane.pauses)
+
+    def _unblock(self, lane: _Lane, pause: int) -> None:
+        if pause != lane.pauses:
+            return
+        lane.blocked_until = 0.0
+        if lane.ready and not self._stopping:
+            self._kick(lane)
+
+    def _backoff(self, attempts: int) -> float:
+        settings = self.config.delivery
+        return float(min(settings.max_backoff, settings.min_backoff * 2 ** max(attempts - 1, 0)))
+
+    async def _defer(self, entry: QueueEntry, rcpts: list[str], exc: DeliveryError) -> None:
+        attempts = entry.state.attempts + 1
+        wait = max(self._backoff(attempts), exc.retry_after)
+        state = DeliveryState(attempts=attempts, next_attempt_at=self._clock() + wait,
+                              pending_rcpts=tuple(rcpts), last_error=exc.describe()[:2000])
+        self.counters.deferred += 1
+        for rcpt in rcpts:
+            log.warning("%s: to=<%s>, %s, status=deferred (%s), retry in %ds", entry.id, rcpt,
+                        self._trail(entry), exc.describe(), wait)
+            self.events.record("deferred", entry, rcpt, exc.describe(), exc.code)
+        try:
+            await asyncio.to_thread(self.spool.save_state, entry.id, state)
+        except OSError as exc2:
+            # The message itself is safe; only its retry schedule is lost (it retries sooner).
+            log.error("%s: cannot save retry state: %s", entry.id, exc2)
+        self.submit(replace(entry, state=state))
+
+    def _trail(self, entry: QueueEntry) -> str:
+        """relay= and delay= of a maillog line, as Postfix writes them."""
+        app = self.config.apps.get(entry.envelope.app)
+        relay = f"{app.smtp_host}:{app.smtp_port}" if app is not None else "none"
+        if app is not None and app.transport == "graph":
+            relay = app.graph_endpoint.removeprefix("https://")
+        return f"relay={relay}, delay={self._clock() - entry.envelope.received_at:.1f}"
+
+    async def _bounce(self, entry: QueueEntry, failed: dict[str, str], rcpts: list[str],
+                      data: Message, keep: list[str] | None = None) -> None:
+        env = entry.envelope
+        self.counters.bounced += len(failed)
+        for rcpt, why in failed.items():
+            log.error("%s: to=<%s>, %s, status=bounced (%s)", entry.id, rcpt,
+                      self._trail(entry), why)
+            self.events.record("bounced", entry, rcpt, why)
+        if env.bounce_to:
+            await self._send_dsn(entry, failed, data)
+        if not keep:
+            reason = "\n".join(f"<{r}>: {why}" for r, why in failed.items())
+            try:
+                path = await asyncio.to_thread(self.spool.fail, entry.id, reason)
+            except OSError as exc:
+                # The DSN is out; the copy stays in queue/ and is bounced again on the next
+                # start, which is better than losing the evidence.
+                log.error("%s: cannot move to failed/: %s", entry.id, exc)
+            else:
+                log.info("%s: kept in %s", entry.id, path)
+
+    async def _send_dsn(self, entry: QueueEntry, failed: dict[str, str], message: Message
+                        ) -> None:
+        env = entry.envelope
+        # Bounces are rare: reading a large message whole for its DSN is fine.
+        data = message.data if message.data is not None else await asyncio.to_thread(
+            message.read_all)
+        dsn = build_dsn(queue_id=entry.id, envelope=env, failed=failed, original=data,
+                        reporting_mta=self._hostname, from_addr=env.mailbox,
+                        arrival=env.received_at, now=self._clock())
+        # The DSN goes out through the same mailbox (Exchange only lets us send as it); its own
+        # bounce_to is empty so a failing DSN never produces another DSN.
+        dsn_env = Envelope(mail_from=env.mailbox, rcpt_tos=(env.bounce_to,), account=env.account,
+                           app=env.app, mailbox=env.mailbox, bounce_to="", client="local",
+                           received_at=self._clock(), original_from="", is_dsn=True)
+        try:
+            dsn_id = await asyncio.to_thread(self.spool.commit, dsn_env, dsn)
+        except OSError as exc:
+            log.error("%s: cannot spool the DSN for <%s>: %s", entry.id, env.bounce_to, exc)
+            return
+        log.info("%s: sender non-delivery notification: %s", entry.id, dsn_id)
+        self.submit(QueueEntry(dsn_id, dsn_env, DeliveryState(), len(dsn)))
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work; let in-flight messages finish within ``timeout``, then cancel.
+
+        A cancelled message stays in the spool and is retried on the next start (it may then
+        be delivered twice, which is the safe side: never lost)."""
+        self._stopping = True
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        workers = [t for lane in self._lanes.values() for t in lane.workers]
+        for lane in self._lanes.values():
+            lane.wake.set()
+        await self.pacer.close()  # wakes workers waiting for their pace; saves the counts
+        if not workers:
+            return
+        _done, pending = await asyncio.wait(workers, timeout=timeout)
+        if pending:
+            log.warning("shutdown: %d delivery in flight after %.0fs; cancelling (the messages "
+                        "stay queued and are retried on the next start)", len(pending), timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=5)

@@ -1,0 +1,228 @@
+"""The optional HTTP endpoint: ``/healthz``, ``/readyz``, ``/metrics`` and the status page ``/``.
+
+A few read-only GET routes do not justify a web framework: this is a minimal HTTP/1.1 server on
+asyncio streams (one request per connection, bounded head, timeouts), running in the relay's
+own event loop so every answer reflects the live state. Off unless the config has an ``http``
+section; loopback by default, and only clients in ``http.networks`` get an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from prometheus_client.exposition import choose_encoder
+
+from relay.config.records import HttpSettings
+from relay.http import statuspage
+from relay.http.metrics import RelayCollector, new_registry, read_queue
+
+if TYPE_CHECKING:
+    from relay.http.view import RelayView
+
+log = logging.getLogger("m365relay.http")
+
+_MAX_HEAD = 16 * 1024
+_REQUEST_TIMEOUT = 10.0
+_PROBE_TIMEOUT = 5.0
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}
+_TEXT = "text/plain; charset=utf-8"
+
+
+class WebServer:
+    def __init__(self, relay: RelayView, settings: HttpSettings) -> None:
+        self.relay = relay
+        self.settings = settings
+        self.collector = RelayCollector(relay)
+        self.registry = new_registry(self.collector)
+        self.address: tuple[str, int] | None = None
+        self._server: asyncio.Server | None = None
+        self._clients: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def start(self) -> tuple[str, int]:
+        """Bind (port 0 picks a free port) and serve; raises OSError when the port is taken."""
+        self._server = await asyncio.start_server(
+            self._serve, host=self.settings.host, port=self.settings.port, limit=_MAX_HEAD,
+            reuse_address=True)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.address = (host, port)
+        log.info("http: status page, /metrics, /healthz and /readyz at http://%s:%d/",
+                 f"[{host}]" if ":" in host else host, port)
+        return self.address
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        # Closing a transport ends its request with EOF; cancelling is the last resort.
+        for writer in self._clients.values():
+            writer.close()
+        tasks = list(self._clients)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=2)
+            for task in pending:
+                task.cancel()
+
+    # --- HTTP ----------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - asyncio runs each connection in a task
+        self._clients[task] = writer
+        try:
+            async with asyncio.timeout(_REQUEST_TIMEOUT):
+                await self._exchange(reader, writer)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away or stalled; nothing to answer
+        except asyncio.CancelledError:
+            # Only close() cancels us, and Python 3.11's start_server logs a cancelled
+            # connection task as an error: end quietly instead.
+            pass
+        finally:
+            del self._clients[task]
+            writer.close()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 1)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _ip(writer.get_extra_info("peername"))
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            await _respond(writer, "GET", 400, "request head too large\n")
+            return
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            await _respond(writer, "GET", 400, "bad request line\n")
+            return
+        method, target, _ = parts
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if peer is None or not any(peer in net for net in self.settings.networks):
+            log.warning("http: request from %s refused: not in http.networks", peer)
+            await _respond(writer, method, 403,
+                           f"{peer} is not in http.networks; add its address (e.g. your "
+                           "Prometheus server's) to http.networks in the config\n")
+            return
+        if method not in {"GET", "HEAD"}:
+            await _respond(writer, method, 405, "only GET and HEAD\n",
+                           extra={"Allow": "GET, HEAD"})
+            return
+        path = urlsplit(target).path
+        try:
+            await self._route(writer, method, path, headers)
+        except Exception:
+            log.exception("http: %s %s failed", method, path)
+            await _respond(writer, method, 500, "internal error; see the relay's log\n")
+
+    async def _route(self, writer: asyncio.StreamWriter, method: str, path: str,
+                     headers: dict[str, str]) -> None:
+        if path == "/healthz":
+            await _respond(writer, method, 200, "ok\n")
+        elif path == "/readyz":
+            problems = await readiness(self.relay)
+            if problems:
+                body = "not ready:\n" + "".join(f"- {p}\n" for p in problems)
+                await _respond(writer, method, 503, body)
+            else:
+                await _respond(writer, method, 200, "ready\n")
+        elif path == "/metrics":
+            self.collector.queue = await read_queue(self.relay.spool)
+            encoder, content_type = choose_encoder(headers.get("accept", ""))
+            await _respond(writer, method, 200, encoder(self.registry),
+                           content_type=content_type)
+        elif path == "/":
+            page = statuspage.render(self.relay, await read_queue(self.relay.spool))
+            await _respond(writer, method, 200, page,
+                           content_type="text/html; charset=utf-8", extra={
+                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+        else:
+            await _respond(writer, method, 404,
+                           "not found; try /, /metrics, /healthz or /readyz\n")
+
+
+async def _respond(writer: asyncio.StreamWriter, method: str, status: int, body: str | bytes,
+                   *, content_type: str = _TEXT, extra: dict[str, str] | None = None) -> None:
+    data = body.encode() if isinstance(body, str) else body
+    head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}", f"Content-Type: {content_type}",
+            f"Content-Length: {len(data)}", "Cache-Control: no-store", "Connection: close"]
+    head += [f"{name}: {value}" for name, value in (extra or {}).items()]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+    if method != "HEAD":
+        writer.write(data)
+    await writer.drain()
+
+
+def _ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(peer[0])  # type: ignore[index]
+    except (TypeError, ValueError, IndexError):
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+# --- readiness -------------------------------------------------------------------------------
+
+
+async def readiness(relay: RelayView) -> list[str]:
+    """Why the relay cannot take mail right now; empty when it can."""
+    problems = []
+    if any(handler.closing for handler in relay.handlers):
+        problems.append("shutting down: no new connections are accepted")
+    else:
+        serving = {h.listener.name for h, s in zip(relay.handlers, relay.servers, strict=False)
+                   if s.is_serving()}
+        problems += [f"listener {lis.name} ({lis.bind}) is not accepting connections"
+                     for lis in relay.config.listeners if lis.name not in serving]
+    spool = relay.config.spool
+    try:
+        problem = await asyncio.wait_for(
+            asyncio.to_thread(probe_spool, spool.directory, spool.min_free_space),
+            _PROBE_TIMEOUT)
+    except TimeoutError:
+        problem = (f"spool {spool.directory} did not complete a write within "
+                   f"{_PROBE_TIMEOUT:.0f}s; check the disk or network filesystem under it")
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def probe_spool(directory: Path, min_free: int) -> str | None:
+    """Write, fsync and remove a file in the spool's tmp/, as accepting a message would."""
+    path = directory / "tmp" / f".readyz-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"m365relay readiness probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        path.unlink()
+    except OSError as exc:
+        return (f"spool not writable: cannot write {path}: {exc.strerror or exc}; new mail "
+                "would get 451. Check that spool.directory is a writable local directory owned "
+                "by the relay's user")
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None  # the write worked; the space check is only a warning sign
+    if free < min_free:
+        return (f"spool low on space: {free // 2**20} MB free, below spool.min_free_space "
+                f"({min_free // 2**20} MB), so new mail gets 452; free disk space under "
+                f"{directory}")
+    return None

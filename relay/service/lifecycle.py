@@ -1,0 +1,233 @@
+"""Lifecycle: start, serve, drain with a deadline, stop.
+
+* start: open the spool (clean ``tmp/``, move damaged entries to ``corrupt/``), schedule what is
+  queued, then bind the listeners; a port that cannot be bound fails the start.
+* serve: until SIGTERM or SIGINT; SIGHUP reloads accounts, apps and delivery settings from the
+  config file, keeping the running config when the new one is invalid.
+* drain: stop accepting, send idle clients ``421``, give clients mid-DATA and in-flight
+  deliveries until the deadline, then cancel. Whatever was not delivered stays in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gc
+import logging
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from relay import logsafe
+from relay.config import records as config_mod
+from relay.config.records import Config
+from relay.delivery.passthrough import Passthrough
+from relay.delivery.scheduler import Delivery
+from relay.ingress.limits import AuthGuard
+from relay.ingress.listener import RelayHandler, start_listener
+from relay.message import QueueEntry
+from relay.service.control import QueueControl
+from relay.service.notify import Notifier
+from relay.spool.store import Spool
+from relay.tokens.provider import TokenProvider
+
+if TYPE_CHECKING:
+    from relay.http.server import WebServer
+
+log = logging.getLogger("m365relay.service")
+
+
+class StartupError(Exception):
+    """The relay could not start (port in use, spool not writable); the message says why."""
+
+
+class Relay:
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+        logsafe.install()  # also when embedded: the host application owns logging
+        logsafe.register_config_secrets(config)
+        self.config = config
+        self.config_path = config_path
+        self.hostname = config.hostname or socket.gethostname()
+        self.spool = Spool(config.spool.directory, min_free_bytes=config.spool.min_free_space)
+        self.tokens = TokenProvider(config.apps, margin=config.delivery.token_refresh_margin)
+        self.tokens.use_delegated(config, config_path)
+        self.delivery = Delivery(config, self.spool, self.tokens, hostname=self.hostname)
+        self.control = QueueControl(self.spool, self.delivery)  # `m365relay queue` notices
+        self.handlers: list[RelayHandler] = []
+        self.auth_guard = AuthGuard()  # failed logins count across all listeners
+        self.servers: list[asyncio.Server] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.web: WebServer | None = None  # the `http` endpoint, when configured
+        self.http_address: tuple[str, int] | None = None
+        self._stop = asyncio.Event()
+        self.notifier = Notifier()
+
+    async def start(self) -> None:
+        try:
+            # The queue control FIFO opens before the spool scan, so a `m365relay queue`
+            # notice sent meanwhile waits in the pipe instead of being missed.
+            await asyncio.to_thread(self.control.open)
+            entries = await asyncio.to_thread(self.spool.open)
+        except OSError as exc:
+            await self.control.close()
+            raise StartupError(f"cannot open the spool {self.config.spool.directory}: "
+                               f"{exc.strerror or exc}; check `spool.directory` and that the "
+                               "relay's user owns it") from None
+        for entry in entries:
+            self.delivery.submit(entry)
+        if entries:
+            log.info("spool: %d message(s) queued from before the start", len(entries))
+        self.control.start()
+        for listener in self.config.listeners:
+            handler = RelayHandler(listener, self.config, self.spool,
+                                   functools.partial(self._accepted, listener.name),
+                                   self.hostname, guard=self.auth_guard)
+            handler.passthrough = Passthrough(self.delivery, self.spool)
+            try:
+                server = await start_listener(listener, handler)
+            except OSError as exc:
+                await self.stop(timeout=0)
+                raise StartupError(f"listeners[{listener.name}]: cannot listen on "
+                                   f"{listener.bind}: {exc.strerror or exc} (port in use, or "
+                                   "ports below 1024 need CAP_NET_BIND_SERVICE)") from None
+            self.handlers.append(handler)
+            self.servers.append(server)
+            host, port = server.sockets[0].getsockname()[:2]
+            self.addresses[listener.name] = (host, port)
+            log.info("listener %s ready on %s:%d (tls: %s)", listener.name, host, port,
+                     listener.tls)
+        if self.config.http is not None:
+            from relay.http.server import WebServer  # prometheus_client: ~5 MB, only with `http:`
+
+            self.web = WebServer(self, self.config.http)
+            try:
+                self.http_address = await self.web.start()
+            except OSError as exc:
+                await self.stop(timeout=0)
+                raise StartupError(f"http: cannot listen on {self.config.http.bind}: "
+                                   f"{exc.strerror or exc}; change http.bind") from None
+
+    def _accepted(self, listener: str, entry: QueueEntry) -> None:
+        self.delivery.events.accepted(listener, entry)
+        self.delivery.submit(entry)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self, *, shutdown_timeout: float = 30.0) -> None:
+        """Run until a stop signal, then drain. Installs SIGTERM/SIGINT/SIGHUP handlers."""
+        loop = asyncio.get_running_loop()
+        handled = []
+        for sig, callback in ((signal.SIGTERM, self.request_stop),
+                              (signal.SIGINT, self.request_stop),
+                              (signal.SIGHUP, self.reload)):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, callback)
+                handled.append(sig)
+        # READY only now: a `systemctl reload` before the SIGHUP handler exists would kill us.
+        self.notifier.ready(self._status())
+        watchdog = asyncio.create_task(self.notifier.watchdog_loop())
+        try:
+            await self._stop.wait()
+            log.info("stopping: draining for up to %.0fs", shutdown_timeout)
+            self.notifier.stopping(f"draining for up to {shutdown_timeout:.0f}s")
+            await self.stop(timeout=shutdown_timeout)
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            self.notifier.close()
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+    def _status(self) -> str:
+        listening = ", ".join(f"{name} on {host}:{port}"
+                              for name, (host, port) in self.addresses.items())
+        return f"relaying: {listening}"
+
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            self._reload()
+        finally:
+            self.notifier.ready(self._status())
+
+    def _reload(self) -> None:
+        if self.config_path is None:
+            log.warning("SIGHUP: no config file to reload")
+            return
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as exc:
+            log.error("SIGHUP: new config refused, still running the old one.\n%s", exc)
+            return
+        if new.listeners != self.config.listeners:  # records compare field by field
+            log.warning("SIGHUP: listener changes need a restart; applying the rest")
+        if new.spool != self.config.spool:
+            log.warning("SIGHUP: spool changes need a restart; applying the rest")
+        if new.http != self.config.http:
+            log.warning("SIGHUP: http changes need a restart; applying the rest")
+        logsafe.register_config_secrets(new)
+        self.config = new
+        self.tokens.update(new.apps, margin=new.delivery.token_refresh_margin)
+        self.tokens.use_delegated(new, self.config_path)
+        self.delivery.config = new
+        for handler in self.handlers:
+            listener = next((lis for lis in new.listeners if lis.name == handler.listener.name),
+                            handler.listener)
+            handler.config = new
+            handler.listener = listener
+        log.info("SIGHUP: config reloaded (%d apps, %d accounts)", len(new.apps),
+                 len(new.accounts))
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            server.close()
+        for handler in self.handlers:
+            handler.closing = True
+        await self.control.close()
+        await self._drain_sessions(deadline)
+        await self.delivery.drain(max(deadline - time.monotonic(), 0.0))
+        self.tokens.close()
+        if self.web is not None:  # last, so /readyz says "shutting down" while draining
+            await self.web.close()
+        log.info("stopped")
+
+    async def _drain_sessions(self, deadline: float) -> None:
+        while True:
+            busy = 0
+            for handler in self.handlers:
+                handler.changed.clear()
+                for session in list(handler.sessions):
+                    if session.in_transaction:
+                        busy += 1
+                    else:
+                        session.close_for_shutdown()
+            remaining = deadline - time.monotonic()
+            if not busy or remaining <= 0:
+                break
+            waits = [asyncio.create_task(h.changed.wait()) for h in self.handlers]
+            await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()
+        for handler in self.handlers:
+            for session in list(handler.sessions):
+                if session.in_transaction:
+                    log.warning("shutdown: closing %s mid-transaction (it was not "
+                                "acknowledged; the client will retry)", session.client)
+                session.close_for_shutdown()
+
+
+async def run(config: Config, *, config_path: Path | None = None,
+              shutdown_timeout: float = 30.0) -> None:
+    relay = Relay(config, config_path=config_path)
+    await relay.start()
+    # The process is the relay's alone: what start-up loaded stays for good, so move it out of
+    # the collector's way (a full collection walks it all: ~20 ms with the event loop stalled).
+    # Not in Relay: an application embedding it owns its own heap.
+    gc.freeze()
+    await relay.serve(shutdown_timeout=shutdown_timeout)

@@ -1,0 +1,73 @@
+"""Where log lines go and how they look: stderr, as text, as journald wants it, or as JSON.
+
+Every command sets logging up here (``serve``, ``doctor``, ``login``, ...); the secrets filter of
+:mod:`relay.logsafe` is installed first, whatever the format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+from relay import logsafe
+from relay.delivery.events import log_fields
+
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName", logsafe.MARK}
+
+
+class _TextFormatter(logging.Formatter):
+    """logging.Formatter's default time format, with the strftime done once per second (it
+    costs as much as the rest of formatting a line, and a busy relay logs many per second)."""
+
+    _cached: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached_second, stamp = self._cached
+        if second != cached_second:
+            stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._cached = (second, stamp)
+        return f"{stamp},{int(record.msecs):03d}"  # default_msec_format
+
+
+class _JsonFormatter(_TextFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        # Fields of maillog lines (queue_id, to, status, ...) and any `extra=`, for collectors.
+        out: dict[str, object] = {**log_fields(message), **{
+            k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}}
+        out.update({"time": self.formatTime(record), "level": record.levelname.lower(),
+                    "logger": record.name, "message": message})
+        # logsafe leaves the traceback only as redacted exc_text.
+        exception = record.exc_text or (
+            self.formatException(record.exc_info) if record.exc_info else "")
+        if exception:
+            out["exception"] = exception
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    logsafe.install()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(logsafe.RedactingFilter())
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
+        # journald stamps each line itself.
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Library chatter at DEBUG can include protocol lines (AUTH blobs); keep it quiet. aiosmtpd
+    # ("mail.log") also warns about its own deprecated login_data on every AUTH.
+    for name in ("aiosmtplib", "msal", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

@@ -1,0 +1,254 @@
+"""Delegated (user) tokens: a person signs in once with `m365relay login`, the relay refreshes.
+
+* One msal token cache per account, in ``token_store.directory``, Fernet-encrypted with
+  ``token_store.key`` and written atomically with mode 0600 (relay/tokens/store.py).
+* The daemon re-reads an account's cache whenever the file changes, so a new `m365relay login`
+  takes effect without a restart.
+* Refreshes are single-flight per account with the app tokens' margin; a revoked or expired
+  refresh token defers mail (TokenError is a DeferError) and names the login command to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msal
+import msal.exceptions
+import requests
+
+from relay import logsafe
+from relay.config.records import App, Config
+from relay.diagnosis.errors import TokenError
+from relay.diagnosis.explain import Context, explain_connection_error, explain_token_error
+from relay.tokens.store import TokenStore
+
+log = logging.getLogger("m365relay.delegated")
+
+_MICROSOFT_HOSTS = frozenset({
+    "login.microsoftonline.com", "login.microsoftonline.us", "login.partner.microsoftonline.cn",
+    "login.chinacloudapi.cn", "login.microsoft.com",
+})
+
+
+def login_command(account: str, config_path: Path | None) -> str:
+    config = f" --config {shlex.quote(str(config_path))}" if config_path else ""
+    return f"m365relay login {shlex.quote(account)}{config}"
+
+
+class _ConfidentialDeviceClient(msal.ConfidentialClientApplication):  # type: ignore[misc]
+    """msal offers the device-code flow only on public clients, but Entra accepts it from a
+    confidential client that also sends its secret; msal's two methods use nothing of
+    PublicClientApplication's but this constant, so borrow them (checked against msal 1.3x)."""
+
+    DEVICE_FLOW_CORRELATION_ID = msal.PublicClientApplication.DEVICE_FLOW_CORRELATION_ID
+    initiate_device_flow = msal.PublicClientApplication.initiate_device_flow
+    acquire_token_by_device_flow = msal.PublicClientApplication.acquire_token_by_device_flow
+
+
+def build_client(app: App, cache: msal.SerializableTokenCache, http_client: Any) -> Any:
+    """A public client, or a confidential one when the app has a secret."""
+    kwargs: dict[str, Any] = {"authority": app.authority_url, "token_cache": cache,
+                              "http_client": http_client}
+    if (urlsplit(app.authority_url).hostname or "") not in _MICROSOFT_HOSTS:
+        kwargs["instance_discovery"] = False  # or msal would ask login.microsoftonline.com
+    if app.client_secret is not None:
+        return _ConfidentialDeviceClient(
+            app.client_id, client_credential=app.client_secret.value, **kwargs)
+    return msal.PublicClientApplication(app.client_id, **kwargs)
+
+
+@dataclass
+class _AccountState:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    client: Any = None
+    cache: msal.SerializableTokenCache | None = None
+    loaded_mtime: int | None = None  # mtime_ns of the file the cache came from
+    token: str = ""
+    refresh_at: float = 0.0
+    expires_at: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    error: str = ""
+    needs_login: bool = False
+    failed: TokenError | None = None
+
+
+@dataclass(frozen=True)
+class SignInStatus:
+    account: str
+    app: str
+    mailbox: str
+    signed_in: bool
+    needs_login: bool
+    expires_at: float
+    error: str
+    login_command: str
+
+
+class DelegatedTokens:
+    """Per-account user tokens for the apps with ``flow: delegated``."""
+
+    def __init__(self, config: Config, config_path: Path | None, *, margin: float,
+                 session: Callable[[str], requests.Session],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._session = session
+        self._clock = clock
+        self._states: dict[str, _AccountState] = {}
+        self.configure(config, config_path, margin=margin)
+
+    def configure(self, config: Config, config_path: Path | None, *, margin: float) -> None:
+        old: Config | None = getattr(self, "_config", None)
+        if old is not None:
+            # A reloaded config that changes an account's app (client id, authority, ...)
+            # must not keep using the msal client built from the old settings.
+            for account in old.accounts:
+                new = next((a for a in config.accounts if a.name == account.name), None)
+                if new is None or new != account or config.apps.get(new.app) != old.apps.get(
+                        account.app):
+                    self._states.pop(account.name, None)
+        self._config = config
+        self._config_path = config_path
+        self._margin = margin
+        store = config.token_store
+        self._store = TokenStore(store.directory, store.key.value) if store else None
+        names = {a.name for a in self._accounts()}
+        self._states = {n: s for n, s in self._states.items() if n in names}
+        for name in names:
+            self._states.setdefault(name, _AccountState())
+
+    def _accounts(self) -> list[Any]:
+        apps = self._config.apps
+        return [a for a in self._config.accounts
+                if a.app in apps and apps[a.app].flow == "delegated"]
+
+    def account_for(self, app_name: str, mailbox: str) -> str:
+        for account in self._accounts():
+            if account.app == app_name and account.mailbox.casefold() == mailbox.casefold():
+                return str(account.name)
+        raise TokenError(f"no account uses delegated app {app_name!r} with mailbox {mailbox!r}")
+
+    def statuses(self) -> list[SignInStatus]:
+        out = []
+        for account in self._accounts():
+            state = self._states[account.name]
+            signed_in = self._store is not None and self._store.path(account.name).exists()
+            out.append(SignInStatus(
+                account.name, account.app, account.mailbox, signed_in,
+                state.needs_login or not signed_in, state.expires_at, state.error,
+                login_command(account.name, self._config_path)))
+        return out
+
+    def invalidate(self, app_name: str, mailbox: str, token: str) -> None:
+        state = self._states.get(self.account_for(app_name, mailbox))
+        if state is not None and state.token == token:
+            state.token, state.refresh_at = "", 0.0
+
+    async def token(self, app_name: str, mailbox: str) -> str:
+        name = self.account_for(app_name, mailbox)
+        state = self._states[name]
+        if state.token and self._clock() < state.refresh_at and not self._changed(name, state):
+            return state.token
+        async with state.lock:
+            # A waiter shares the answer of the refresh it queued behind.
+            if state.token and self._clock() < state.refresh_at:
+                return state.token
+            return await self._refresh(name, app_name, state)
+
+    def _changed(self, name: str, state: _AccountState) -> bool:
+        return self._store is not None and self._store.mtime(name) != state.loaded_mtime
+
+    async def _refresh(self, name: str, app_name: str, state: _AccountState) -> str:
+        app = self._config.apps[app_name]
+        account = next(a for a in self._accounts() if a.name == name)
+        command = login_command(name, self._config_path)
+        ctx = Context(mailbox=account.mailbox, app=app_name, client_id=app.client_id,
+                      tenant=app.tenant, smtp_host=app.smtp_host,
+                      authority_host=urlsplit(app.authority_url).netloc)
+        if state.failed is not None and state.needs_login and not self._changed(name, state):
+            # Entra will refuse the same refresh token again; wait for a new sign-in.
+            raise TokenError(str(state.failed), explanation=state.failed.explanation)
+        state.requests += 1
+        try:
+            if state.client is None or self._changed(name, state):
+                await asyncio.to_thread(self._load, name, app_name, app, state)
+            result = await asyncio.to_thread(self._acquire, state, app.scope, account.mailbox)
+        except (requests.RequestException, msal.exceptions.MsalError, OSError,
+                ValueError) as exc:
+            state.failures += 1
+            explanation = explain_connection_error(exc, stage="token", ctx=ctx)
+            error = TokenError(f"token refresh for account {name!r} to {app.authority_url} "
+                               f"failed: {type(exc).__name__}: {exc}", explanation=explanation)
+            state.error = error.describe()
+            log.warning("token account=%s failed: %s", name, error.describe())
+            raise error from None
+        if result is None:
+            return self._fail(name, state, TokenError(
+                f"account {name!r} ({account.mailbox}) has not signed in yet: run `{command}` "
+                "once, as the relay's user, and follow the printed instructions"))
+        if "access_token" not in result:
+            code = str(result.get("error", "unknown_error"))
+            description = str(result.get("error_description", "")).split("\r\n")[0]
+            explanation = explain_token_error(code, description, status=None, ctx=ctx)
+            return self._fail(name, state, TokenError(
+                f"Entra ID refused to refresh the sign-in of account {name!r} "
+                f"({account.mailbox}): {code}: {description}. Mail waits in the queue; "
+                f"run `{command}` to sign in again", explanation=explanation))
+        if state.cache is not None and state.cache.has_state_changed:
+            # Refresh tokens rotate: persist the new one before using the access token.
+            await asyncio.to_thread(self._save, name, state)
+        now = self._clock()
+        lifetime = float(result.get("expires_in", 3600))
+        state.token = str(result["access_token"])
+        logsafe.register_token(state.token)
+        state.expires_at = now + lifetime
+        state.error, state.needs_login, state.failed = "", False, None
+        state.refresh_at = now + max(lifetime - self._margin, lifetime / 2)
+        log.info("token account=%s refreshed expires_in=%ds", name, lifetime)
+        return state.token
+
+    def _fail(self, name: str, state: _AccountState, error: TokenError) -> str:
+        state.failures += 1
+        state.needs_login = True
+        state.token, state.refresh_at = "", 0.0
+        state.error = error.describe()
+        state.failed = error
+        log.error("token account=%s needs sign-in: %s", name, error.describe())
+        raise error
+
+    def _load(self, name: str, app_name: str, app: App, state: _AccountState) -> None:
+        assert self._store is not None  # noqa: S101 - config requires token_store
+        cache = msal.SerializableTokenCache()
+        state.loaded_mtime = self._store.mtime(name)
+        text = self._store.load(name)
+        if text:
+            cache.deserialize(text)
+        state.cache = cache
+        state.client = build_client(app, cache, self._session(app_name))
+        state.token, state.refresh_at = "", 0.0
+
+    def _save(self, name: str, state: _AccountState) -> None:
+        assert self._store is not None and state.cache is not None  # noqa: S101
+        if self._store.mtime(name) != state.loaded_mtime:
+            return  # a new `m365relay login` wrote the file meanwhile: its sign-in wins
+        self._store.save(name, state.cache.serialize())
+        state.loaded_mtime = self._store.mtime(name)
+        state.cache.has_state_changed = False
+
+    @staticmethod
+    def _acquire(state: _AccountState, scope: str, mailbox: str) -> dict[str, Any] | None:
+        client = state.client
+        accounts = client.get_accounts(username=mailbox) or client.get_accounts()
+        if not accounts:
+            return None
+        # force_refresh: we decide when to refresh (our margin), not msal's 5-minute rule.
+        result: dict[str, Any] | None = client.acquire_token_silent_with_error(
+            [scope], account=accounts[0], force_refresh=True)
+        return result
