@@ -537,3 +537,11 @@ def test_doctor_accepts_the_generated_credential_and_shows_the_same_thumbprint(
     assert check.status is Status.OK, check.summary
     assert printed is not None and printed.group(1) in check.detail.upper().replace(":", "")
     assert "RSA 2048-bit key matches" in check.detail
+
+
+def test_the_scripts_know_every_cloud_the_config_accepts() -> None:
+    from relay.config.clouds import CLOUDS as CONFIG_CLOUDS
+    from relay.setup.answers import CLOUD_NAMES
+    from relay.setup.targets import CLOUDS as SCRIPT_CLOUDS
+
+    assert set(SCRIPT_CLOUDS) == set(CONFIG_CLOUDS) == set(CLOUD_NAMES)
