@@ -545,3 +545,15 @@ def test_the_scripts_know_every_cloud_the_config_accepts() -> None:
     from relay.setup.targets import CLOUDS as SCRIPT_CLOUDS
 
     assert set(SCRIPT_CLOUDS) == set(CONFIG_CLOUDS) == set(CLOUD_NAMES)
+
+
+def test_a_terminal_with_every_required_flag_is_not_asked_anything(tmp_path: Path) -> None:
+    path = tmp_path / "m365relay.yaml"
+    term = Terminal([sys.executable, "-m", "relay", "init", "--config", str(path),
+                     "--tenant", TENANT, "--mailbox", MAILBOX, "--spool", str(tmp_path / "s")])
+    code = term.finish()
+    shown = term.output.decode(errors="replace")
+
+    assert code == 0, shown
+    assert shown.lstrip().startswith("Wrote"), shown  # no question came first
+    assert check_config(path).returncode == 0

@@ -112,7 +112,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         _check_flags(args)
         raw = _existing(path)
         _same_app(args, raw)
-        interactive = not args.non_interactive and sys.stdin.isatty()
+        # Questions only on a terminal, and only when a required answer is missing.
+        interactive = (not args.non_interactive and sys.stdin.isatty()
+                       and _something_missing(args, raw))
         plan = answers.gather(args, raw, answers.Asker(interactive))
         if interactive and not _confirm(plan, path):
             print("Nothing was written.")
@@ -127,6 +129,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     except (EOFError, KeyboardInterrupt):
         print("\nNothing was written.", file=sys.stderr)
         return 1
+
+
+def _something_missing(args: argparse.Namespace, raw: dict[str, Any] | None) -> bool:
+    adds = bool(args.mailbox or args.device or args.trusted_network)
+    if raw is None:
+        return not (args.tenant and adds)
+    new_app = args.app is not None and args.app not in (raw.get("apps") or {})
+    return not (adds or args.client_id) or (new_app and not args.tenant)
 
 
 def _existing(path: Path) -> dict[str, Any] | None:
