@@ -339,5 +339,5 @@ def _report(plan: Plan, path: Path, *, made: list[Path], written: list[Path],
     print("\nNext:")
     for number, step in enumerate(steps, 1):
         print(f"  {number}. {step}")
-    print("  The relay's user must be able to read the key files: chown them to it if init ran "
-          "as another user.")
+    print("  The relay's user must be able to read the config and the keys: run init with "
+          "--group m365relay (the packaged layout) or chown them.")
