@@ -237,7 +237,7 @@ def _apply(args: argparse.Namespace, plan: Plan, path: Path, raw: dict[str, Any]
         mailboxes=tuple(answers.app_mailboxes(merged, plan.app)), certificate=cert,
         config_path=path))
     _report(plan, path, made=made, written=written, cert=cert, passwords=passwords,
-            client_id=client_id)
+            client_id=client_id, group=args.group)
     return 0
 
 
@@ -315,7 +315,7 @@ def _check(text: str, path: Path, raw: dict[str, Any] | None) -> None:
 
 def _report(plan: Plan, path: Path, *, made: list[Path], written: list[Path],
             cert: CertificateFiles, passwords: list[tuple[str, str]],
-            client_id: str) -> None:
+            client_id: str, group: str | None) -> None:
     print(f"\nWrote {path} (mode {path.stat().st_mode & 0o777:04o}); check it any time with "
           f"`m365relay check-config {path}`.")
     for item in made:
@@ -339,5 +339,6 @@ def _report(plan: Plan, path: Path, *, made: list[Path], written: list[Path],
     print("\nNext:")
     for number, step in enumerate(steps, 1):
         print(f"  {number}. {step}")
-    print("  The relay's user must be able to read the config and the keys: run init with "
-          "--group m365relay (the packaged layout) or chown them.")
+    if group is None:
+        print("  The relay's user must be able to read the config and the keys: run init with "
+              "--group m365relay (the packaged layout) or chown them.")
