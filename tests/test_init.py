@@ -487,14 +487,19 @@ def test_contradicting_flags_are_refused(tmp_path: Path, flags: tuple[str, ...],
     assert not path.exists()
 
 
-def test_an_existing_app_is_not_silently_changed(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flags", "expected"), [
+    (("--cloud", "china"), "apps.contoso.cloud is 'global'"),
+    (("--tenant", "fabrikam.onmicrosoft.com"), "apps.contoso.tenant is"),
+    (("--listen", "0.0.0.0:2525"), "--listen: init writes listeners"),
+])
+def test_an_existing_config_is_not_silently_changed(tmp_path: Path, flags: tuple[str, ...],
+                                                    expected: str) -> None:
     path, _ = basic(tmp_path)
     text = path.read_text()
 
-    result = init("--config", str(path), "--cloud", "china", "--device", "copier", "-y",
-                  check=False)
+    result = init("--config", str(path), *flags, "--device", "copier", "-y", check=False)
 
-    assert result.returncode == 2 and "apps.contoso.cloud is 'global'" in result.stderr
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
     assert path.read_text() == text
 
 

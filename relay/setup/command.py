@@ -90,7 +90,15 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _same_app(args: argparse.Namespace, raw: dict[str, Any] | None) -> None:
-    """On an existing app, flags that would change it are refused rather than ignored."""
+    """On an existing config, flags that would change it are refused rather than ignored."""
+    if raw is not None:
+        given = [flag for flag, value in (("--listen", args.listen), ("--tls", args.tls),
+                                          ("--network", args.network),
+                                          ("--tls-cert", args.tls_cert), ("--spool", args.spool))
+                 if value]
+        if given:
+            raise UsageError(f"{', '.join(given)}: init writes listeners and the spool only into "
+                             "a new config; edit `listeners` / `spool` in the existing one")
     apps = (raw or {}).get("apps") or {}
     name = args.app or (next(iter(apps)) if len(apps) == 1 else None)
     known = apps.get(name) if isinstance(apps, dict) else None
