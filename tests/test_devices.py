@@ -298,6 +298,25 @@ async def test_8bit_headers_without_body_8bitmime(relays: RelayFactory,
     assert b"X-Job: " + latin1 + b"\r\n" in got.data and b"k\xc3\xb6rper" in got.data
 
 
+async def test_latin1_display_name_in_a_rewritten_from(relays: RelayFactory,
+                                                       sandbox: Sandbox) -> None:
+    # A Latin-1 printer names itself in From; `from: rewrite` keeps the display name before the
+    # mailbox. It was a UnicodeEncodeError answered "500 Error: (UnicodeEncodeError) ...", a
+    # permanent refusal: the device dropped the scan.
+    relay = await relays.start()
+    name = "Drucker Büro".encode("latin-1")
+    async with await opened(relay) as client:
+        await client.command("HELO device")
+        assert (await client.command("MAIL FROM:<device@printers.example>")).startswith("250")
+        assert (await client.command("RCPT TO:<someone@example.org>")).startswith("250")
+        assert (await client.command("DATA")).startswith("354")
+        body = b"Subject: scan\r\nFrom: " + name + b" <device@printers.example>\r\n\r\nscan\r\n"
+        assert (await send_body(client, body)).startswith("250")
+    [got] = await arrived(sandbox)
+    assert b'From: "' + name + b'" <printers@contoso.example>\r\n' in got.data
+    assert b"Reply-To: " + name + b" <device@printers.example>\r\n" in got.data
+
+
 async def test_no_date_and_no_message_id_are_added(relays: RelayFactory,
                                                    sandbox: Sandbox) -> None:
     relay = await relays.start()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import MAILBOX, RelayFactory, TLSFiles
+from conftest import MAILBOX, RelayFactory, TLSFiles, message, send
 
 from relay.config import records as config_mod
 from relay.sandbox import Sandbox
@@ -234,3 +234,37 @@ def test_check_config_warns_about_a_legacy_tls_listener(tmp_path: Path,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "warning: listeners[lan].min_tls_version is 1.1" in done.stderr
+
+
+async def test_a_device_below_the_tls_floor_is_one_warning_naming_the_key(
+        relays: RelayFactory, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture) -> None:
+    # aiosmtpd logged a traceback labelled "SMTP session exception" for every such attempt.
+    data = relays.config()
+    _listener(data, tls_files, "starttls")
+    relay = await relays.start(data)
+    with caplog.at_level(logging.INFO):
+        protocol, out = await s_client(relay.addresses["local"][1], "1.0", starttls=True)
+    assert protocol is None, out
+    failed = [r for r in caplog.records if "STARTTLS handshake failed" in r.getMessage()]
+    assert [r.levelname for r in failed] == ["WARNING"]
+    assert "listeners[local].min_tls_version" in failed[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_starttls_sessions_that_quit_log_no_error(
+        relays: RelayFactory, sandbox: Sandbox, tls_files: TLSFiles,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # swaks -tls, and every device that says QUIT over STARTTLS: the client's EOF after our
+    # 221 reached a closed TLS transport ("Error calling eof_received()", AttributeError).
+    data = relays.config()
+    _listener(data, tls_files, "starttls")
+    relay = await relays.start(data)
+    context = tls_files.client_context()
+    with caplog.at_level(logging.INFO):
+        for _ in range(5):
+            code, _reply = await asyncio.to_thread(
+                send, relay.addresses["local"], message(), starttls=context)
+            assert code == 250
+        await sandbox.exchange.wait_for_messages(5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

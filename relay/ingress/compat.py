@@ -17,20 +17,33 @@ transcript in ``tests/test_devices.py``.
   it and closes: aiosmtpd cancelled the session at EOF and dropped what was still buffered, a
   complete message included. Now the session reads its input to the end first, as Postfix
   does: a message whose final dot arrived is taken and delivered; one cut short is not.
+* A failed STARTTLS handshake (a printer offering only TLS 1.0 to a TLS 1.2 listener) is one
+  warning line naming the cause, as Postfix logs it, instead of aiosmtpd's traceback labelled
+  "SMTP session exception"; any other unexpected error answers ``451 4.3.0`` (the device keeps
+  its message and tries again) instead of aiosmtpd's ``500 Error: (Exception) ...``, which
+  devices take as final.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import ssl
 from typing import Any
 
-from aiosmtpd.smtp import syntax
+from aiosmtpd.smtp import TLSSetupException, syntax
 
 from relay.ingress.smtpbase import DataReader, FastSMTP
 
 # The AUTH parameter of MAIL, after the address (the address itself has no white space).
 _MAIL_AUTH_PARAM = re.compile(r"(?i)[ \t]+AUTH=\S*")
+# OpenSSL's reasons when the two sides share no protocol version.
+_VERSION_REASONS = frozenset({"UNSUPPORTED_PROTOCOL", "WRONG_VERSION_NUMBER", "VERSION_TOO_LOW",
+                              "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE"})
+UNEXPECTED_REPLY = "451 4.3.0 Error: local error in processing, try again later"
+
+log = logging.getLogger("m365relay.listener")
 
 
 class EndOfInput(asyncio.CancelledError):
@@ -69,6 +82,26 @@ class CompatSMTP(FastSMTP):
     async def check_helo_needed(self, helo: str = "HELO") -> bool:
         return False  # smtpd_helo_required = no
 
+    def tls_version_hint(self) -> str:
+        """What to change when a device and the listener share no TLS version."""
+        return ""
+
+    async def handle_exception(self, error: Exception) -> str:
+        peer = self.session.peer if self.session is not None else None
+        client = peer[0] if isinstance(peer, tuple) and peer else "?"
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__
+            reason = getattr(cause, "reason", None) or str(cause or error) or "handshake failed"
+            hint = self.tls_version_hint() if reason in _VERSION_REASONS else ""
+            log.warning("%s: STARTTLS handshake failed: %s%s", client, reason, hint)
+            return "454 4.7.0 TLS not available"  # not sent: aiosmtpd hangs up after it
+        if isinstance(error, ssl.SSLError | ConnectionError):
+            log.info("%s: connection failed: %s", client, error)
+        else:
+            log.error("%s: unexpected error in the SMTP session (a bug: please report it); "
+                      "answered %s", client, UNEXPECTED_REPLY[:9], exc_info=error)
+        return UNEXPECTED_REPLY
+
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         session = self.session
@@ -97,9 +130,15 @@ class CompatSMTP(FastSMTP):
         # reader gets its EOF and the session ends once it has read everything (DrainingReader).
         self._lines_reader.feed_eof()
         transport = self.transport
+        if transport is None:
+            return True
+        if transport.is_closing():
+            # Closed by us already (QUIT answered) when the peer's EOF arrives: a closed TLS
+            # transport cannot even be asked whether it is one (AttributeError in asyncio).
+            return False
         # A TLS transport cannot stay half-open (returning True only warns): connection_lost
         # follows, and keeps a message being read (below).
-        return transport is None or transport.get_extra_info("ssl_object") is None
+        return transport.get_extra_info("ssl_object") is None
 
     def connection_lost(self, error: Exception | None) -> None:
         if not (self.reading_message() or self._lines_reader.buffered()):

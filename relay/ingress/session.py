@@ -193,6 +193,13 @@ class RelaySMTP(CompatSMTP):
         log.info("%s: TLS connection established: %s with cipher %s%s", self.client, version,
                  cipher, old)
 
+    def tls_version_hint(self) -> str:
+        listener = self.relay_handler.listener
+        if listener.min_tls_version not in ("1.2", "1.3"):
+            return ""
+        return (f" (the device may speak only TLS 1.0/1.1: allow it with "
+                f"listeners[{listener.name}].min_tls_version)")
+
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted:
             return

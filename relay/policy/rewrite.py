@@ -80,6 +80,17 @@ def _line(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("utf-8", errors="surrogateescape")
 
 
+def _from_value(display: str, mailbox: str) -> str:
+    """The rewritten From: the device's display name before the mailbox."""
+    try:
+        return email.utils.formataddr((display, mailbox))
+    except UnicodeEncodeError:
+        # 8-bit bytes that are not UTF-8 (a Latin-1 printer's "Drucker Büro"): formataddr
+        # cannot encode them, so they go on as the device sent them, like its other headers.
+        quoted = display.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{quoted}" <{mailbox}>'
+
+
 def prepare(fields: list[bytes], body: memoryview, *, mailbox: str, rewrite_from: bool,
             hostname: str, received: str) -> bytes:
     """The header block that goes before ``body`` (from :func:`split_headers`) when the
@@ -92,7 +103,7 @@ def prepare(fields: list[bytes], body: memoryview, *, mailbox: str, rewrite_from
             if address.lower() != mailbox.lower():
                 # Exchange only sends as the mailbox we log in as (else 5.2.252 SendAsDenied);
                 # keep the device's display name and let replies reach the original address.
-                out.append(_line("From", email.utils.formataddr((display, mailbox))))
+                out.append(_line("From", _from_value(display, mailbox)))
                 if "reply-to" not in names and address:
                     out.append(_line("Reply-To", field_value(field)))
                 continue
