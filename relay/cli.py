@@ -39,15 +39,22 @@ def _load(path: Path) -> config_mod.Config | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    path = args.config_option or args.config  # `--config FILE` too, as every other command
+    config = _load(path)
     if config is None:
         return EX_CONFIG
     from relay.ingress.tls import legacy_warning
+    from relay.setup.configfile import PLACEHOLDER_CLIENT_ID
 
     weak = [legacy_warning(listener) for listener in config.listeners]
-    for warning in [*permissions.warnings(config, args.config), *filter(None, weak)]:
+    unset = [f"apps.{name}.client_id is still the placeholder `m365relay init` wrote: every "
+             "token request fails until it is the app registration's Application (client) ID "
+             f"(setup-m365.ps1 prints it; then `{progname.command()} init --config {path} "
+             f"--app {name} --client-id ID`)"
+             for name, app in config.apps.items() if app.client_id == PLACEHOLDER_CLIENT_ID]
+    for warning in [*permissions.warnings(config, path), *filter(None, weak), *unset]:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{args.config}: OK ({len(config.listeners)} listener(s), {len(config.apps)} app(s), "
+    print(f"{path}: OK ({len(config.listeners)} listener(s), {len(config.apps)} app(s), "
           f"{len(config.accounts)} account(s))")
     return 0
 
@@ -227,6 +234,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a config file and list every problem")
     add_config(p, default=str(config_mod.DEFAULT_PATH))
+    p.add_argument("--config", "-c", type=Path, dest="config_option", metavar="CONFIG",
+                   help="the same, spelled as the other commands spell it")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("hash-password", help="hash a device password for accounts[].password_hash",

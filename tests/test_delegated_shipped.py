@@ -218,4 +218,6 @@ async def test_demo_signs_a_person_in_through_the_sandbox_page(
     out = capsys.readouterr().out
     assert f"at https://localhost:{ports['18443']}/devicelogin as alice@contoso.example" in out
     assert "and as a person: delivered as alice@contoso.example" in out
+    # The device's message cost one token; the sign-in's polls and refresh are not its cost.
+    assert "as scanner@contoso.example, using 1 token request(s)" in out
     assert (tmp_path / ".demo" / "tokens" / "alice.token").exists()

@@ -9,6 +9,7 @@ import grp
 import os
 import re
 import select
+import shlex
 import ssl
 import stat
 import subprocess
@@ -323,7 +324,8 @@ def test_a_second_app_is_added_beside_the_first(tmp_path: Path) -> None:
 
 
 def test_no_secret_is_readable_by_others_or_printed_twice(tmp_path: Path) -> None:
-    path, result = basic(tmp_path, "--device", "copier", "--tls", "starttls")
+    path, result = basic(tmp_path, "--device", "copier", "--tls", "starttls",
+                         "--client-id", CLIENT_ID)  # (a placeholder is warned about)
     folder = path.parent
     output = result.stdout + result.stderr
     password = passwords(result.stdout)["copier"]
@@ -562,3 +564,27 @@ def test_a_terminal_with_every_required_flag_is_not_asked_anything(tmp_path: Pat
     assert code == 0, shown
     assert shown.lstrip().startswith("Wrote"), shown  # no question came first
     assert check_config(path).returncode == 0
+
+
+def test_next_steps_run_as_printed_and_check_config_names_the_placeholder(tmp_path: Path) -> None:
+    # The hints said `m365relay ...` when init was run as `.venv/bin/m365relay` or `python -m
+    # relay` (not on PATH), and check-config passed the placeholder client_id in silence,
+    # so every delivery would have failed at the token.
+    path, result = basic(tmp_path)
+    checked = check_config(path)
+    assert checked.returncode == 0
+    assert "apps.contoso.client_id is still the placeholder" in checked.stderr
+    [step] = [line for line in result.stdout.splitlines() if " init " in line and "  2. " in line]
+    printed = step.split("2. ", 1)[1].replace("<the Application (client) ID the script prints>",
+                                               CLIENT_ID)
+    words = shlex.split(printed)
+    assert words[1:3] == ["-m", "relay"], printed  # as it was run here
+    assert Path(words[0]).absolute() == Path(sys.executable).absolute(), printed
+    ran = subprocess.run(words, capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL, check=False)
+    assert ran.returncode == 0, ran.stderr
+    # check-config also takes --config, as every other command does.
+    again = subprocess.run([sys.executable, "-m", "relay", "check-config", "--config", str(path)],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 0 and "placeholder" not in again.stderr, again.stderr
+    assert f"client_id: {CLIENT_ID}" in path.read_text()

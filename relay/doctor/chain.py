@@ -25,6 +25,7 @@ import aiosmtplib
 import requests
 import requests.utils
 
+from relay.config import progname
 from relay.config.commands import command
 from relay.config.records import Account, App, Config
 from relay.diagnosis.errors import DeliveryError, TokenError
@@ -86,7 +87,8 @@ class Doctor:
         finally:
             self.tokens.close()
         # Fix texts say "run doctor again" where they cannot know the config; name it here.
-        again = f"run `{command('doctor', config=self.config_path)}` again"
+        again = (f"run `{command('doctor', config=self.config_path, program=progname.command())}`"
+                 " again")
         for report in reports:
             self._narrow(report)
             report.checks = [replace(c, fix=c.fix.replace("run doctor again", again))

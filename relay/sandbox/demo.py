@@ -121,6 +121,9 @@ async def run_demo(path: Path, login: Login | None = None) -> int:
                   file=out)
             await asyncio.to_thread(_send, host, port, DEVICE_SENDER, DEMO_RECIPIENT)
             received = await sandbox.exchange.wait_for_messages(1, timeout=30)
+            # Counted before the sign-in: its device-code polls and refreshes are token
+            # requests too, and are not what the device's message cost.
+            device_tokens = sandbox.entra.token_request_count
             person = await _delegated(sandbox, config, path, (host, port), login)
         finally:
             await relay.stop(timeout=10)
@@ -128,7 +131,7 @@ async def run_demo(path: Path, login: Login | None = None) -> int:
     shown = _relative(folder)
     head = message.data.split(b"\r\n\r\n", 1)[0].decode("utf-8", errors="replace")
     print(f"\n== delivered to the sandbox's Exchange Online as {message.auth_user}, using "
-          f"{sandbox.entra.token_request_count} token request(s)", file=out)
+          f"{device_tokens} token request(s)", file=out)
     print(f"== saved as {_relative(message.path) if message.path else '?'}\n\n{head}\n",
           file=out)
     if person is not None:

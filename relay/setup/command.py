@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from relay.config import commands, progname
 from relay.setup import answers, configfile
 from relay.setup.answers import Plan, UsageError
 
@@ -324,8 +325,13 @@ def _check(text: str, path: Path, raw: dict[str, Any] | None) -> None:
 def _report(plan: Plan, path: Path, *, made: list[Path], written: list[Path],
             cert: CertificateFiles, passwords: list[tuple[str, str]],
             client_id: str, group: str | None) -> None:
+    program = progname.command()  # as it was run here: `m365relay` may not be on PATH
+
+    def hint(verb: str, *args: str) -> str:
+        return commands.command(verb, *args, config=path, program=program)
+
     print(f"\nWrote {path} (mode {path.stat().st_mode & 0o777:04o}); check it any time with "
-          f"`m365relay check-config {path}`.")
+          f"`{commands.command('check-config', str(path), program=program)}`.")
     for item in made:
         print(f"  {item} (mode {item.stat().st_mode & 0o777:04o})")
     for item in written:
@@ -340,10 +346,9 @@ def _report(plan: Plan, path: Path, *, made: list[Path], written: list[Path],
     steps = [f"An admin runs {written[0].name} (PowerShell) or {written[1].name} (az CLI); "
              "both are safe to run again."]
     if client_id == configfile.PLACEHOLDER_CLIENT_ID:
-        steps.append(f"m365relay init --config {path} --app {plan.app} --client-id <the "
-                     "Application (client) ID the script prints>")
-    steps += [f"m365relay doctor --config {path} --send-to you@yourdomain",
-              f"m365relay serve --config {path}"]
+        steps.append(hint("init", "--app", plan.app, "--client-id",
+                          "<the Application (client) ID the script prints>"))
+    steps += [hint("doctor", "--send-to", "you@yourdomain"), hint("serve")]
     print("\nNext:")
     for number, step in enumerate(steps, 1):
         print(f"  {number}. {step}")
