@@ -289,8 +289,8 @@ async def test_mail_queued_on_a_named_volume_is_delivered_by_a_new_container(
 async def test_read_only_root_and_no_capabilities(run: Run, sandbox: Sandbox,
                                                   options: tuple[str, ...]) -> None:
     port = free_port()
-    # The sandbox CA as the trust store rather than `ca_file` (which still needs a temporary
-    # file for requests: relay/tokens.py), as behind a TLS-inspecting proxy.
+    # The sandbox CA as the trust store rather than `ca_file`, as behind a TLS-inspecting
+    # proxy (`ca_file` needs no temporary file either: relay/tokens/httpsession.py).
     env = run.env((port,), REQUESTS_CA_BUNDLE="/run/test/ca.pem", SSL_CERT_FILE="/run/test/ca.pem")
     del env["M365RELAY_CA_FILE"]
     name = run.start(*options, "--cap-drop", "ALL", "--security-opt", "no-new-privileges",

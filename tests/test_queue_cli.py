@@ -227,6 +227,8 @@ async def test_hold_keeps_mail_back_and_release_delivers_it(
 
     code, result, _ = await queue(spool, "hold", held)
     assert code == 0 and result["results"][0]["result"] == "ok"
+    # The hint names this message and the program as it was run (`python -m relay` here).
+    assert f" -m relay queue release {held} --spool {spool}`" in result["results"][0]["detail"]
     assert (spool / "hold" / held).exists() and not (spool / "queue" / held).exists()
     code, listing, _ = await queue(spool, "list")
     assert by_id(listing)[held]["status"] == "held"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from relay.config import progname
 from relay.config.commands import command
 from relay.spool.store import Claim, Spool, SpoolBusyError, SpoolError
 
@@ -46,9 +47,14 @@ class QueueOps:
                  on_wait: Callable[[str], None] | None = None, selector: str = "") -> None:
         """``selector``: how the admin named the spool (``--config FILE``), for hints."""
         self.spool = spool
-        self._release = command("queue", "release", "<id>", selector=selector)
+        self._selector = selector
         self.wait = wait
         self._on_wait = on_wait
+
+    def _release(self, queue_id: str) -> str:
+        """The command that releases this message, as the admin can paste it here."""
+        return command("queue", "release", queue_id, selector=self._selector,
+                       program=progname.command())
 
     def hold(self, queue_id: str) -> Outcome:
         def act(claim: Claim, held: bool) -> Outcome:
@@ -56,7 +62,7 @@ class QueueOps:
                 return self._out(claim.id, "hold", "wrong-state", "is already on hold")
             self.spool.hold(claim.id)
             return self._out(claim.id, "hold", "ok", "put on hold; it will not be delivered "
-                             f"until `{self._release}`")
+                             f"until `{self._release(claim.id)}`")
         return self._claimed("hold", queue_id, act)
 
     def release(self, queue_id: str) -> Outcome:
@@ -78,7 +84,7 @@ class QueueOps:
         def act(claim: Claim, held: bool) -> Outcome:
             if held:
                 return self._out(claim.id, "retry", "wrong-state", f"is on hold; use "
-                                 f"`{self._release}` to deliver it")
+                                 f"`{self._release(claim.id)}` to deliver it")
             if claim.state.next_attempt_at > 0:
                 self.spool.save_state(claim.id, replace(claim.state, next_attempt_at=0.0))
             return self._out(claim.id, "retry", "ok", "due for delivery now")
