@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,30 +106,43 @@ def stale(path: Path, names: Names) -> str | None:
 
 
 def _generate(names: Names) -> bytes:
+    key_pem, cert_pem = self_signed(names.dns[0], names.dns, names.ips, LIFETIME)
+    return key_pem + cert_pem
+
+
+def self_signed(common_name: str, dns: Sequence[str], ips: Sequence[str],
+                lifetime: datetime.timedelta, *, server: bool = True) -> tuple[bytes, bytes]:
+    """A new RSA 2048 key and a self-signed SHA-256 certificate for it, both PEM (PKCS#8
+    key). ``server``: marked as a TLS server's end-entity certificate (basic constraints,
+    serverAuth); ``m365relay init`` makes its app credential and listener pair here too."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names.dns[0])])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
-    alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names.dns]
-    alt += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in names.ips]
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))  # devices' clocks drift
-            .not_valid_after(now + LIFETIME)
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    builder = (x509.CertificateBuilder()
+               .subject_name(subject).issuer_name(subject)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))  # devices' clocks drift
+               .not_valid_after(now + lifetime))
+    alt: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+    alt += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    if alt:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    if server:
+        builder = (builder
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                  critical=True)
+                   .add_extension(x509.ExtendedKeyUsage(
+                       [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    cert = builder.sign(key, hashes.SHA256())
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    return key_pem + cert.public_bytes(serialization.Encoding.PEM)
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _write(path: Path, data: bytes) -> None:

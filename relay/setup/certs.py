@@ -16,12 +16,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
-# Entra accepts RSA keys of 2048 bits or more for certificate credentials [P: Microsoft identity
-# platform "certificate credentials" page]; 2048 is what msal and the doctor check expect.
-KEY_BITS = 2048
+from relay.ingress.selfsigned import self_signed
+
+# Keys are RSA 2048 (relay.ingress.selfsigned): Entra accepts RSA keys of 2048 bits or more for
+# certificate credentials [P: Microsoft identity platform "certificate credentials" page]; 2048
+# is what msal and the doctor check expect.
 DEFAULT_DAYS = 730
 
 
@@ -53,23 +53,21 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def _self_signed(common_name: str, days: int, names: tuple[str, ...] = ()
-                 ) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5))
-               .not_valid_after(now + dt.timedelta(days=days)))
-    if names:
-        alt: list[x509.GeneralName] = []
-        for name in names:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(name)))
-            except ValueError:
-                alt.append(x509.DNSName(name))
-        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-    return key, builder.sign(key, hashes.SHA256())
+                 ) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM), made as the relay makes its own listener certificates
+    (relay.ingress.selfsigned), without the TLS-server marks: init's listener pair has always
+    been a plain self-signed certificate, and the app's is a client credential."""
+    ips = tuple(name for name in names if _is_ip(name))
+    dns = tuple(name for name in names if name not in ips)
+    return self_signed(common_name, dns, ips, dt.timedelta(days=days), server=False)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def describe(cert_path: Path, key_path: Path) -> CertificateFiles:
@@ -84,20 +82,13 @@ def describe(cert_path: Path, key_path: Path) -> CertificateFiles:
         der_base64=base64.b64encode(der).decode("ascii"))
 
 
-def _pems(key: rsa.RSAPrivateKey, cert: x509.Certificate) -> tuple[bytes, bytes]:
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
-
-
 def create_app_certificate(key_path: Path, cert_path: Path, *, app_name: str,
                            days: int = DEFAULT_DAYS) -> CertificateFiles:
     """A new key pair for the app registration; refuses to overwrite an existing key."""
     if key_path.exists() or cert_path.exists():
         raise FileExistsError(f"{key_path if key_path.exists() else cert_path} already exists; "
                               "init keeps existing credentials (delete it to make a new one)")
-    key, cert = _self_signed(f"m365relay {app_name}", days)
-    key_pem, cert_pem = _pems(key, cert)
+    key_pem, cert_pem = _self_signed(f"m365relay {app_name}", days)
     write_private(key_path, key_pem)
     _write_public(cert_path, cert_pem)
     return describe(cert_path, key_path)
@@ -108,7 +99,6 @@ def create_listener_certificate(key_path: Path, cert_path: Path, names: tuple[st
     """A self-signed certificate for the relay's own STARTTLS / implicit TLS listener.
 
     Printers rarely check it; replace it with one from your CA when devices do."""
-    key, cert = _self_signed(names[0], days, names)
-    key_pem, cert_pem = _pems(key, cert)
+    key_pem, cert_pem = _self_signed(names[0], days, names)
     write_private(key_path, key_pem)
     _write_public(cert_path, cert_pem)
