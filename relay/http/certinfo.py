@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from relay.config.files import Stamp, stat_stamp
 from relay.config.records import App, Config
 from relay.tokens.credentials import CredentialError, certificate_pems
 
@@ -32,7 +33,7 @@ class CertificateDates:
     """notAfter per (kind, name), cached by file stamp or by the credential record."""
 
     def __init__(self) -> None:
-        self._files: dict[Path, tuple[tuple[int, int], float | None]] = {}
+        self._files: dict[Path, tuple[Stamp, float | None]] = {}
         self._apps: dict[str, tuple[App, float | None]] = {}
 
     def collect(self, config: Config, http_certificate: Path | None = None
@@ -71,8 +72,7 @@ class CertificateDates:
 
     def _file(self, path: Path) -> float | None:
         try:
-            st = path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = stat_stamp(path)
             cached = self._files.get(path)
             if cached is not None and cached[0] == stamp:
                 return cached[1]

@@ -15,6 +15,7 @@ import logging
 import ssl
 from pathlib import Path
 
+from relay.config.files import Stamp, stat_stamps
 from relay.config.records import AuthLimits, HttpSettings, HttpTls, IPNetwork
 from relay.ingress.limits import AuthGuard
 from relay.policy import passwords
@@ -42,15 +43,8 @@ class ReloadingTls:
         context.load_cert_chain(self.settings.certificate, self.settings.private_key)
         return context
 
-    def _files_stamp(self) -> tuple[int, ...]:
-        stamp: list[int] = []
-        for path in (self.settings.certificate, self.settings.private_key):
-            try:
-                st = path.stat()
-                stamp += [st.st_mtime_ns, st.st_size, st.st_ino]
-            except OSError:
-                stamp += [0, 0, 0]
-        return tuple(stamp)
+    def _files_stamp(self) -> tuple[Stamp | None, ...]:
+        return stat_stamps((self.settings.certificate, self.settings.private_key))
 
     def current(self) -> ssl.SSLContext:
         stamp = self._files_stamp()

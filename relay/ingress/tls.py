@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from relay.config.certfiles import no_passphrase
+from relay.config.files import content_digest
 from relay.config.records import Listener
 
 log = logging.getLogger("m365relay.listener")
@@ -81,7 +82,7 @@ class Served:
     context: ssl.SSLContext
     source: str  # "certificate /etc/...pem" or "self-signed certificate spool/tls/x.pem"
     fingerprint: str
-    stamp: tuple[bytes, ...]  # the files' contents' digest, to tell a renewal from a no-op
+    stamp: bytes  # the files' contents' digest, to tell a renewal from a no-op
 
 
 class ServerTLS:
@@ -140,7 +141,6 @@ class ServerTLS:
         # Read after the context loaded them: a file replaced in between shows as a change
         # on the next reload, never as a fingerprint of something not served.
         cert_pem = certfile.read_bytes()
-        stamp = tuple(hashlib.sha256(p.read_bytes()).digest()
-                      for p in (certfile, keyfile) if p is not None)
+        stamp = content_digest(p for p in (certfile, keyfile) if p is not None)
         kind = "certificate" if keyfile is not None else "self-signed certificate"
         return Served(context, f"{kind} {certfile}", pem_fingerprint(cert_pem), stamp)

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from relay.config.files import stat_stamp
 from relay.config.records import App, CertificateCredential
 
 
@@ -75,8 +76,7 @@ class AssertionFile:
         key = f"`apps.{self.app_name}.client_assertion.file`"
         with self._lock:
             try:
-                st = self.path.stat()
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                stamp = stat_stamp(self.path)
                 if stamp != self._stamp:
                     value = self.path.read_text(encoding="utf-8").strip()
                     self.reads += 1

@@ -16,7 +16,6 @@ not before the relay accepts mail: an idle relay that has delivered nothing stay
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 
 from relay import logsafe
 from relay.config import clouds
+from relay.config.files import content_digest
 from relay.config.records import App, Config
 from relay.diagnosis.errors import TokenError
 from relay.diagnosis.explain import Context, explain_connection_error, explain_token_error
@@ -294,19 +294,10 @@ def trust(app: App) -> ssl.SSLContext | bool:
 def file_inputs(app: App) -> bytes:
     """A digest of the files an app's clients are built from but its record only names by
     path; a secret or PEM given as {file: PATH} is in the record itself (read at load)."""
-    digest = hashlib.sha256()
     paths: list[Path | None] = [app.ca_file]
     if app.certificate is not None:
         paths.append(app.certificate.pfx)
-    for path in paths:
-        if path is None:
-            digest.update(b"-")
-            continue
-        try:
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        except OSError as exc:
-            digest.update(f"unreadable {exc.errno}".encode())
-    return digest.digest()
+    return content_digest(paths)
 
 
 def _request_errors() -> tuple[type[Exception], ...]:

@@ -14,6 +14,7 @@ import time
 
 import aiosmtplib
 
+from relay.config.files import Stamp, stat_stamps
 from relay.config.records import App
 from relay.diagnosis.errors import AuthRejected, DeferError, DeliveryError, error_for
 from relay.diagnosis.explain import Context, Verdict, explain_connection_error, explain_smtp
@@ -28,18 +29,16 @@ RECIPIENTS_PER_MESSAGE = 500
 log = logging.getLogger("m365relay.upstream")
 
 
-_contexts: dict[tuple[str, int], ssl.SSLContext] = {}
+_contexts: dict[tuple[str, Stamp | None], ssl.SSLContext] = {}
 
 
 def tls_context(app: App) -> ssl.SSLContext:
     """One verifying client context per trust setting, shared by all connections: loading the
     system trust store takes tens of milliseconds on the event loop."""
-    key = ("", 0)
+    key: tuple[str, Stamp | None] = ("", None)
     if app.ca_file is not None:
-        try:
-            key = (str(app.ca_file), app.ca_file.stat().st_mtime_ns)  # a replaced file reloads
-        except OSError:
-            key = (str(app.ca_file), -1)
+        # A file rewritten or replaced (a proxy's new CA) is loaded again.
+        key = (str(app.ca_file), stat_stamps([app.ca_file])[0])
     context = _contexts.get(key)
     if context is None:
         context = _contexts[key] = _new_tls_context(app)
