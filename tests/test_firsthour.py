@@ -162,6 +162,14 @@ def test_program_name_is_what_can_be_run(tmp_path: Path, monkeypatch: pytest.Mon
     assert progname.command("/somewhere/relay/__main__.py").endswith(" -m relay")
 
 
+def test_a_program_importing_relay_names_the_installed_command() -> None:
+    # A test runner or script is no way to run m365relay: account and http hash hints said
+    # `.../python -m relay hash-password` in one place and `m365relay hash-password` in the
+    # other; both now come from progname.
+    assert progname.command("/usr/bin/pytest") == "m365relay"
+    assert progname.command("-c") == "m365relay"
+
+
 # -- mistakes of the first hour ------------------------------------------------------------------
 
 

@@ -15,7 +15,8 @@ __all__ = ["command"]
 
 def command(argv0: str | None = None) -> str:
     """``m365relay`` when that name on PATH is this program, else the path it was run by
-    (relative to the working directory when inside it), or ``python -m relay``."""
+    (relative to the working directory when inside it), or ``python -m relay``; ``m365relay``
+    in a program that imports relay."""
     argv0 = sys.argv[0] if argv0 is None else argv0
     program = Path(argv0)
     if program.name == "m365relay":
@@ -23,8 +24,11 @@ def command(argv0: str | None = None) -> str:
         if found is not None and _same(Path(found), program):
             return "m365relay"
         return _shown(program)
-    # `python -m relay` (argv[0] is relay/__main__.py), or an embedding program.
-    return f"{_shown(Path(sys.executable))} -m relay"
+    if program.name == "__main__.py" and program.parent.name == "relay":  # `python -m relay`
+        return f"{_shown(Path(sys.executable))} -m relay"
+    # A program that imports relay (a test runner, a script): how it is run says nothing
+    # about how an admin runs m365relay, so the installed name.
+    return "m365relay"
 
 
 def _same(a: Path, b: Path) -> bool:

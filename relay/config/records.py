@@ -283,11 +283,11 @@ def _known_app(raw: Any, run: Run) -> str:
     return value
 
 
-def _argon2(raw: Any, run: Run) -> str:
+def _argon2(raw: Any, run: Run, note: str = "") -> str:
     value = text(raw, run)
     if not value.startswith("$argon2"):
         raise ValueError("not an argon2 hash; create one with "
-                         f"`{progname.command()} hash-password`")
+                         f"`{progname.command()} hash-password`{note}")
     return value
 
 
@@ -569,12 +569,9 @@ class DeliverySettings(Record):
 
 
 def _web_password_hash(raw: Any, run: Run) -> str:
-    value = text(raw, run)
-    if not value.startswith("$argon2"):
-        raise ValueError("not an argon2 hash; create one with `m365relay hash-password` "
-                         "(bcrypt hashes from a Prometheus exporter's web config are not "
-                         "accepted)")
-    return value
+    # The devices' kind of hash (one hash-password for both), not an exporter's bcrypt.
+    return _argon2(raw, run, " (bcrypt hashes from a Prometheus exporter's web config are not "
+                             "accepted)")
 
 
 def _web_users(raw: Any, run: Run) -> dict[str, str]:
