@@ -12,8 +12,9 @@ from pathlib import Path
 
 from relay.config.records import DEFAULT_PATH
 
-# The config file of the packaged service (systemd/m365relay.service), and the default of the
-# commands that have one (`login`, `doctor`); `queue` and `check-config` need it named.
+# The config file of the packaged service (systemd/m365relay.service) and every command's
+# default. Hints leave --config out only for `login` and `doctor`; for the others it is named
+# anyway (`queue` and `serve` may read the M365RELAY_* variables instead when it is absent).
 DEFAULT_CONFIG = DEFAULT_PATH
 _WITH_DEFAULT = frozenset({"login", "doctor"})
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from relay.config import commands, progname
+from relay.config.commands import DEFAULT_CONFIG
 from relay.setup import answers, configfile
 from relay.setup.answers import Plan, UsageError
 
@@ -37,7 +38,7 @@ def add_parser(sub: Any) -> None:
                     "app registration, device accounts with generated passwords, and "
                     "setup-m365.ps1 / setup-m365-az.sh for an admin to run. Run it again with "
                     "--mailbox, --device or --client-id to add to an existing config.")
-    p.add_argument("--config", "-c", type=Path, default=Path("/etc/m365relay/m365relay.yaml"),
+    p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG,
                    help="config to write or extend (default /etc/m365relay/m365relay.yaml); "
                         "keys, certificates and scripts go in its folder")
     p.add_argument("--tenant", help="tenant domain (contoso.onmicrosoft.com) or tenant id")
