@@ -289,3 +289,23 @@ async def _wait_for_targets(port: int, jobs: set[str], server: subprocess.Popen[
             return health
         await asyncio.sleep(0.2)
     raise TimeoutError(f"targets not scraped within {timeout}s: {health}")
+
+
+def test_an_encrypted_http_tls_key_is_a_config_problem_not_a_prompt(
+        relays: RelayFactory, tls_files: TLSFiles, tmp_path: Path) -> None:
+    # http.tls loaded its pair with no passphrase callback: OpenSSL then asks on the terminal
+    # ("Enter PEM pass phrase:"), and `check-config` or `serve` started by hand waits there.
+    # It is loaded as the listeners load theirs (relay.ingress.tls.server_context).
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(tls_files.key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"ops")))
+    data = relays.config()
+    data["http"] = {"tls": {"certificate": str(tls_files.cert), "private_key": str(encrypted)}}
+    with pytest.raises(config_mod.ConfigError) as info:
+        config_mod.parse(data)
+    assert any(p.startswith("http.tls:") and "encrypted with a passphrase" in p
+               and "openssl pkey" in p for p in info.value.problems), info.value.problems

@@ -596,9 +596,11 @@ class HttpTls(Record):
     def _check(self) -> None:
         import ssl
 
+        from relay.config.certfiles import no_passphrase
+
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                self.certificate, self.private_key)
+                self.certificate, self.private_key, password=no_passphrase)
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(f"cannot use certificate {self.certificate} with private_key "
                              f"{self.private_key}: {exc}; both must be PEM and belong "

@@ -18,6 +18,7 @@ from pathlib import Path
 from relay.config.files import Stamp, stat_stamps
 from relay.config.records import AuthLimits, HttpSettings, HttpTls, IPNetwork
 from relay.ingress.limits import AuthGuard
+from relay.ingress.tls import serve_current, server_context
 from relay.policy import passwords
 
 log = logging.getLogger("m365relay.http")
@@ -35,13 +36,10 @@ class ReloadingTls:
         self.settings = settings
         self._stamp = self._files_stamp()
         self.context = self._current = self._load()
-        self.context.sni_callback = self._pick
+        serve_current(self.context, self.current)
 
     def _load(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.settings.certificate, self.settings.private_key)
-        return context
+        return server_context("1.2", self.settings.certificate, self.settings.private_key)
 
     def _files_stamp(self) -> tuple[Stamp | None, ...]:
         return stat_stamps((self.settings.certificate, self.settings.private_key))
@@ -53,15 +51,12 @@ class ReloadingTls:
             try:
                 self._current = self._load()
                 log.info("http: TLS certificate %s loaded again", self.settings.certificate)
-            except (ssl.SSLError, OSError) as exc:
+            except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
                 # Mid-renewal the key and certificate may not match for a moment: keep serving
                 # the old pair, and try again at the next change.
                 log.error("http: cannot load the renewed http.tls certificate %s: %s; still "
                           "using the previous one", self.settings.certificate, exc)
         return self._current
-
-    def _pick(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = self.current()
 
 
 class TooManyFailures(Exception):

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import ssl
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,8 +38,14 @@ LEGACY_CIPHERS = "DEFAULT:@SECLEVEL=0"
 
 def new_context(listener: Listener, certfile: Path, keyfile: Path | None) -> ssl.SSLContext:
     """A server context for ``listener`` with this certificate (raises OSError/SSLError)."""
+    return server_context(listener.min_tls_version, certfile, keyfile)
+
+
+def server_context(version: str, certfile: Path, keyfile: Path | None) -> ssl.SSLContext:
+    """A TLS server context, TLS ``version`` or newer, serving this certificate: the
+    listeners' and the HTTP endpoint's. Raises OSError/SSLError, or ValueError for a key
+    with a passphrase (never OpenSSL's prompt on the terminal)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    version = listener.min_tls_version
     if version in LEGACY_VERSIONS:
         with warnings.catch_warnings():  # Python deprecates the constants, not the need
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -85,6 +92,19 @@ class Served:
     stamp: bytes  # the files' contents' digest, to tell a renewal from a no-op
 
 
+def serve_current(base: ssl.SSLContext, current: Callable[[], ssl.SSLContext | None]) -> None:
+    """Make a listening socket's ``base`` context hand each new connection ``current()``:
+    its SNI callback runs in every handshake, so a certificate swapped in is served from the
+    next connection on without closing the socket (a renewal, a SIGHUP)."""
+    def pick(sslobj: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
+             context: ssl.SSLContext) -> None:
+        chosen = current()
+        if chosen is not None and chosen is not context:
+            sslobj.context = chosen
+
+    base.sni_callback = pick
+
+
 class ServerTLS:
     """One listener's TLS: ``context`` for the server, certificates swapped under it."""
 
@@ -99,7 +119,7 @@ class ServerTLS:
         self.served = self._build()
         # The first context doubles as the server's; later ones are swapped in by _pick.
         self.context = self.served.context
-        self.context.sni_callback = self._pick
+        serve_current(self.context, self._current)
         return self.served
 
     def reload(self, listener: Listener) -> bool:
@@ -121,11 +141,8 @@ class ServerTLS:
                  served.source, served.fingerprint)
         return True
 
-    def _pick(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
-              base: ssl.SSLContext) -> None:
-        served = self.served
-        if served is not None and served.context is not base:
-            sslobj.context = served.context
+    def _current(self) -> ssl.SSLContext | None:
+        return self.served.context if self.served is not None else None
 
     def _files(self) -> tuple[Path, Path | None]:
         listener = self.listener
