@@ -66,14 +66,6 @@ async def verify(password_hash: str | None, password: bytes) -> bool:
     return await asyncio.to_thread(_verify, password_hash, password)
 
 
-async def authenticate(config: Config, username: bytes, password: bytes) -> Account | None:
-    """The account these credentials belong to, or None (no cache, no limits: see
-    :class:`relay.limits.AuthGuard` for the listeners' path)."""
-    account, password_hash = password_hash_for(config, username)
-    ok = await verify(password_hash, password)
-    return account if ok and account is not None else None
-
-
 class CredentialCache:
     """Credentials that passed an argon2 check recently, as Dovecot's ``auth_cache`` keeps them.
 
