@@ -552,3 +552,18 @@ async def test_config_from_env_as_in_the_container(sandbox: Sandbox, tmp_path: P
                                    "--config-from-env", "--json")
     assert code == 0, out + err
     assert json.loads(out)["accounts"][0]["mailbox"] == "scanner@contoso.example"
+
+
+def test_a_link_before_the_broken_one_is_not_blamed_on_it() -> None:
+    # A delegated sign-in goes from the credential straight to the token; with the sign-in
+    # revoked, doctor said the token endpoint was "not checked: an earlier link is broken".
+    from relay.doctor.report import AccountReport, Check, Status
+
+    report = AccountReport("alice", "person", "alice@contoso.example",
+                           checks=[Check("credential", Status.OK), Check("token", Status.FAIL)])
+    report.complete(send_asked=False)
+    detail = {c.link: c.detail for c in report.checks}
+    assert detail["token_endpoint"] == "not checked"
+    assert detail["upstream"] == "not checked: an earlier link is broken"
+    assert detail["send"] == "not asked for (use --send-to)"
+    assert [c.link for c in report.checks][:3] == ["credential", "token_endpoint", "token"]

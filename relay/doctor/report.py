@@ -73,14 +73,20 @@ class AccountReport:
     def complete(self, *, send_asked: bool) -> None:
         """List every link: those not reached are SKIPPED, so the checklist shows the chain."""
         seen = {c.link for c in self.checks}
-        why = "not checked: an earlier link is broken" if self.broken else "not checked"
+        order = [link for link, _ in LINKS]
+        broken = self.broken
+        # Only links after the broken one were left for its sake; one before it was not part
+        # of this account's chain (a delegated sign-in asks no endpoint check first).
+        after = order.index(broken.link) if broken is not None else len(order)
         skip = _SMTP_LINKS if self.transport == "graph" else {"graph"}
         for link in (link for link, _ in LINKS if link not in skip):
             if link in seen:
                 continue
-            reason = why if link != "send" or send_asked else "not asked for (use --send-to)"
+            reason = ("not checked: an earlier link is broken" if order.index(link) > after
+                      else "not checked")
+            if link == "send" and not send_asked:
+                reason = "not asked for (use --send-to)"
             self.checks.append(Check(link, Status.SKIPPED, detail=reason))
-        order = [link for link, _ in LINKS]
         self.checks.sort(key=lambda c: order.index(c.link))
 
     def to_json(self) -> dict[str, Any]:
