@@ -420,3 +420,22 @@ async def test_hang_up_in_the_middle_of_the_message(relays: RelayFactory,
     await wait_until(lambda: not any(queue.iterdir()))  # all the relay took is delivered
     [got] = sandbox.exchange.messages
     assert message_from_bytes(got.data)["Subject"] == "scan"
+
+
+async def test_600_recipients_get_452_for_the_extra_ones_and_the_message_goes(
+        relays: RelayFactory, sandbox: Sandbox) -> None:
+    # An application mailing a list: recipients over max_recipients (500) are answered 452,
+    # and the client sends them again in another transaction. Each 452 counted as an error,
+    # so the session was closed with 421 at the 21st, before DATA: nothing was sent.
+    relay = await relays.start()
+    async with await opened(relay) as client:
+        await client.command("EHLO app")
+        assert (await client.command("MAIL FROM:<app@printers.example>")).startswith("250")
+        rcpts = b"".join(f"RCPT TO:<r{i}@example.org>\r\n".encode() for i in range(600))
+        await client.send(rcpts)  # pipelined, as a client with PIPELINING would
+        replies = [await client.reply() for _ in range(600)]
+        assert [r[:3] for r in replies] == ["250"] * 500 + ["452"] * 100, replies[-1]
+        assert (await client.command("DATA")).startswith("354")
+        assert (await send_body(client)).startswith("250")
+    [got] = await arrived(sandbox)
+    assert len(got.rcpt_tos) == 500

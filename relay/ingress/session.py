@@ -43,6 +43,12 @@ log = logging.getLogger("m365relay.listener")
 _JUNK = ("NOOP", "RSET", "VRFY", "EXPN", "HELP", "EHLO", "HELO")
 _SIZE_REFUSED = "552 Error: message size exceeds"  # aiosmtpd's reply to MAIL ... SIZE=
 _BOGUS_LIMIT = "502 5.5.1 Too many unrecognized commands"  # aiosmtpd hangs up after it
+# Recipients over max_recipients are answered 452 and sent again by the client in another
+# transaction (RFC 5321 4.5.3.1.10); as Postfix's smtpd_recipient_overshoot_limit, only
+# this many in a session count as errors toward max_errors, or a 600-recipient list mail
+# would be cut off with 421 after 20 of its extra recipients.
+_OVER_RECIPIENTS = "452 4.5.3 Too many recipients"
+_RECIPIENT_OVERSHOOT = 1000
 # A real client answers the banner within milliseconds. At a connection limit, one silent for
 # a second after it is a flood socket or a dead client, and gives its slot to a newcomer.
 _SILENT_GRACE = 1.0
@@ -116,6 +122,7 @@ class RelaySMTP(CompatSMTP):
         self._busy = False  # the DATA hook is spooling: let it answer before any timeout
         self._junk = 0
         self._errors = 0
+        self._overshoot = 0  # recipients answered 452 for max_recipients
         self._auth_failures = 0
         self._close_after_reply = False
         self._unlogged_connect = ""  # a loopback connection's listener, until its first command
@@ -302,7 +309,9 @@ class RelaySMTP(CompatSMTP):
             replaced = text = self._too_big()
         elif text.startswith(_BOGUS_LIMIT):  # every hang-up of ours says 421
             replaced = text = "421 4.7.0 Too many unrecognized commands, closing"
-        if text[:1] in ("4", "5") and not text.startswith("421"):
+        if text.startswith(_OVER_RECIPIENTS) and self._overshoot < _RECIPIENT_OVERSHOOT:
+            self._overshoot += 1
+        elif text[:1] in ("4", "5") and not text.startswith("421"):
             self._errors += 1
             listener = self.relay_handler.listener
             if self._errors > listener.max_errors:
