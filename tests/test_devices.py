@@ -439,3 +439,20 @@ async def test_600_recipients_get_452_for_the_extra_ones_and_the_message_goes(
         assert (await send_body(client)).startswith("250")
     [got] = await arrived(sandbox)
     assert len(got.rcpt_tos) == 500
+
+
+async def test_non_ascii_addresses_with_smtputf8_are_delivered(relays: RelayFactory,
+                                                              sandbox: Sandbox) -> None:
+    # The listener offers SMTPUTF8 and took such a message with 250; delivery then failed at
+    # every retry for 5 days ("internal error: UnicodeEncodeError ... ascii"), then bounced.
+    relay = await relays.start()
+    async with await opened(relay) as client:
+        await client.command("EHLO app")
+        mail = "MAIL FROM:<jörg@printers.example> SMTPUTF8".encode()
+        assert (await client.command(mail)).startswith("250")
+        assert (await client.command("RCPT TO:<jürgen@example.org>".encode())).startswith("250")
+        assert (await client.command("DATA")).startswith("354")
+        assert (await send_body(client, "Subject: Grüße\r\n\r\nhallo\r\n".encode())
+                ).startswith("250")
+    [got] = await arrived(sandbox)
+    assert list(got.rcpt_tos) == ["jürgen@example.org"]

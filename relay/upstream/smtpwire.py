@@ -105,8 +105,17 @@ async def _transaction(smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[
         options += b" SIZE=%d" % size
     if eightbit and smtp.supports_extension("8bitmime"):
         options += b" BODY=8BITMIME"
-    commands = [_command(b"MAIL FROM:", sender) + options,
-                *(_command(b"RCPT TO:", rcpt) for rcpt in recipients), b"DATA"]
+    # Non-ASCII addresses (the listener offers SMTPUTF8, RFC 6531) go out as UTF-8 with the
+    # SMTPUTF8 parameter; to a server without it they cannot go at all, which is permanent.
+    utf8 = not (sender.isascii() and all(rcpt.isascii() for rcpt in recipients))
+    if utf8:
+        if not smtp.supports_extension("smtputf8"):
+            raise aiosmtplib.SMTPSenderRefused(
+                553, "5.6.7 the envelope has non-ASCII addresses and the server does not "
+                     "offer SMTPUTF8 (RFC 6531)", sender)
+        options += b" SMTPUTF8"
+    commands = [_command(b"MAIL FROM:", sender, utf8) + options,
+                *(_command(b"RCPT TO:", rcpt, utf8) for rcpt in recipients), b"DATA"]
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
@@ -131,11 +140,11 @@ async def _transaction(smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[
 
 
 @functools.lru_cache(maxsize=1024)
-def _command(verb: bytes, address: str) -> bytes:
+def _command(verb: bytes, address: str, utf8: bool = False) -> bytes:
     # quote_address validates as sendmail does (email.utils.parseaddr: tens of microseconds;
     # a relay sends as a few mailboxes to a few recurring addresses, hence the cache); ASCII
-    # as sendmail without SMTPUTF8.
-    quoted = quote_address(address).encode("ascii")
+    # as sendmail without SMTPUTF8, UTF-8 with it.
+    quoted = quote_address(address).encode("utf-8" if utf8 else "ascii")
     if _CONTROL.search(quoted):
         raise ValueError("Command arg contains a prohibited control character")
     return verb + quoted
