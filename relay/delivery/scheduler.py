@@ -11,8 +11,11 @@ class decides the rest: :class:`DeferError` → backoff and retry, :class:`Bounc
 ``failed/``; a :class:`LaneError` (connect, TLS, token, login) or a 421 pauses the whole lane
 instead of letting every queued message hammer a broken path.
 
-Per message, one thread hop claims and reads the spooled file (a large one is only verified,
-then sent from the file in pieces), and one removes it after the 250.
+The queue is a :class:`~relay.spool.base.Store`: per message, one call claims and loads it
+(:meth:`~relay.spool.base.Store.checkout`; the file store verifies a large one and sends it
+from the file in pieces), one removes it after the 250 (:meth:`~relay.spool.base.Store.checkin`).
+Changes made outside the schedule (``m365relay queue``, another node) arrive through the store's
+change notification, which :meth:`Delivery.follow` applies.
 """
 
 from __future__ import annotations
@@ -32,13 +35,18 @@ from relay.delivery.events import Events
 from relay.delivery.pacing import Pacer
 from relay.diagnosis.errors import AuthRejected, BounceError, DeferError, DeliveryError, TokenError
 from relay.message import DeliveryState, Envelope, Message, QueueEntry
-from relay.spool.store import Claim, Spool, SpoolMissingError
+from relay.spool.base import Change, CheckOut, SpoolError, SpoolMissingError, Store
 from relay.tokens.provider import TokenProvider
+from relay.upstream.counts import Opened
 from relay.upstream.graph import GraphConnection
 from relay.upstream.smtp import LaneError, UpstreamConnection
 
 log = logging.getLogger("m365relay.delivery")
+qlog = logging.getLogger("m365relay.queue")  # operators' changes, as `m365relay queue` logs
 Upstream = UpstreamConnection | GraphConnection  # apps.<name>.transport: smtp | graph
+_DONE = {"retry": "retry now", "release": "released", "bounce": "bounce requested",
+         "hold": "put on hold", "delete": "deleted", "commit": "accepted"}
+_MAX_ID = 200  # how much of an unknown notice a log line repeats
 
 
 @dataclass
@@ -64,31 +72,16 @@ class _Lane:
     freed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@dataclass
-class _CheckOut:
-    """A message taken out for one attempt: its claim (None when locking failed), and the
-    verified message or why it could not be read."""
-    claim: Claim | None = None
-    message: Message | None = None
-    error: OSError | None = None
-    lock_error: OSError | None = None
-
-    def close(self) -> None:
-        if self.message is not None:
-            self.message.close()
-        if self.claim is not None:
-            self.claim.release()
-
-
 class Delivery:
-    def __init__(self, config: Config, spool: Spool, tokens: TokenProvider, *,
+    def __init__(self, config: Config, store: Store, tokens: TokenProvider, *,
                  clock: Callable[[], float] = time.time, hostname: str | None = None) -> None:
         self.config = config
-        self.spool = spool
+        self.store = store
         self.tokens = tokens
         self.counters = Counters()
         self.events = Events()  # per-account outcomes and recent ones, for /metrics and /
         self.connections: set[Upstream] = set()  # held by workers, for /metrics
+        self.opened = Opened()  # connections opened, both transports, passthrough's too
         self._clock = clock
         self._hostname = hostname or config.hostname or socket.gethostname()
         self._lanes: dict[tuple[str, str], _Lane] = {}
@@ -96,7 +89,7 @@ class Delivery:
         self._stopping = False
         # Within Exchange's per-mailbox limits (delivery.pacing); reads the settings live so a
         # reload applies.
-        self.pacer = Pacer(lambda: self.config.delivery.pacing, spool.directory, clock)
+        self.pacer = Pacer(lambda: self.config.delivery.pacing, config.spool.directory, clock)
 
     # --- intake ------------------------------------------------------------------------
 
@@ -153,7 +146,17 @@ class Delivery:
             return None
         kind = GraphConnection if app.transport == "graph" else UpstreamConnection
         return kind(app_name=app_name, app=app, mailbox=mailbox, tokens=self.tokens,
-                    timeout=self.config.delivery.timeout, local_hostname=self._hostname)
+                    timeout=self.config.delivery.timeout, local_hostname=self._hostname,
+                    opened=self.opened)
+
+    def slot_limit(self) -> int:
+        """``delivery.connections_per_mailbox``, as it is after the last reload."""
+        return self.config.delivery.connections_per_mailbox
+
+    def delivered(self, mailbox: str, count: int) -> None:
+        """Count recipients a passthrough transaction got accepted, as a worker would."""
+        self.counters.delivered += count
+        self.pacer.sent(mailbox, count)
 
     @contextlib.asynccontextmanager
     async def borrow(self, app: str, mailbox: str, timeout: float) -> AsyncIterator[bool]:
@@ -235,7 +238,8 @@ class Delivery:
             return
         upstream = GraphConnection if app.transport == "graph" else UpstreamConnection
         conn = upstream(app_name=lane.app, app=app, mailbox=lane.mailbox, tokens=self.tokens,
-                        timeout=settings.timeout, local_hostname=self._hostname)
+                        timeout=settings.timeout, local_hostname=self._hostname,
+                        opened=self.opened)
         self.connections.add(conn)
         try:
             while not self._stopping:
@@ -281,54 +285,27 @@ class Delivery:
         return True
 
     async def _attempt(self, lane: _Lane, conn: Upstream, entry: QueueEntry) -> None:
-        """One attempt under the message's spool claim, so ``m365relay queue`` never acts on
-        it at the same moment."""
-        out = await asyncio.to_thread(self._check_out, entry.id)
+        """One attempt under the message's claim, so ``m365relay queue`` never acts on it at
+        the same moment."""
+        out = await self.store.checkout(entry.id)
         if out.lock_error is not None:
             # e.g. no locks on this filesystem: delivering unlocked beats not delivering.
             log.warning("%s: cannot lock the queued message (%s); delivering anyway", entry.id,
                         out.lock_error)
-        elif out.claim is None:
+        elif out.missing:
             log.info("%s: no longer queued (delivered, held or deleted meanwhile); dropped from "
                      "the schedule", entry.id)
             return
         try:
-            # The state on disk has the operator's changes (bounce); the one in memory is newer
-            # only if saving it failed.
+            # The state in the store has the operator's changes (bounce); the one in memory is
+            # newer only if saving it failed.
             if out.claim is not None and out.claim.state.attempts >= entry.state.attempts:
                 entry = replace(entry, state=out.claim.state)
             await self._deliver(lane, conn, entry, out)
         finally:
-            out.close()  # already done in the thread when the message was removed
+            await self.store.checkin(out)  # a no-op when it was removed after delivery
 
-    def _check_out(self, queue_id: str) -> _CheckOut:
-        """Claim and read (or, when large, verify) a message: one thread hop for both."""
-        out = _CheckOut()
-        try:
-            out.claim = self.spool.claim(queue_id)
-        except OSError as exc:
-            out.lock_error = exc
-        else:
-            if out.claim is None:
-                return out
-        try:
-            out.message = self.spool.load(queue_id, claim=out.claim)
-        except OSError as exc:
-            out.error = exc
-        except BaseException:
-            out.close()
-            raise
-        return out
-
-    def _remove(self, queue_id: str, out: _CheckOut) -> None:
-        """Forget a delivered message, then let go of its file, in a thread: closing the last
-        descriptor of an unlinked file frees it, which is disk work too."""
-        try:
-            self.spool.remove(queue_id)
-        finally:
-            out.close()
-
-    async def _deliver(self, lane: _Lane, conn: Upstream, entry: QueueEntry, out: _CheckOut
+    async def _deliver(self, lane: _Lane, conn: Upstream, entry: QueueEntry, out: CheckOut
                        ) -> None:
         env, state = entry.envelope, entry.state
         rcpts = list(state.pending_rcpts if state.pending_rcpts is not None else env.rcpt_tos)
@@ -392,7 +369,7 @@ class Delivery:
             self.pacer.throttled((lane.app, lane.mailbox.lower()), first)
             await self._defer(entry, later, first)
         elif not bounced:
-            await asyncio.to_thread(self._remove, entry.id, out)
+            await self.store.checkin(out, remove=True)
             log.info("%s: removed", entry.id)
 
     def _block(self, lane: _Lane, exc: DeliveryError) -> None:
@@ -427,7 +404,7 @@ class Delivery:
                         self._trail(entry), exc.describe(), wait)
             self.events.record("deferred", entry, rcpt, exc.describe(), exc.code)
         try:
-            await asyncio.to_thread(self.spool.save_state, entry.id, state)
+            await self.store.save_state(entry.id, state)
         except OSError as exc2:
             # The message itself is safe; only its retry schedule is lost (it retries sooner).
             log.error("%s: cannot save retry state: %s", entry.id, exc2)
@@ -454,7 +431,7 @@ class Delivery:
         if not keep:
             reason = "\n".join(f"<{r}>: {why}" for r, why in failed.items())
             try:
-                path = await asyncio.to_thread(self.spool.fail, entry.id, reason)
+                path = await self.store.fail(entry.id, reason)
             except OSError as exc:
                 # The DSN is out; the copy stays in queue/ and is bounced again on the next
                 # start, which is better than losing the evidence.
@@ -477,12 +454,49 @@ class Delivery:
                            app=env.app, mailbox=env.mailbox, bounce_to="", client="local",
                            received_at=self._clock(), original_from="", is_dsn=True)
         try:
-            dsn_id = await asyncio.to_thread(self.spool.commit, dsn_env, dsn)
+            dsn_id = await self.store.commit(dsn_env, dsn)
         except OSError as exc:
             log.error("%s: cannot spool the DSN for <%s>: %s", entry.id, env.bounce_to, exc)
             return
         log.info("%s: sender non-delivery notification: %s", entry.id, dsn_id)
         self.submit(QueueEntry(dsn_id, dsn_env, DeliveryState(), len(dsn)))
+
+    # --- changes made outside the schedule ------------------------------------------------
+
+    async def follow(self) -> None:
+        """Apply the store's change notices (``m365relay queue``, other nodes) until cancelled;
+        one at a time and in order: "hold X" then "release X" must not swap."""
+        async for change in self.store.changes():
+            try:
+                await self._apply(change)
+            except Exception:
+                qlog.exception("queue control: could not apply %s %s", change.verb,
+                              change.queue_id[:_MAX_ID])
+
+    async def _apply(self, change: Change) -> None:
+        verb, queue_id = change.verb, change.queue_id
+        if verb == "retry" and queue_id == "*":
+            entries = await self.store.entries()
+            qlog.info("queue: every queued message (%d) to be tried now, as an operator asked",
+                     len(entries))
+            self.expedite(entries)
+            return
+        if verb not in _DONE:
+            qlog.warning("queue control: ignored unknown notice %r", verb[:_MAX_ID])
+            return
+        try:
+            entry = (None if verb in ("hold", "delete") else await self.store.entry(queue_id))
+        except SpoolError as exc:
+            qlog.warning("queue control: ignored %s %r: %s", verb, queue_id[:_MAX_ID], exc)
+            return
+        if verb != "commit":
+            qlog.info("%s: %s by an operator (m365relay queue)", queue_id, _DONE[verb])
+        if entry is None:
+            self.forget({queue_id})
+        elif verb == "commit":
+            self.submit(entry)  # another node accepted it
+        else:
+            self.expedite([entry])
 
     # --- lifecycle -----------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ its own registry, so nothing is global. Counts of mail are per recipient, like t
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,8 +19,7 @@ from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.message import QueueEntry
-from relay.spool.store import Spool
-from relay.upstream.smtp import UpstreamConnection
+from relay.spool.base import Store
 
 if TYPE_CHECKING:
     from relay.http.view import RelayView
@@ -60,12 +58,10 @@ def summarize(entries: list[QueueEntry], held: int = 0) -> QueueSummary:
     return QueueSummary(len(entries), oldest, tuple(mailboxes), held)
 
 
-async def read_queue(spool: Spool) -> QueueSummary:
-    """The queue as on disk (which includes messages waiting for a retry): a directory scan,
-    so it runs in a thread. Looking must not change the spool, so nothing is quarantined."""
-    def scan() -> QueueSummary:
-        return summarize(spool.entries(quarantine=False), len(spool.held_entries()))
-    return await asyncio.to_thread(scan)
+async def read_queue(store: Store) -> QueueSummary:
+    """The queue as the store has it (which includes messages waiting for a retry). Looking
+    must not change it, so nothing is quarantined."""
+    return summarize(await store.entries(quarantine=False), len(await store.held_entries()))
 
 
 class RelayCollector(Collector):
@@ -169,8 +165,8 @@ class RelayCollector(Collector):
         delivery = self.relay.delivery
         yield CounterMetricFamily(
             "m365relay_upstream_connections_opened",
-            "Connections to Exchange Online opened (attempts, by this process)",
-            value=UpstreamConnection.opened_total)
+            "Connections to Exchange Online opened (attempts, SMTP and Graph, by this relay)",
+            value=delivery.opened.total)
         yield GaugeMetricFamily(
             "m365relay_upstream_connections_open", "Connections to Exchange Online open now",
             value=sum(1 for conn in list(delivery.connections) if conn.connected))
@@ -178,9 +174,9 @@ class RelayCollector(Collector):
                                    "Failed device logins (AUTH PLAIN/LOGIN)", labels=["listener"])
         sessions = GaugeMetricFamily("m365relay_smtp_sessions", "Device SMTP sessions open now",
                                      labels=["listener"])
-        for handler in self.relay.handlers:
-            auth.add_metric([handler.listener.name], handler.auth_failures)
-            sessions.add_metric([handler.listener.name], len(handler.sessions))
+        for listener in self.relay.listener_snapshots():
+            auth.add_metric([listener.name], listener.auth_failures)
+            sessions.add_metric([listener.name], listener.sessions)
         yield auth
         yield sessions
 

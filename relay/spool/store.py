@@ -6,8 +6,8 @@ one message at once (see ``relay/queue``).
 
 A message is acknowledged to the client (250) only after :meth:`Spool.commit` returns, and by
 then the envelope and content sit together in one fsynced file whose directory entry is also
-fsynced. Everything here is blocking I/O; the async callers run it through
-``asyncio.to_thread``.
+fsynced. Everything here is blocking I/O; :class:`relay.spool.filestore.FileStore` puts it
+behind the async :class:`relay.spool.base.Store` interface that the rest of the relay uses.
 
 Layout under the spool directory::
 
@@ -47,6 +47,14 @@ from relay.message import (
     QueueEntry,
     content_parts,
 )
+from relay.spool.base import (
+    SpoolBusyError,
+    SpoolCorruptError,
+    SpoolError,
+    SpoolFullError,
+    SpoolMissingError,
+    SpoolWriteError,
+)
 
 __all__ = [
     "INLINE_LIMIT",
@@ -84,34 +92,6 @@ Opener = Callable[[str, int, int], int]
 # READ_CHUNK pieces straight from the spool file, so a 30 MB scan costs no 30 MB of memory.
 INLINE_LIMIT = 1024 * 1024
 _IOV_MAX = 1024  # the smallest IOV_MAX (POSIX minimum is 16, Linux and BSDs have 1024)
-
-
-class SpoolError(OSError):
-    """Base class for spool failures.
-
-    An OSError, like the failures it wraps, so callers that guard disk I/O with
-    ``except OSError`` also catch these (the aiosmtplib habit of inheriting the builtin kind).
-    """
-
-
-class SpoolFullError(SpoolError):
-    """The spool filesystem is out of space or quota; the client should retry later (452)."""
-
-
-class SpoolWriteError(SpoolError):
-    """Any other failure to store a message durably; the client should retry later (451)."""
-
-
-class SpoolMissingError(SpoolError):
-    """The message is no longer in queue/ (delivered, failed or moved aside): stop scheduling it."""
-
-
-class SpoolCorruptError(SpoolMissingError):
-    """A queued file no longer matches what was committed; it has been moved to corrupt/."""
-
-
-class SpoolBusyError(SpoolError):
-    """Another process (a delivery attempt) held the message's lock for longer than we waited."""
 
 
 class Claim:

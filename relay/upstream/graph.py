@@ -25,6 +25,7 @@ from relay.diagnosis.explain import Context, Explanation, Verdict, explain_conne
 from relay.diagnosis.graph import explain_graph
 from relay.message import Body, Message, content_parts
 from relay.tokens.provider import TokenProvider
+from relay.upstream.counts import Opened
 from relay.upstream.graph_api import GraphClient, GraphHTTPError, with_envelope_recipients
 from relay.upstream.smtp import LaneError
 
@@ -41,11 +42,11 @@ _Action = Callable[[GraphClient], str | None]
 class GraphConnection:
     """Sends through Graph as one mailbox; keeps one HTTPS session (connection reuse)."""
 
-    opened_total = 0
-
     def __init__(self, *, app_name: str, app: App, mailbox: str, tokens: TokenProvider,
-                 timeout: float = 60.0, local_hostname: str | None = None) -> None:
+                 timeout: float = 60.0, local_hostname: str | None = None,
+                 opened: Opened | None = None) -> None:
         del local_hostname  # SMTP's EHLO name; HTTP has no equivalent
+        self.opened = opened if opened is not None else Opened()  # the relay's, for /metrics
         self.app_name = app_name
         self.app = app
         self.mailbox = mailbox
@@ -80,7 +81,7 @@ class GraphConnection:
             # tokens' session: verification always on, `ca_file` honoured, REQUESTS_CA_BUNDLE
             # cannot override it, default timeout.
             self._session = self._tokens.http_session(self.app_name)
-            GraphConnection.opened_total += 1
+            self.opened.total += 1
         return self._session
 
     async def login(self) -> None:

@@ -19,6 +19,7 @@ from relay.diagnosis.errors import AuthRejected, DeferError, DeliveryError, erro
 from relay.diagnosis.explain import Context, Verdict, explain_connection_error, explain_smtp
 from relay.message import Body
 from relay.tokens.provider import TokenProvider
+from relay.upstream.counts import Opened
 from relay.upstream.smtpwire import send_mail
 
 log = logging.getLogger("m365relay.upstream")
@@ -59,11 +60,10 @@ class LaneError(DeferError):
 class UpstreamConnection:
     """A reusable connection; ``send`` connects and logs in on first use or after a drop."""
 
-    opened_total = 0  # connections opened by this process; shown in metrics and the benchmark
-
     def __init__(self, *, app_name: str, app: App, mailbox: str, tokens: TokenProvider,
                  timeout: float = 60.0, local_hostname: str | None = None,
-                 context: ssl.SSLContext | None = None) -> None:
+                 context: ssl.SSLContext | None = None, opened: Opened | None = None) -> None:
+        self.opened = opened if opened is not None else Opened()  # the relay's, for /metrics
         self.app_name = app_name
         self.app = app
         self.mailbox = mailbox
@@ -114,7 +114,7 @@ class UpstreamConnection:
                                local_hostname=self._local_hostname)
         stage = "connect"
         try:
-            UpstreamConnection.opened_total += 1
+            self.opened.total += 1
             await smtp.connect()
             stage = "ehlo"
             # aiosmtplib forgets the extensions after STARTTLS until we EHLO again.
