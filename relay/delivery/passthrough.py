@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
@@ -33,7 +32,6 @@ from relay.spool.base import Store
 
 log = logging.getLogger("m365relay.passthrough")
 
-_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 _MAX_TEXT = 400  # SMTP reply lines stay under 512 octets (RFC 5321 4.5.3.1.5)
 
 
@@ -45,8 +43,7 @@ def client_reply(exc: DeliveryError) -> str:
     if code is None:
         code = 554 if permanent else 451
     text = " ".join(exc.describe().split())
-    match = _STATUS.search(str(exc))
-    status = match.group(0) if match and match.group(1) == digit else f"{digit}.4.0"
+    status = exc.status if exc.status.startswith(digit) else f"{digit}.4.0"
     if len(text) > _MAX_TEXT:
         text = text[: _MAX_TEXT - 3] + "..."
     return f"{code} {status} Upstream refused: {text}"

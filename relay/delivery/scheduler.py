@@ -33,7 +33,17 @@ from relay.config.records import Config
 from relay.delivery.dsn import build_dsn
 from relay.delivery.events import Events
 from relay.delivery.pacing import Pacer
-from relay.diagnosis.errors import AuthRejected, BounceError, DeferError, DeliveryError, TokenError
+from relay.diagnosis.errors import (
+    AuthRejected,
+    BounceError,
+    DeferError,
+    DeliveryError,
+    Outcome,
+    TokenError,
+    accepted_reply,
+    enhanced_status,
+    log_extra,
+)
 from relay.message import DeliveryState, Envelope, Message, QueueEntry
 from relay.spool.base import Change, CheckOut, SpoolError, SpoolMissingError, Store
 from relay.tokens.provider import TokenProvider
@@ -321,17 +331,20 @@ class Delivery:
             return
         data = out.message
         if state.bounce_reason:  # `m365relay queue bounce`: handled like a 5xx
-            await self._bounce(entry, dict.fromkeys(rcpts, state.bounce_reason), rcpts, data)
+            why = Outcome(state.bounce_reason, status=enhanced_status(state.bounce_reason)
+                          or "5.0.0", permanent=True)
+            await self._bounce(entry, dict.fromkeys(rcpts, why), rcpts, data)
             return
         if age > self.config.delivery.max_age:
             reason = (f"5.4.7 message expired: not delivered in {age / 86400:.1f} days "
                       f"(delivery.max_age); last error: {state.last_error or 'none'}")
-            await self._bounce(entry, dict.fromkeys(rcpts, reason), rcpts, data)
+            expired = Outcome(reason, status="5.4.7", permanent=True)
+            await self._bounce(entry, dict.fromkeys(rcpts, expired), rcpts, data)
             return
         try:
             refused, reply = await conn.send(env.mail_from, rcpts, data)
         except BounceError as exc:
-            await self._bounce(entry, dict.fromkeys(rcpts, exc.describe()), rcpts, data)
+            await self._bounce(entry, dict.fromkeys(rcpts, exc.outcome()), rcpts, data)
             return
         except DeferError as exc:
             self.pacer.throttled((lane.app, lane.mailbox.lower()), exc)
@@ -354,13 +367,14 @@ class Delivery:
             for _ in range(len(lane.ready)):  # the path works again: back to full width
                 self._kick(lane)
         accepted = [r for r in rcpts if r not in refused]
+        sent = accepted_reply(reply)
         for rcpt in accepted:
             log.info("%s: to=<%s>, relay=%s, delay=%.1f, status=sent (%s)", entry.id, rcpt,
-                     conn.relay, age, reply)
-            self.events.record("sent", entry, rcpt, reply)
+                     conn.relay, age, reply, extra=log_extra(sent))
+            self.events.record("sent", entry, rcpt, sent)
         self.counters.delivered += len(accepted)
         self.pacer.sent(lane.mailbox, len(accepted))
-        bounced = {r: e.describe() for r, e in refused.items() if isinstance(e, BounceError)}
+        bounced = {r: e.outcome() for r, e in refused.items() if isinstance(e, BounceError)}
         later = [r for r, e in refused.items() if not isinstance(e, BounceError)]
         if bounced:
             await self._bounce(entry, bounced, rcpts, data, keep=later)
@@ -399,10 +413,11 @@ class Delivery:
         state = DeliveryState(attempts=attempts, next_attempt_at=self._clock() + wait,
                               pending_rcpts=tuple(rcpts), last_error=exc.describe()[:2000])
         self.counters.deferred += 1
+        outcome = exc.outcome()
         for rcpt in rcpts:
             log.warning("%s: to=<%s>, %s, status=deferred (%s), retry in %ds", entry.id, rcpt,
-                        self._trail(entry), exc.describe(), wait)
-            self.events.record("deferred", entry, rcpt, exc.describe(), exc.code)
+                        self._trail(entry), outcome.text, wait, extra=log_extra(outcome))
+            self.events.record("deferred", entry, rcpt, outcome)
         try:
             await self.store.save_state(entry.id, state)
         except OSError as exc2:
@@ -418,18 +433,18 @@ class Delivery:
             relay = app.graph_endpoint.removeprefix("https://")
         return f"relay={relay}, delay={self._clock() - entry.envelope.received_at:.1f}"
 
-    async def _bounce(self, entry: QueueEntry, failed: dict[str, str], rcpts: list[str],
+    async def _bounce(self, entry: QueueEntry, failed: dict[str, Outcome], rcpts: list[str],
                       data: Message, keep: list[str] | None = None) -> None:
         env = entry.envelope
         self.counters.bounced += len(failed)
         for rcpt, why in failed.items():
             log.error("%s: to=<%s>, %s, status=bounced (%s)", entry.id, rcpt,
-                      self._trail(entry), why)
+                      self._trail(entry), why.text, extra=log_extra(why))
             self.events.record("bounced", entry, rcpt, why)
         if env.bounce_to:
             await self._send_dsn(entry, failed, data)
         if not keep:
-            reason = "\n".join(f"<{r}>: {why}" for r, why in failed.items())
+            reason = "\n".join(f"<{r}>: {why.text}" for r, why in failed.items())
             try:
                 path = await self.store.fail(entry.id, reason)
             except OSError as exc:
@@ -439,7 +454,7 @@ class Delivery:
             else:
                 log.info("%s: kept in %s", entry.id, path)
 
-    async def _send_dsn(self, entry: QueueEntry, failed: dict[str, str], message: Message
+    async def _send_dsn(self, entry: QueueEntry, failed: dict[str, Outcome], message: Message
                         ) -> None:
         env = entry.envelope
         # Bounces are rare: reading a large message whole for its DSN is fine.

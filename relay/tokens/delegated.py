@@ -26,7 +26,7 @@ import requests
 
 from relay import logsafe
 from relay.config.records import App, Config
-from relay.diagnosis.errors import TokenError
+from relay.diagnosis.errors import TokenError, aadsts_code
 from relay.diagnosis.explain import Context, explain_connection_error, explain_token_error
 from relay.tokens.store import TokenStore
 
@@ -200,7 +200,8 @@ class DelegatedTokens:
             return self._fail(name, state, TokenError(
                 f"Entra ID refused to refresh the sign-in of account {name!r} "
                 f"({account.mailbox}): {code}: {description}. Mail waits in the queue; "
-                f"run `{command}` to sign in again", explanation=explanation))
+                f"run `{command}` to sign in again", aadsts=aadsts_code(description),
+                explanation=explanation))
         if state.cache is not None and state.cache.has_state_changed:
             # Refresh tokens rotate: persist the new one before using the access token.
             await asyncio.to_thread(self._save, name, state)

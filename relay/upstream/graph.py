@@ -139,13 +139,16 @@ class GraphConnection:
 
     def _error(self, exc: GraphHTTPError, explanation: Explanation) -> DeliveryError:
         text = f"Microsoft Graph: {exc}"
+        reply = f"{exc.status} {exc.code}: {exc.message}"
         if explanation.verdict is Verdict.BOUNCE:
-            return BounceError(text, code=exc.status, explanation=explanation)
+            return BounceError(text, code=exc.status, graph_code=exc.code, reply=reply,
+                               explanation=explanation)
         if explanation.verdict is Verdict.RETRY_NEW_TOKEN:
-            return AuthRejected(text, code=exc.status, explanation=explanation)
+            return AuthRejected(text, code=exc.status, graph_code=exc.code, reply=reply,
+                                explanation=explanation)
         kind = LaneError if exc.status in _PATH_STATUSES else DeferError
-        return kind(text, code=exc.status, explanation=explanation,
-                    retry_after=exc.retry_after)
+        return kind(text, code=exc.status, graph_code=exc.code, reply=reply,
+                    explanation=explanation, retry_after=exc.retry_after)
 
 
 

@@ -15,7 +15,13 @@ import time
 import aiosmtplib
 
 from relay.config.records import App
-from relay.diagnosis.errors import AuthRejected, DeferError, DeliveryError, error_for
+from relay.diagnosis.errors import (
+    AuthRejected,
+    DeferError,
+    DeliveryError,
+    enhanced_status,
+    error_for,
+)
 from relay.diagnosis.explain import Context, Verdict, explain_connection_error, explain_smtp
 from relay.message import Body
 from relay.tokens.provider import TokenProvider
@@ -149,6 +155,8 @@ class UpstreamConnection:
                 smtp.close()
                 raise AuthRejected(f"{self.relay} rejected XOAUTH2 for {self.mailbox}: "
                                    f"{exc.code} {exc.message}", code=exc.code,
+                                   status=enhanced_status(exc.message),
+                                   reply=f"{exc.code} {exc.message}",
                                    explanation=explanation) from None
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 smtp.close()
@@ -160,8 +168,9 @@ class UpstreamConnection:
         explanation = explain_smtp(code, message, stage=stage, ctx=self._ctx())
         text = f"{self.relay} answered {code} {message} at {stage.upper()}"
         if explanation.verdict is Verdict.BOUNCE:
-            return error_for(text, explanation, code=code, stage=stage)
-        return LaneError(text, code=code, explanation=explanation)
+            return error_for(text, explanation, code=code, reply=message, stage=stage)
+        return LaneError(text, code=code, status=enhanced_status(message),
+                         reply=f"{code} {message}", explanation=explanation)
 
     async def send(self, mail_from: str, rcpts: list[str], body: Body
                    ) -> tuple[dict[str, DeliveryError], str]:
@@ -204,9 +213,9 @@ class UpstreamConnection:
             self._smtp = None
         explanation = explain_smtp(code, message, stage=stage, ctx=ctx)
         return error_for(f"{self.relay} answered {code} {message} at {stage.upper()}",
-                         explanation, code=code, stage=stage)
+                         explanation, code=code, reply=message, stage=stage)
 
     def _rcpt_error(self, exc: aiosmtplib.SMTPRecipientRefused, ctx: Context) -> DeliveryError:
         explanation = explain_smtp(exc.code, exc.message, stage="rcpt", ctx=ctx)
         return error_for(f"{self.relay} refused <{exc.recipient}>: {exc.code} {exc.message}",
-                         explanation, code=exc.code, stage="rcpt")
+                         explanation, code=exc.code, reply=exc.message, stage="rcpt")
