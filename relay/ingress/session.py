@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword, syntax
 
-from relay.config.records import Account, IPNetwork
+from relay.config.records import Account
+from relay.config.values import IPNetwork
 from relay.ingress.data import DataAssembler
 from relay.ingress.smtpbase import FastSMTP
 from relay.policy import passwords as auth
