@@ -20,7 +20,8 @@ from relay.message import Content, DeliveryState, Envelope, Message, QueueEntry
 from relay.spool import notices
 from relay.spool.base import Change, CheckOut
 from relay.spool.base import Claim as AnyClaim
-from relay.spool.store import Claim, Opener, Spool
+from relay.spool.layout import Opener
+from relay.spool.store import Claim, Spool
 
 __all__ = ["FileStore"]
 
