@@ -27,11 +27,12 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from relay.config.records import Config
 from relay.delivery.dsn import build_dsn
 from relay.delivery.events import Events
+from relay.delivery.lanes import Counters, Lane
 from relay.delivery.pacing import Pacer
 from relay.diagnosis.errors import (
     AuthRejected,
@@ -45,41 +46,14 @@ from relay.diagnosis.errors import (
     log_extra,
 )
 from relay.message import DeliveryState, Envelope, Message, QueueEntry
-from relay.spool.base import Change, CheckOut, SpoolError, SpoolMissingError, Store
+from relay.spool.base import CheckOut, SpoolMissingError, Store
 from relay.tokens.provider import TokenProvider
 from relay.upstream.counts import Opened
 from relay.upstream.graph import GraphConnection
 from relay.upstream.smtp import LaneError, UpstreamConnection
 
 log = logging.getLogger("m365relay.delivery")
-qlog = logging.getLogger("m365relay.queue")  # operators' changes, as `m365relay queue` logs
 Upstream = UpstreamConnection | GraphConnection  # apps.<name>.transport: smtp | graph
-_DONE = {"retry": "retry now", "release": "released", "bounce": "bounce requested",
-         "hold": "put on hold", "delete": "deleted", "commit": "accepted"}
-_MAX_ID = 200  # how much of an unknown notice a log line repeats
-
-
-@dataclass
-class Counters:
-    delivered: int = 0  # recipients accepted upstream
-    deferred: int = 0
-    bounced: int = 0    # recipients failed permanently
-
-
-@dataclass
-class _Lane:
-    app: str
-    mailbox: str
-    ready: deque[QueueEntry] = field(default_factory=deque)
-    workers: set[asyncio.Task[None]] = field(default_factory=set)
-    idle: int = 0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    blocked_until: float = 0.0
-    failures: int = 0  # path failures in a row; while > 0 only one worker probes the path
-    pauses: int = 0  # identifies the current pause, so an older pause's timer cannot end it
-    borrowed: int = 0  # connection slots lent to passthrough transactions (delivery/passthrough.py)
-    waiting: int = 0  # passthrough transactions waiting for a slot; idle workers make room
-    freed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Delivery:
@@ -94,7 +68,7 @@ class Delivery:
         self.opened = Opened()  # connections opened, both transports, passthrough's too
         self._clock = clock
         self._hostname = hostname or config.hostname or socket.gethostname()
-        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._lanes: dict[tuple[str, str], Lane] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._stopping = False
         # Within Exchange's per-mailbox limits (delivery.pacing); reads the settings live so a
@@ -206,14 +180,14 @@ class Delivery:
         self._timers.pop(entry.id, None)
         self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
 
-    def _lane(self, envelope: Envelope) -> _Lane:
+    def _lane(self, envelope: Envelope) -> Lane:
         key = (envelope.app, envelope.mailbox.lower())
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(envelope.app, envelope.mailbox)
+            lane = self._lanes[key] = Lane(envelope.app, envelope.mailbox)
         return lane
 
-    def _kick(self, lane: _Lane) -> None:
+    def _kick(self, lane: Lane) -> None:
         if lane.blocked_until > self._clock():
             return
         # A path that just failed gets one probe after its pause, not a worker per message.
@@ -225,7 +199,7 @@ class Delivery:
             lane.workers.add(task)
             task.add_done_callback(lambda t: self._worker_done(lane, t))
 
-    def _worker_done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+    def _worker_done(self, lane: Lane, task: asyncio.Task[None]) -> None:
         lane.workers.discard(task)
         lane.freed.set()
         if not task.cancelled() and task.exception() is not None:
@@ -235,7 +209,7 @@ class Delivery:
 
     # --- workers -------------------------------------------------------------------------
 
-    async def _worker(self, lane: _Lane) -> None:
+    async def _worker(self, lane: Lane) -> None:
         settings = self.config.delivery
         app = self.config.apps.get(lane.app)
         if app is None:
@@ -282,7 +256,7 @@ class Delivery:
             await conn.close()
 
     @staticmethod
-    async def _idle(lane: _Lane, timeout: float) -> bool:
+    async def _idle(lane: Lane, timeout: float) -> bool:
         """Wait for work (a kick, or the end of the lane's pause); False after ``timeout``."""
         lane.idle += 1
         lane.wake.clear()
@@ -294,7 +268,7 @@ class Delivery:
             lane.idle -= 1
         return True
 
-    async def _attempt(self, lane: _Lane, conn: Upstream, entry: QueueEntry) -> None:
+    async def _attempt(self, lane: Lane, conn: Upstream, entry: QueueEntry) -> None:
         """One attempt under the message's claim, so ``m365relay queue`` never acts on it at
         the same moment."""
         out = await self.store.checkout(entry.id)
@@ -315,7 +289,7 @@ class Delivery:
         finally:
             await self.store.checkin(out)  # a no-op when it was removed after delivery
 
-    async def _deliver(self, lane: _Lane, conn: Upstream, entry: QueueEntry, out: CheckOut
+    async def _deliver(self, lane: Lane, conn: Upstream, entry: QueueEntry, out: CheckOut
                        ) -> None:
         env, state = entry.envelope, entry.state
         rcpts = list(state.pending_rcpts if state.pending_rcpts is not None else env.rcpt_tos)
@@ -330,16 +304,9 @@ class Delivery:
             await self._defer(entry, rcpts, DeferError(f"spool read failed: {out.error}"))
             return
         data = out.message
-        if state.bounce_reason:  # `m365relay queue bounce`: handled like a 5xx
-            why = Outcome(state.bounce_reason, status=enhanced_status(state.bounce_reason)
-                          or "5.0.0", permanent=True)
-            await self._bounce(entry, dict.fromkeys(rcpts, why), rcpts, data)
-            return
-        if age > self.config.delivery.max_age:
-            reason = (f"5.4.7 message expired: not delivered in {age / 86400:.1f} days "
-                      f"(delivery.max_age); last error: {state.last_error or 'none'}")
-            expired = Outcome(reason, status="5.4.7", permanent=True)
-            await self._bounce(entry, dict.fromkeys(rcpts, expired), rcpts, data)
+        given_up = self._given_up(entry, age)
+        if given_up is not None:  # an operator's bounce, or too old: handled like a 5xx
+            await self._bounce(entry, dict.fromkeys(rcpts, given_up), rcpts, data)
             return
         try:
             refused, reply = await conn.send(env.mail_from, rcpts, data)
@@ -366,6 +333,27 @@ class Delivery:
             lane.failures = 0
             for _ in range(len(lane.ready)):  # the path works again: back to full width
                 self._kick(lane)
+        await self._sent(lane, conn, entry, out, rcpts=rcpts, refused=refused, reply=reply)
+
+    def _given_up(self, entry: QueueEntry, age: float) -> Outcome | None:
+        """Why this message bounces without an attempt (`m365relay queue bounce`, or older
+        than delivery.max_age), or None."""
+        state = entry.state
+        if state.bounce_reason:
+            return Outcome(state.bounce_reason, permanent=True,
+                           status=enhanced_status(state.bounce_reason) or "5.0.0")
+        if age > self.config.delivery.max_age:
+            reason = (f"5.4.7 message expired: not delivered in {age / 86400:.1f} days "
+                      f"(delivery.max_age); last error: {state.last_error or 'none'}")
+            return Outcome(reason, status="5.4.7", permanent=True)
+        return None
+
+    async def _sent(self, lane: Lane, conn: Upstream, entry: QueueEntry, out: CheckOut, *,
+                    rcpts: list[str], refused: dict[str, DeliveryError], reply: str) -> None:
+        """After Exchange took the message: count, log, and deal with refused recipients."""
+        assert out.message is not None  # noqa: S101 -- it was just sent
+        data = out.message
+        age = self._clock() - entry.envelope.received_at
         accepted = [r for r in rcpts if r not in refused]
         sent = accepted_reply(reply)
         for rcpt in accepted:
@@ -386,7 +374,7 @@ class Delivery:
             await self.store.checkin(out, remove=True)
             log.info("%s: removed", entry.id)
 
-    def _block(self, lane: _Lane, exc: DeliveryError) -> None:
+    def _block(self, lane: Lane, exc: DeliveryError) -> None:
         if lane.blocked_until > self._clock():
             return  # a sibling worker's attempt already paused the lane for this outage
         lane.failures += 1
@@ -396,7 +384,7 @@ class Delivery:
         log.warning("lane %s paused for %ds: %s", lane.mailbox, wait, exc.describe())
         asyncio.get_running_loop().call_later(wait, self._unblock, lane, lane.pauses)
 
-    def _unblock(self, lane: _Lane, pause: int) -> None:
+    def _unblock(self, lane: Lane, pause: int) -> None:
         if pause != lane.pauses:
             return
         lane.blocked_until = 0.0
@@ -475,43 +463,6 @@ class Delivery:
             return
         log.info("%s: sender non-delivery notification: %s", entry.id, dsn_id)
         self.submit(QueueEntry(dsn_id, dsn_env, DeliveryState(), len(dsn)))
-
-    # --- changes made outside the schedule ------------------------------------------------
-
-    async def follow(self) -> None:
-        """Apply the store's change notices (``m365relay queue``, other nodes) until cancelled;
-        one at a time and in order: "hold X" then "release X" must not swap."""
-        async for change in self.store.changes():
-            try:
-                await self._apply(change)
-            except Exception:
-                qlog.exception("queue control: could not apply %s %s", change.verb,
-                              change.queue_id[:_MAX_ID])
-
-    async def _apply(self, change: Change) -> None:
-        verb, queue_id = change.verb, change.queue_id
-        if verb == "retry" and queue_id == "*":
-            entries = await self.store.entries()
-            qlog.info("queue: every queued message (%d) to be tried now, as an operator asked",
-                     len(entries))
-            self.expedite(entries)
-            return
-        if verb not in _DONE:
-            qlog.warning("queue control: ignored unknown notice %r", verb[:_MAX_ID])
-            return
-        try:
-            entry = (None if verb in ("hold", "delete") else await self.store.entry(queue_id))
-        except SpoolError as exc:
-            qlog.warning("queue control: ignored %s %r: %s", verb, queue_id[:_MAX_ID], exc)
-            return
-        if verb != "commit":
-            qlog.info("%s: %s by an operator (m365relay queue)", queue_id, _DONE[verb])
-        if entry is None:
-            self.forget({queue_id})
-        elif verb == "commit":
-            self.submit(entry)  # another node accepted it
-        else:
-            self.expedite([entry])
 
     # --- lifecycle -----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from relay import logsafe
 from relay.config import records as config_mod
 from relay.config.records import Config
+from relay.delivery.changes import follow
 from relay.delivery.passthrough import Passthrough
 from relay.delivery.scheduler import Delivery
 from relay.http.view import ListenerSnapshot
@@ -95,7 +96,7 @@ class Relay:
             self.delivery.submit(entry)
         if entries:
             log.info("spool: %d message(s) queued from before the start", len(entries))
-        self._follower = asyncio.create_task(self.delivery.follow(), name="queue changes")
+        self._follower = asyncio.create_task(follow(self.delivery), name="queue changes")
         passthrough = Passthrough(self.delivery, self.store)
         for listener in self.config.listeners:
             handler = RelayHandler(listener, self.config, self.store,
