@@ -1,19 +1,29 @@
 # m365relay in a container: docker build -t m365relay .
 # Config: a file mounted at /etc/m365relay/m365relay.yaml, or, when there is none, M365RELAY_*
 # variables for one app and one mailbox (README: "Operations: Docker" has `docker run` lines).
+#
+# BASE: any image with python3 (>= 3.11) and its venv module. Where Docker Hub is out of
+# reach, deploy/docker/debian-base.Dockerfile makes one from Debian's packages:
+#   docker build --network host --build-arg BASE=m365relay-base:bookworm -t m365relay .
+ARG BASE=python:3.11-slim
 
 # --- build: the wheel, and a virtualenv with it and its dependencies ----------------------
-FROM python:3.11-slim AS build
+FROM ${BASE} AS build
+# pip settings of the host, if the index is not PyPI or a TLS proxy sits in between (build
+# arguments live in this stage only; none reaches the image).
+ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_CERT
 WORKDIR /src
 # Only what the wheel is made of, so edits to tests or docs do not rebuild this layer.
 COPY pyproject.toml README.md ./
 COPY relay/ relay/
-RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
- && python -m venv --without-pip /opt/m365relay \
- && python -m pip --python /opt/m365relay/bin/python install --no-cache-dir /dist/*.whl
+# The venv's own pip builds and installs, then goes: the runtime gets no pip or setuptools.
+RUN python3 -m venv /opt/m365relay \
+ && /opt/m365relay/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
+ && /opt/m365relay/bin/pip install --no-cache-dir --disable-pip-version-check /dist/*.whl \
+ && /opt/m365relay/bin/pip uninstall -y -q pip setuptools
 
 # --- runtime: the virtualenv on a slim Python, no compilers, no pip ----------------------
-FROM python:3.11-slim
+FROM ${BASE}
 ENV PATH=/opt/m365relay/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 # A fixed uid/gid, so a bind-mounted spool or secret can be chowned to it from the host.
@@ -30,7 +40,10 @@ VOLUME ["/var/spool/m365relay"]
 EXPOSE 2525 587
 # `docker stop` waits 10 s before SIGKILL: the relay drains for 8 (raise both together).
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
+# Docker runs the first probe one interval after the start (20.10 has no --start-interval),
+# so the interval is what `healthy` waits for: 10 s, at ~0.1 s of CPU per probe. Probes that
+# fail during the start period do not count.
+HEALTHCHECK --interval=10s --timeout=10s --start-period=30s --retries=3 \
   CMD ["m365relay", "healthcheck", "--config", "/etc/m365relay/m365relay.yaml", "--config-from-env", "--timeout", "3"]
 ENTRYPOINT ["m365relay"]
 CMD ["serve", "--config", "/etc/m365relay/m365relay.yaml", "--config-from-env", "--shutdown-timeout", "8"]

@@ -7,7 +7,6 @@ writable); 78 invalid configuration (EX_CONFIG, as in sysexits.h).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import importlib
 import logging
@@ -61,6 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for warning in permissions.warnings(config, config_path) if config_path else []:
         log.warning("%s", warning)
     try:
+        import asyncio
+
         asyncio.run(run(config, config_path=config_path, shutdown_timeout=args.shutdown_timeout))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
@@ -117,6 +118,8 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    import asyncio
+
     from relay.sandbox import run_sandbox
 
     setup_logging(args.log_level)
@@ -131,10 +134,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from relay.login import run_login
     from relay.sandbox.demo import run_demo
 
     setup_logging(args.log_level)
-    return asyncio.run(run_demo(args.config))
+    return asyncio.run(run_demo(args.config, login=run_login))
 
 
 def _command(argv: Sequence[str]) -> str | None:
@@ -214,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
-    if (getattr(args, "config_from_env", None) is False and args.config is None
-            and not getattr(args, "address", None)):
+    if (args.func in (cmd_serve, cmd_healthcheck) and not args.config_from_env
+            and args.config is None and not getattr(args, "address", None)):
         parser.error(f"{args.command} needs --config FILE or --config-from-env")
     logsafe.install()
     try:

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 import msal
 
+from relay.config import commands
 from relay.config import records as config_mod
 from relay.queue.ops import QueueOps
 from relay.spool.base import Change
@@ -27,7 +28,7 @@ from relay.tokens.delegated import build_client
 from relay.tokens.provider import TokenProvider
 from relay.tokens.store import TokenStore, TokenStoreError, new_key
 
-DEFAULT_CONFIG = Path("/etc/m365relay/config.yaml")
+DEFAULT_CONFIG = commands.DEFAULT_CONFIG  # the packaged service's config, as doctor's
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
 
@@ -67,7 +68,8 @@ def run_login(config: config_mod.Config, config_path: Path | None, account_name:
     if app.flow != "delegated" or config.token_store is None:
         raise LoginError(f"account {account_name!r} uses app {account.app!r}, which has no "
                          "`flow: delegated`; only delegated apps sign in with a person")
-    store = TokenStore(config.token_store.directory, config.token_store.key.value)
+    store = TokenStore(config.token_store.directory, config.token_store.key.value,
+                       login=lambda a: commands.command("login", a, config=config_path))
     provider = TokenProvider(config.apps)
     try:
         cache = msal.SerializableTokenCache()
@@ -104,7 +106,8 @@ def run_login(config: config_mod.Config, config_path: Path | None, account_name:
         waiting = retry_waiting(config, account.app, account.mailbox)
     except (OSError, ValueError) as exc:
         print(f"Could not reschedule queued mail ({exc}); it goes out at its next retry, or "
-              f"now with `m365relay queue retry --all --config {config_path}`.", file=out)
+              f"now with `{commands.command('queue', 'retry', '--all', config=config_path)}`.",
+              file=out)
     else:
         if waiting:
             print(f"{waiting} queued message(s) for {account.mailbox} are due now.", file=out)

@@ -13,7 +13,7 @@ import copy
 import smtplib
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import trustme
 from relay.config import records as config_mod
 from relay.policy.passwords import hash_password
 from relay.sandbox import DEMO_APP, Sandbox
+from relay.sandbox.rules import MICROSOFT
 from relay.service.lifecycle import Relay
 
 PASSWORD = "correct horse battery staple"
@@ -58,9 +59,15 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     return TLSFiles(ca, cert, key, ca_file)
 
 
+# Microsoft's limits (relay/sandbox/RULES.md) except the 30-a-minute rate: base_config switches
+# the relay's pacing off so tests need not wait 2 s a message, and so this switches off the
+# limit that pacing keeps (tests/test_pacing.py runs both, scaled to a short window).
+SANDBOX_LIMITS = replace(MICROSOFT, messages=0)
+
+
 @pytest.fixture
 async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
-    async with Sandbox(tmp_path / "sandbox") as box:
+    async with Sandbox(tmp_path / "sandbox", limits=SANDBOX_LIMITS) as box:
         yield box
 
 

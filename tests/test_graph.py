@@ -256,7 +256,7 @@ async def test_doctor_on_a_graph_app_checks_mail_send_and_skips_smtp(
     assert [(c.link, c.status) for c in result.checks] == [
         ("credential", Status.OK), ("token_endpoint", Status.OK), ("token", Status.OK),
         ("claims", Status.OK), ("graph", Status.OK), ("send", Status.OK)]
-    assert result.claims["roles"] == ["Mail.Send"]
+    assert set(result.claims["roles"]) == {"Mail.Send", "Mail.ReadWrite"}
     assert result.claims["aud"] == "https://graph.microsoft.com"
     (got,) = await _graph(grelays.sandbox).wait_for_messages(1)
     assert got.rcpt_tos == ("admin@contoso.example",)
@@ -275,5 +275,60 @@ async def test_doctor_names_mail_send_when_the_role_is_missing(
         send_check = next(c for c in result.checks if c.link == "send")
         assert send_check.status is Status.FAIL
         assert "Mail.Send" in send_check.fix
+    finally:
+        await box.stop()
+
+
+async def test_large_message_without_mail_readwrite_waits_and_names_the_permission(
+        tmp_path: Path, password_hash: str) -> None:
+    # Set up as the README used to say (Mail.Send alone): small mail goes, a large scan is
+    # refused at the draft (403, as Graph's permission table says) and waits, explained.
+    box = await _graph_sandbox(tmp_path, graph_roles=("Mail.Send",))
+    factory = RelayFactory(box, tmp_path, password_hash)
+    try:
+        data = graph_config(factory)
+        data["apps"]["contoso"]["graph_request_limit"] = "64KB"
+        relay = await factory.start(data)
+        await _deliver(relay, _scan(100 * 1024), ("someone@example.org",))
+        await wait_until(lambda: any(e.state.last_error for e in relay.spool.entries()))
+        (entry,) = relay.spool.entries()
+        assert "Mail.ReadWrite" in entry.state.last_error
+        assert "draft" in entry.state.last_error
+        # Only the large message waits: the mailbox's lane is not paused for small mail.
+        await _deliver(relay, message("small"), ("someone@example.org",))
+        (got,) = await _graph(box).wait_for_messages(1)
+        assert got.route == "sendMail" and b"Subject: small" in got.data
+        assert relay.delivery.counters.bounced == 0
+        assert [m for m, p, status, _ in _graph(box).requests
+                if p.endswith("/messages") and status == 403] == ["POST"]
+    finally:
+        for relay in list(factory.running):
+            await factory.stop(relay)
+        await box.stop()
+
+
+def test_a_refused_draft_is_explained_as_mail_readwrite() -> None:
+    ctx = Context(mailbox=MAILBOX, app="contoso", client_id=DEMO_APP.client_id)
+    draft = explain_graph(403, "ErrorAccessDenied", "Access is denied.", ctx,
+                          request=f"POST /users/{MAILBOX}/messages")
+    assert draft.verdict is Verdict.DEFER_ADMIN
+    assert "Mail.ReadWrite" in draft.summary and "Application Mail.ReadWrite" in draft.fix
+    upload = explain_graph(403, "ErrorAccessDenied", "", ctx, request=(
+        f"POST /users/{MAILBOX}/messages/AAMk1/attachments/createUploadSession"))
+    assert "Mail.ReadWrite" in upload.summary
+    send = explain_graph(403, "ErrorAccessDenied", "", ctx,
+                         request=f"POST /users/{MAILBOX}/messages/AAMk1/send")
+    assert "Mail.Send application permission" in send.summary
+
+
+async def test_doctor_names_mail_readwrite_when_large_messages_cannot_go(
+        tmp_path: Path, password_hash: str) -> None:
+    box = await _graph_sandbox(tmp_path, graph_roles=("Mail.Send",))
+    try:
+        result = await _doctor(RelayFactory(box, tmp_path, password_hash))
+        claims = next(c for c in result.checks if c.link == "claims")
+        assert claims.status is Status.WARN
+        assert "Mail.ReadWrite" in claims.summary and "draft" in claims.summary
+        assert "Application Mail.ReadWrite" in claims.fix
     finally:
         await box.stop()

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relay import cli
 
@@ -122,3 +123,52 @@ def test_sysusers_and_tmpfiles_create_the_user_and_spool(tmp_path: Path) -> None
     spool = tmp_path / "var" / "spool" / "m365relay"
     assert spool.stat().st_uid == uid
     assert spool.stat().st_mode & 0o777 == 0o750
+
+
+def unit_writable_paths(values: dict[str, list[str]]) -> list[Path]:
+    """What the unit lets the relay write under ProtectSystem=strict (systemd.exec(5))."""
+    assert values["ProtectSystem"] == ["strict"], "the rest assumes a read-only file system"
+    paths = [Path(p.lstrip("-+")) for v in values["ReadWritePaths"] for p in v.split()]
+    for key, root in (("StateDirectory", "/var/lib"), ("CacheDirectory", "/var/cache"),
+                      ("LogsDirectory", "/var/log"), ("RuntimeDirectory", "/run")):
+        paths += [Path(root) / name for v in values[key] for name in v.split()]
+    return paths
+
+
+def config_writable_paths(path: Path) -> dict[str, Path]:
+    """Key path -> directory the relay writes, for one shipped config."""
+    data = yaml.safe_load(path.read_text())
+    found = {"spool.directory": data["spool"]["directory"]}
+    if data.get("token_store"):
+        found["token_store.directory"] = data["token_store"]["directory"]
+    return {key: (path.parent / value).resolve() if not Path(value).is_absolute()
+            else Path(value) for key, value in found.items()}
+
+
+def test_every_path_the_example_configs_write_is_writable_under_the_unit(
+        tmp_path: Path) -> None:
+    writable = unit_writable_paths(service_section())
+    assert Path("/var/lib/m365relay") in writable and Path("/var/spool/m365relay") in writable
+    configs = sorted((ROOT / "config").glob("*.yaml"))
+    assert {c.name for c in configs} >= {"m365relay.example.yaml",
+                                         "outlook-personal.example.yaml"}
+    checked = 0
+    for config in configs:
+        for key, path in config_writable_paths(config).items():
+            if config.name == "demo.yaml":  # runs from a checkout, never under the unit
+                assert ROOT in path.parents, f"{config.name}: {key} {path} leaves the checkout"
+                continue
+            assert any(path == w or w in path.parents for w in writable), (
+                f"{config.name}: {key} {path} is not writable under {UNIT.name} (writable: "
+                f"{', '.join(map(str, writable))}); add it to ReadWritePaths= or move it")
+            checked += 1
+    assert checked >= 3
+    # ... and what the unit makes writable, the tmpfiles entry creates for `login` beforehand.
+    (tmp_path / "etc").mkdir()
+    assert run(tool("systemd-sysusers"), f"--root={tmp_path}", str(SYSUSERS)).returncode == 0
+    result = run(tool("systemd-tmpfiles"), f"--root={tmp_path}", "--create", str(TMPFILES))
+    assert result.returncode == 0, result.stderr
+    tokens = tmp_path / "var" / "lib" / "m365relay" / "tokens"
+    assert tokens.is_dir() and tokens.stat().st_mode & 0o777 == 0o700
+    readme = (ROOT / "README.md").read_text()
+    assert "directory: /var/lib/m365relay/tokens" in readme

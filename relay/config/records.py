@@ -54,11 +54,11 @@ from relay.config.values import (  # the value types; re-exported for the stages
     Size,
     _argon2,
     _bind,
+    _fernet_key,
     _graph_https,
     _guid,
     _https,
     _known_app,
-    _not_inline,
     _split_bind,
 )
 
@@ -328,7 +328,7 @@ class TokenStoreSettings(Record):
 
     directory: Path = spec(FilePath)
     # A Fernet key (`m365relay login --new-key`), from {env: VAR} or {file: PATH} only.
-    key: Secret = spec(_not_inline)
+    key: Secret = spec(_fernet_key)
 
 
 @record

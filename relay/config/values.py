@@ -238,6 +238,22 @@ def _not_inline(value: Any, run: Run) -> Secret:
     return secret
 
 
+def _fernet_key(value: Any, run: Run) -> Secret:
+    """The token store's key, refused at load unless Fernet takes it, so a bad key is a config
+    error naming where it came from, not a traceback in doctor or serve (or on SIGHUP)."""
+    secret = _not_inline(value, run)
+    from cryptography.fernet import Fernet
+
+    try:
+        Fernet(secret.value.strip().encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        where = secret.source.replace(":", " ", 1)
+        raise ValueError(f"the key from {where} is not a Fernet key (32 random bytes in "
+                         "url-safe base64, 44 characters ending in '='); create one with "
+                         "`m365relay login --new-key` and put it there") from None
+    return secret
+
+
 SecretValue: Check = _secret
 FilePath: Check = _resolve_path
 ReadableFile: Check = then(_resolve_path, _readable)

@@ -172,10 +172,13 @@ class RecipientLedger:
         if self.path is None:
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        # 0600 like every spool file (it names the mailboxes); fchmod for a leftover tmp file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(fd, 0o600)
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
         tmp.replace(self.path)
 
 

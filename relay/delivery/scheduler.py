@@ -66,6 +66,7 @@ class Delivery:
         self.events = Events()  # per-account outcomes and recent ones, for /metrics and /
         self.connections: set[Upstream] = set()  # held by workers, for /metrics
         self.opened = Opened()  # connections opened, both transports, passthrough's too
+        self._attempting = 0  # workers in the middle of an attempt (not idle, not pacing)
         self._clock = clock
         self._hostname = hostname or config.hostname or socket.gethostname()
         self._lanes: dict[tuple[str, str], Lane] = {}
@@ -100,6 +101,10 @@ class Delivery:
     def workers(self) -> int:
         """Delivery workers running (each holds at most one upstream connection)."""
         return sum(len(lane.workers) for lane in self._lanes.values())
+
+    def inflight(self) -> int:
+        """Workers in the middle of a delivery attempt (the others are idle or pacing)."""
+        return self._attempting
 
     def forget(self, ids: Collection[str]) -> None:
         """Drop messages from the in-memory schedule (``m365relay queue hold/delete``).
@@ -245,7 +250,11 @@ class Delivery:
                     if not lane.ready or lane.blocked_until > self._clock():
                         continue  # emptied or paused while this worker waited for the pace
                     entry = lane.ready.popleft()
-                    await self._attempt(lane, conn, entry)
+                    self._attempting += 1
+                    try:
+                        await self._attempt(lane, conn, entry)
+                    finally:
+                        self._attempting -= 1
                 finally:
                     self.pacer.done(key)
         except asyncio.CancelledError:
@@ -481,10 +490,16 @@ class Delivery:
         await self.pacer.close()  # wakes workers waiting for their pace; saves the counts
         if not workers:
             return
+        started = time.monotonic()
         _done, pending = await asyncio.wait(workers, timeout=timeout)
         if pending:
-            log.warning("shutdown: %d delivery in flight after %.0fs; cancelling (the messages "
-                        "stay queued and are retried on the next start)", len(pending), timeout)
+            # Idle workers only wait to say QUIT to Exchange: cancelling them loses nothing.
+            if self._attempting:
+                log.warning("shutdown: %d delivery attempt(s) in flight after %.1fs; cancelling "
+                            "(the messages stay queued and are retried on the next start)",
+                            self._attempting, time.monotonic() - started)
+            else:
+                log.debug("shutdown: closing %d idle upstream connection(s)", len(pending))
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=5)

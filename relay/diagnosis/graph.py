@@ -30,11 +30,28 @@ _MAIL_SEND = (
     "{client_id} -CustomResourceScope <scope containing {mailbox}>` (or the older "
     "`New-ApplicationAccessPolicy` group). Changes take up to an hour to apply."
 )
+_MAIL_READWRITE = (
+    "In the Entra admin center > App registrations > {client_id} > API permissions, add "
+    "Microsoft Graph > Application permissions > Mail.ReadWrite (beside Mail.Send) and click "
+    "'Grant admin consent'; with RBAC for Applications instead: `New-ManagementRoleAssignment "
+    "-Role \"Application Mail.ReadWrite\" -App {client_id} -CustomResourceScope <scope "
+    "containing {mailbox}>`. Changes take up to an hour to apply; the message stays queued "
+    "and smaller messages keep going through sendMail."
+)
+_DRAFT_DENIED = _Advice(
+    _ADMIN,
+    "Microsoft Graph denied app {app} creating a draft in {mailbox} ({status}): a message "
+    "too large for one sendMail request (`apps.{app}.graph_request_limit`, about 3 MB of "
+    "mail) is sent as a draft with upload sessions, and Graph allows drafts only with the "
+    "Mail.ReadWrite application permission; Mail.Send alone covers sendMail only.",
+    _MAIL_READWRITE,
+)
 _DENIED = _Advice(
     _ADMIN,
     "Microsoft Graph denied app {app} sending as {mailbox} ({status}): the token lacks the "
     "Mail.Send application permission, or an application access policy / RBAC for "
-    "Applications scope excludes this mailbox.",
+    "Applications scope excludes this mailbox. (Messages over about 3 MB also need "
+    "Mail.ReadWrite.)",
     _MAIL_SEND,
 )
 _TOKEN_REJECTED = _Advice(
@@ -123,11 +140,19 @@ class _GraphRule:
     advice: _Advice
     status: str | None = None
     code: str | None = None
+    request: str | None = None  # re.search on "METHOD /users/{mailbox}/path"
 
-    def matches(self, status: int, code: str) -> bool:
+    def matches(self, status: int, code: str, request: str = "") -> bool:
         if self.status is not None and not re.fullmatch(self.status, str(status)):
             return False
+        if self.request is not None and not re.search(self.request, request):
+            return False
         return self.code is None or re.fullmatch(self.code, code, re.IGNORECASE) is not None
+
+
+# The requests of the large-message path that need Mail.ReadWrite: creating and deleting the
+# draft, its attachments and upload sessions (not messages/{id}/send, which is Mail.Send's).
+DRAFT_REQUEST = r"/messages(/[^/]+(/attachments(/createUploadSession)?)?)?$"
 
 
 GRAPH_RULES: tuple[_GraphRule, ...] = (
@@ -137,6 +162,8 @@ GRAPH_RULES: tuple[_GraphRule, ...] = (
     _GraphRule(_SEND_AS, code=r"ErrorSendAsDenied"),
     _GraphRule(_TOKEN_REJECTED, status="401"),
     _GraphRule(_TOKEN_REJECTED, code=r"InvalidAuthenticationToken"),
+    _GraphRule(_DRAFT_DENIED, status="403", request=DRAFT_REQUEST,
+               code=r"ErrorAccessDenied|Authorization_RequestDenied|AccessDenied|"),
     _GraphRule(_DENIED, code=r"ErrorAccessDenied|Authorization_RequestDenied|AccessDenied"),
     _GraphRule(_NO_MAILBOX, code=r"ErrorInvalidUser|MailboxNotEnabledForRESTAPI|"
                                  r"MailboxNotSupportedForRESTAPI|ResourceNotFound|"
@@ -156,14 +183,16 @@ GRAPH_RULES: tuple[_GraphRule, ...] = (
 )
 
 
-def explain_graph(status: int, error_code: str, message: str, ctx: Context) -> Explanation:
+def explain_graph(status: int, error_code: str, message: str, ctx: Context, *,
+                  request: str = "") -> Explanation:
     """Explain a failed Graph request: HTTP ``status`` and the body's ``error.code``/
-    ``error.message``."""
+    ``error.message``; ``request`` ("POST /users/{mailbox}/messages") tells which permission
+    a 403 is about."""
     fields = _fields(ctx, "graph")
     detail = _clean(message, 160).rstrip(". ")
     label = f"HTTP {status} {_clean(error_code, 60)}".rstrip()
     fields["status"] = f"{label}: {detail}" if detail else label
     for rule in GRAPH_RULES:
-        if rule.matches(status, error_code):
+        if rule.matches(status, error_code, request):
             return _render(rule.advice, fields)
     return _render(_GRAPH_BUSY, fields)  # unreachable: the last rule matches anything

@@ -25,6 +25,7 @@ import aiosmtplib
 import requests
 import requests.utils
 
+from relay.config.commands import command
 from relay.config.records import Account, App, Config
 from relay.diagnosis.errors import DeliveryError, TokenError
 from relay.diagnosis.explain import (
@@ -75,6 +76,7 @@ class Doctor:
         self.tokens = TokenProvider(config.apps, margin=config.delivery.token_refresh_margin,
                                     timeout=timeout)
         self.tokens.use_delegated(config, config_path)
+        self.config_path = config_path
         self._apps: dict[str, _AppResult] = {}
         self._accepted: dict[str, list[str]] = {}  # app -> mailboxes Exchange let it use
 
@@ -83,8 +85,12 @@ class Doctor:
             reports = [await self._account(account) for account in accounts]
         finally:
             self.tokens.close()
+        # Fix texts say "run doctor again" where they cannot know the config; name it here.
+        again = f"run `{command('doctor', config=self.config_path)}` again"
         for report in reports:
             self._narrow(report)
+            report.checks = [replace(c, fix=c.fix.replace("run doctor again", again))
+                             for c in report.checks]
         return reports
 
     # -- per account ------------------------------------------------------------------------
@@ -239,7 +245,8 @@ class Doctor:
         token = await self._token(name, app, discovery, facts, result)
         if token is None:
             return result
-        claims = check_claims(name, app, token)
+        largest = max((lst.max_message_size for lst in self.config.listeners), default=0)
+        claims = check_claims(name, app, token, largest_message=largest)
         result.checks.append(claims.check)
         result.claims, result.object_id = claims.claims, claims.object_id
         result.role_missing = claims.role_missing

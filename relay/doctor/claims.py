@@ -20,7 +20,12 @@ from urllib.parse import urlsplit
 
 from relay.config.clouds import HVE_ROLE
 from relay.config.records import App
-from relay.doctor.graphlink import GRAPH_ROLE, graph_role_fix
+from relay.doctor.graphlink import (
+    GRAPH_DRAFT_ROLE,
+    GRAPH_ROLE,
+    graph_role_fix,
+    large_messages_possible,
+)
 from relay.doctor.report import Check, Status
 
 SEND_ROLE = "SMTP.SendAsApp"
@@ -96,8 +101,10 @@ def role_fix(app_name: str, app: App, mailbox: str = "<mailbox>") -> str:
     )
 
 
-def check_claims(app_name: str, app: App, token: str, now: float | None = None
-                 ) -> ClaimsResult:
+def check_claims(app_name: str, app: App, token: str, now: float | None = None, *,
+                 largest_message: int = 0) -> ClaimsResult:
+    """``largest_message``: the largest message a listener accepts (for a Graph app, whether
+    the token needs Mail.ReadWrite too)."""
     now = time.time() if now is None else now
     # High Volume Email apps hold Mail.Send instead of SMTP.SendAsApp (MICROSOFT365.md §5).
     role = HVE_ROLE if app.hve else GRAPH_ROLE if app.transport == "graph" else SEND_ROLE
@@ -158,4 +165,15 @@ def check_claims(app_name: str, app: App, token: str, now: float | None = None
                               "RBAC for Applications; the XOAUTH2 link tells.",
                       fix=role_fix(app_name, app))
         return ClaimsResult(check, shown, oid, role_missing=True)
+    if app.transport == "graph" and GRAPH_DRAFT_ROLE not in roles \
+            and large_messages_possible(app, largest_message):
+        check = Check("claims", Status.WARN, detail=detail,
+                      summary=f"The token carries {GRAPH_ROLE} but not {GRAPH_DRAFT_ROLE}: "
+                              "messages too large for one sendMail request (over about "
+                              f"{app.graph_request_limit * 3 // 4 // 1_000_000} MB; the "
+                              f"listeners accept up to {largest_message // 1_000_000} MB) go "
+                              f"as a draft with upload sessions, and Graph refuses drafts "
+                              f"without {GRAPH_DRAFT_ROLE} (403), so they would stay queued.",
+                      fix=graph_role_fix(app, roles=(GRAPH_DRAFT_ROLE,)))
+        return ClaimsResult(check, shown, oid, role_missing=False)
     return ClaimsResult(Check("claims", Status.OK, detail=detail), shown, oid, role_missing=False)

@@ -10,18 +10,32 @@ from relay.doctor.report import Check, Status
 from relay.tokens.provider import TokenProvider
 from relay.upstream.graph import GraphConnection
 
-GRAPH_ROLE = "Mail.Send"
+GRAPH_ROLE = "Mail.Send"  # sendMail and messages/{id}/send
+# Drafts, attachments and upload sessions: the path of messages too large for one sendMail
+# (Graph's permission tables; MICROSOFT365.md §6).
+GRAPH_DRAFT_ROLE = "Mail.ReadWrite"
 
 
-def graph_role_fix(app: App, mailbox: str = "<mailbox>") -> str:
+def graph_role_fix(app: App, mailbox: str = "<mailbox>",
+                   roles: tuple[str, ...] = (GRAPH_ROLE, GRAPH_DRAFT_ROLE)) -> str:
+    names = " and ".join(roles)
+    rbac = "".join(
+        f"  New-ManagementRoleAssignment -Role 'Application {role}' -App {app.client_id} "
+        f"-CustomResourceScope <management scope that includes {mailbox}>\n" for role in roles)
     return (
         f"Entra admin center > App registrations > {app.client_id} > API permissions > Add a "
-        "permission > Microsoft Graph > Application permissions > Mail.Send, then 'Grant admin "
-        "consent'. Or, with RBAC for Applications, in Exchange Online PowerShell:\n"
-        f"  New-ManagementRoleAssignment -Role 'Application Mail.Send' -App {app.client_id} "
-        f"-CustomResourceScope <management scope that includes {mailbox}>\n"
+        f"permission > Microsoft Graph > Application permissions > {names}, then 'Grant admin "
+        "consent' (Mail.Send sends through sendMail; messages over about 3 MB go as a draft "
+        "with upload sessions, which needs Mail.ReadWrite). Or, with RBAC for Applications, in "
+        f"Exchange Online PowerShell:\n{rbac}"
         "New consent can take a few minutes to reach new tokens; then run doctor again."
     )
+
+
+def large_messages_possible(app: App, largest_message: int) -> bool:
+    """Whether a message the listeners accept can be too large for one sendMail request
+    (its base64 is about 4/3 of it), so it takes the draft path that needs Mail.ReadWrite."""
+    return (largest_message + 2) // 3 * 4 > app.graph_request_limit
 
 
 async def graph_checks(tokens: TokenProvider, app_name: str, app: App, account: Account, *,

@@ -11,7 +11,6 @@ import re
 from relay.config.records import Account, App
 from relay.diagnosis.errors import TokenError
 from relay.doctor.report import Check, Status
-from relay.tokens.delegated import login_command
 from relay.tokens.provider import TokenProvider
 
 _AADSTS = re.compile(r"AADSTS\d+")
@@ -42,5 +41,5 @@ async def signin_checks(tokens: TokenProvider, app: App, account: Account) -> li
         return checks
     checks.append(Check("token", Status.OK,
                         detail=f"refreshed the stored sign-in of {account.mailbox} "
-                               f"(re-sign-in: `{login_command(account.name, None)}`)"))
+                               f"(re-sign-in: `{status.login_command}`)"))
     return checks

@@ -11,9 +11,11 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from html import escape
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relay import __version__
+from relay.config.commands import command
 from relay.http.metrics import QueueSummary
 
 if TYPE_CHECKING:
@@ -66,7 +68,7 @@ def render(relay: RelayView, queue: QueueSummary, *, now: float | None = None) -
         f"<h1>m365relay on {_e(relay.hostname)}</h1>",
         f'<p class="muted">version {_e(__version__)} · {_e(_utc(now))} UTC · '
         '<a href="/metrics">metrics</a> · <a href="/readyz">readiness</a></p>',
-        _queue(queue, now),
+        _queue(queue, now, relay.config_path),
         _tokens(relay, now),
         _recent(relay, now),
         "</body></html>",
@@ -74,7 +76,7 @@ def render(relay: RelayView, queue: QueueSummary, *, now: float | None = None) -
     return "\n".join(parts)
 
 
-def _queue(queue: QueueSummary, now: float) -> str:
+def _queue(queue: QueueSummary, now: float, config_path: Path | None) -> str:
     if queue.oldest is None:
         summary = "The queue is empty."
     else:
@@ -86,7 +88,8 @@ def _queue(queue: QueueSummary, now: float) -> str:
         for m in queue.mailboxes
     ]
     if queue.held:
-        summary += f" {queue.held} message(s) on hold (`m365relay queue release ID`)."
+        release = command("queue", "release", "<id>", config=config_path)
+        summary += f" {queue.held} message(s) on hold (`{release}`)."
     table = _table(["mailbox", "messages", "oldest", "last error"], rows, "") if rows else ""
     return f"<h2>Queue</h2><p>{_e(summary)}</p>{table}"
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from relay.config.records import Config
     from relay.delivery.scheduler import Delivery
     from relay.spool.base import Store
@@ -32,6 +34,8 @@ class RelayView(Protocol):
 
     @property
     def config(self) -> Config: ...
+    @property
+    def config_path(self) -> Path | None: ...  # named in the page's command hints
     @property
     def hostname(self) -> str: ...
     @property

@@ -125,6 +125,7 @@ class RelaySMTP(FastSMTP):
         self._errors = 0
         self._auth_failures = 0
         self._close_after_reply = False
+        self._unlogged_connect = ""  # a loopback connection's listener, until its first command
         self.message: DataAssembler | None = None  # the DATA hook's message
 
     @staticmethod
@@ -172,11 +173,19 @@ class RelaySMTP(FastSMTP):
         # although aiosmtpd does not know it (it would then never offer AUTH).
         self._auth_require_tls = not (
             self.implicit_tls or in_networks(address, listener.cleartext_auth_networks))
-        log.info("connect from %s on %s", self.client, listener.name)
+        if address is not None and address.is_loopback:
+            # Docker's HEALTHCHECK connects every few seconds and only says QUIT: its line
+            # waits for the first command and goes to DEBUG then (see data_received).
+            self._unlogged_connect = listener.name
+        else:
+            log.info("connect from %s on %s", self.client, listener.name)
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted:
             return
+        if self._unlogged_connect:
+            log.debug("connect from %s on %s (no command)", self.client, self._unlogged_connect)
+            self._unlogged_connect = ""
         super().connection_lost(error)
         self.release_slot()
         self.relay_handler.sessions.discard(self)
@@ -184,6 +193,11 @@ class RelaySMTP(FastSMTP):
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.loop.time()
+        if self._unlogged_connect:
+            probe = data[:4].upper() == b"QUIT"  # `m365relay healthcheck`, monitoring
+            log.log(logging.DEBUG if probe else logging.INFO, "connect from %s on %s",
+                    self.client, self._unlogged_connect)
+            self._unlogged_connect = ""
         super().data_received(data)
 
     def release_slot(self) -> None:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from relay.config.check import Failed, Run, validate
+from relay.config.env import DEFAULT_SPOOL, PREFIX
 from relay.config.records import SpoolSettings
 from relay.queue import view
 from relay.queue.ops import Outcome, QueueOps
@@ -32,6 +34,8 @@ __all__ = ["add_parser"]
 Command = Callable[[argparse.Namespace, Store], Coroutine[Any, Any, int]]
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
+# Where the systemd unit and the container image keep it.
+DEFAULT_CONFIG = Path("/etc/m365relay/m365relay.yaml")
 
 
 class _Usage(Exception):
@@ -103,9 +107,15 @@ def _common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
 
     where = p.add_mutually_exclusive_group()
     where.add_argument("--config", "-c", type=Path, default=default(None), metavar="FILE",
-                       help="the relay's config file (only spool.directory is read)")
+                       help="the relay's config file (only spool.directory is read; default "
+                            f"{DEFAULT_CONFIG} if it exists)")
     where.add_argument("--spool", type=Path, default=default(None), metavar="DIR",
                        help="the spool directory itself")
+    p.add_argument("--config-from-env", action="store_true", default=default(False),
+                   help="the spool of the M365RELAY_* variables ($M365RELAY_SPOOL, default "
+                        f"{DEFAULT_SPOOL}) when the --config file does not exist, as `serve "
+                        "--config-from-env` has it; the default when no config file is found "
+                        "and such variables are set (the container image)")
     p.add_argument("--json", action="store_true", default=default(False),
                    help="machine-readable output")
 
@@ -133,14 +143,23 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _spool_dir(args: argparse.Namespace) -> Path:
+    """--spool; else the config file; else the variables: as `serve --config FILE
+    --config-from-env` chooses (the image's default), so `queue list` alone works there."""
+    config = Path(args.config) if args.config is not None else None
+    from_env = args.config_from_env or (
+        config is None and any(k.startswith(PREFIX) for k in os.environ))
     if args.spool is not None:
         directory = Path(args.spool)
-    elif args.config is not None:
-        directory = _from_config(Path(args.config))
-    elif os.environ.get("M365RELAY_SPOOL"):  # as `--config-from-env` reads it (containers)
-        directory = Path(os.environ["M365RELAY_SPOOL"])
+    elif config is not None and (config.exists() or not from_env):
+        directory = _from_config(config)
+    elif config is None and DEFAULT_CONFIG.exists():
+        directory = _from_config(DEFAULT_CONFIG)
+    elif from_env:
+        directory = Path(os.environ.get("M365RELAY_SPOOL", "").strip() or DEFAULT_SPOOL)
     else:
-        raise _Usage("say which spool: --config FILE (the relay's config) or --spool DIR", 2)
+        raise _Usage(f"say which spool: --config FILE (the relay's config; {DEFAULT_CONFIG} "
+                     "does not exist), --config-from-env (M365RELAY_* variables) or "
+                     "--spool DIR", 2)
     if not (directory / "queue").is_dir():
         raise _Usage(f"no spool at {directory} (its queue/ folder is missing): check "
                      "spool.directory, and start the relay once so it creates the spool")
@@ -292,7 +311,16 @@ _ALL_DONE = {"retry": "due for delivery now", "release": "released, due for deli
 def _ops(args: argparse.Namespace, store: Store) -> QueueOps:
     def waiting(text: str) -> None:
         print(f"m365relay queue: {text}", file=sys.stderr)
-    return QueueOps(store, wait=args.wait, on_wait=waiting)
+    return QueueOps(store, wait=args.wait, on_wait=waiting, selector=_selector(args))
+
+
+def _selector(args: argparse.Namespace) -> str:
+    """How this command was told which spool, so its hints name the same one."""
+    if getattr(args, "spool", None) is not None:
+        return f"--spool {shlex.quote(str(args.spool))}"
+    if getattr(args, "config", None) is not None:
+        return f"--config {shlex.quote(str(args.config))}"
+    return ""
 
 
 async def _report(args: argparse.Namespace, store: Store, outcomes: list[Outcome],

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from relay.config.commands import command
 from relay.spool.base import Claim, SpoolBusyError, SpoolError, Store
 
 __all__ = ["Outcome", "QueueOps"]
@@ -42,8 +43,10 @@ class QueueOps:
     pauses."""
 
     def __init__(self, store: Store, *, wait: float = 60.0,
-                 on_wait: Callable[[str], None] | None = None) -> None:
+                 on_wait: Callable[[str], None] | None = None, selector: str = "") -> None:
+        """``selector``: how the admin named the spool (``--config FILE``), for hints."""
         self.store = store
+        self._release = command("queue", "release", "<id>", selector=selector)
         self.wait = wait
         self._on_wait = on_wait
 
@@ -53,7 +56,7 @@ class QueueOps:
                 return self._out(claim.id, "hold", "wrong-state", "is already on hold")
             await self.store.hold(claim.id)
             return self._out(claim.id, "hold", "ok", "put on hold; it will not be delivered "
-                             "until `m365relay queue release`")
+                             f"until `{self._release}`")
         return await self._claimed("hold", queue_id, act)
 
     async def release(self, queue_id: str) -> Outcome:
@@ -74,8 +77,8 @@ class QueueOps:
     async def retry(self, queue_id: str, *, wait: float | None = None) -> Outcome:
         async def act(claim: Claim, held: bool) -> Outcome:
             if held:
-                return self._out(claim.id, "retry", "wrong-state", "is on hold; use `m365relay "
-                                 "queue release` to deliver it")
+                return self._out(claim.id, "retry", "wrong-state", f"is on hold; use "
+                                 f"`{self._release}` to deliver it")
             if claim.state.next_attempt_at > 0:
                 await self.store.save_state(claim.id, replace(claim.state, next_attempt_at=0.0))
             return self._out(claim.id, "retry", "ok", "due for delivery now")

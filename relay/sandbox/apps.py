@@ -15,7 +15,9 @@ AUDIENCE_APP_ID = "00000002-0000-0ff1-ce00-000000000000"
 # What Microsoft Graph sendMail expects (MICROSOFT365.md §6).
 GRAPH_AUDIENCE = "https://graph.microsoft.com"
 GRAPH_SCOPE = f"{GRAPH_AUDIENCE}/.default"
-GRAPH_SEND_ROLE = "Mail.Send"
+GRAPH_SEND_ROLE = "Mail.Send"  # sendMail and messages/{id}/send
+GRAPH_DRAFT_ROLE = "Mail.ReadWrite"  # drafts, attachments, upload sessions (large messages)
+GRAPH_READ_ROLES = frozenset({"Mail.Read", "Mail.ReadBasic", "Mail.ReadWrite"})
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,9 @@ class SandboxApp:
     # Workload identity federation: trust tokens from this external issuer (no secret at all).
     federated: FederatedCredential | None = None
     roles: tuple[str, ...] = (SEND_ROLE,)
-    # Microsoft Graph application permissions (roles of a token for GRAPH_SCOPE).
-    graph_roles: tuple[str, ...] = (GRAPH_SEND_ROLE,)
+    # Microsoft Graph application permissions (roles of a token for GRAPH_SCOPE): what the
+    # README asks for, Mail.ReadWrite included for messages too large for one sendMail.
+    graph_roles: tuple[str, ...] = (GRAPH_SEND_ROLE, GRAPH_DRAFT_ROLE)
     # Mailboxes the service principal has FullAccess on; None means any mailbox.
     mailboxes: frozenset[str] | None = None
 

@@ -10,13 +10,18 @@ from pathlib import Path
 from types import TracebackType
 
 import trustme
+from cryptography.fernet import Fernet
 
 from relay.sandbox.apps import DEMO_APP, SandboxApp
 from relay.sandbox.entra import FakeEntra
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.graph import FakeGraph
+from relay.sandbox.rules import MICROSOFT, MailboxLimits
 
 SECRET_FILE = "demo-client-secret"  # noqa: S105 - a file name, not a secret
+# A Fernet key for the demo's token_store (delegated sign-ins); kept across restarts so the
+# files it encrypted stay readable.
+TOKEN_KEY_FILE = "demo-token-key"  # noqa: S105 - a file name, not a secret
 
 
 class Sandbox:
@@ -24,7 +29,8 @@ class Sandbox:
 
     def __init__(self, directory: Path, *, apps: Sequence[SandboxApp] = (DEMO_APP,),
                  entra_port: int = 0, smtp_port: int = 0, token_lifetime: int = 3600,
-                 host: str = "127.0.0.1", graph: bool = False) -> None:
+                 host: str = "127.0.0.1", graph: bool = False,
+                 limits: MailboxLimits = MICROSOFT) -> None:
         if not apps:
             raise ValueError("the sandbox needs at least one app registration")
         self.directory = Path(directory)
@@ -36,10 +42,12 @@ class Sandbox:
         self.smtp_port = smtp_port
         self.entra_port = entra_port
         self.entra = FakeEntra(self.apps, token_lifetime=token_lifetime)
-        self.exchange = FakeExchange(self.entra, mail_dir=self.directory / "mail")
+        # Exchange Online's per-mailbox limits (relay/sandbox/rules.py); tests may scale them.
+        self.exchange = FakeExchange(self.entra, mail_dir=self.directory / "mail",
+                                     limits=limits)
         # Microsoft Graph (sendMail) only when asked: most setups use SMTP.
-        self.graph = FakeGraph(self.entra, mail_dir=self.directory / "graph-mail") if graph \
-            else None
+        self.graph = FakeGraph(self.entra, mail_dir=self.directory / "graph-mail",
+                               limits=limits) if graph else None
         self._running = False
 
     def authority(self, tenant: str) -> str:
@@ -112,6 +120,9 @@ class Sandbox:
         secret = next((a.client_secret for a in self.apps if a.client_secret), None)
         if secret is not None:
             _write_private(self.secret_file, secret + "\n")
+        key_file = self.directory / TOKEN_KEY_FILE
+        if not key_file.exists():
+            _write_private(key_file, Fernet.generate_key().decode("ascii") + "\n")
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2  # Exchange Online refuses older TLS
         server_cert.configure_cert(tls)
@@ -155,6 +166,8 @@ def describe(sandbox: Sandbox) -> str:
         f"  Client ID:        {app.client_id}",
         f"  Client secret:    {secret}",
         f"  Exchange SMTP:    {sandbox.smtp_host}:{sandbox.smtp_port} (STARTTLS, AUTH XOAUTH2)",
+        f"  Device sign-in:   https://localhost:{sandbox.entra_port}/devicelogin (approve a "
+        "`m365relay login` code; /revoke revokes a user's sign-ins)",
         f"  Trust this CA:    {sandbox.ca_file}",
         f"  Received mail:    {sandbox.exchange.mail_dir}",
         "",

@@ -64,8 +64,9 @@ class DelegatedGrants:
         """What the person does at the verification URL: sign in as ``user`` and consent."""
         with self._lock:
             code = next((c for c in self._codes.values() if c.user_code == user_code), None)
-            if code is None:
-                raise KeyError(f"no device code with user code {user_code!r}")
+            # As Entra: a code works once, and not after it expired.
+            if code is None or code.user or code.redeemed or self._clock() >= code.expires_at:
+                raise KeyError(f"no pending device code with user code {user_code!r}")
             code.user = user
 
     def expire(self, user_code: str) -> None:

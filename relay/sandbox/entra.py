@@ -43,6 +43,7 @@ from relay.sandbox.delegated import (
 )
 from relay.sandbox.federated import verify_federated_assertion
 from relay.sandbox.https import TLSHTTPServer
+from relay.sandbox.pages import signin_page
 from relay.sandbox.tokens import (
     CLOCK_SKEW,
     JWT_BEARER,
@@ -68,6 +69,7 @@ class _Response:
     status: int
     body: Mapping[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    page: str | None = None  # an HTML page instead of the JSON body (the sign-in pages)
 
 
 @dataclass
@@ -135,7 +137,8 @@ class FakeEntra:
             self._revoked.clear()
 
     def mint_token(self, app: SandboxApp, *, lifetime: int | None = None,
-                   roles: Sequence[str] | None = None, audience: str = AUDIENCE) -> str:
+                   roles: Sequence[str] | None = None, audience: str = AUDIENCE,
+                   not_before: int | None = None) -> str:
         """A token as the token endpoint would issue it; tests vary the claims to probe Exchange."""
         now = int(time.time())
         lifetime = self.token_lifetime if lifetime is None else lifetime
@@ -146,7 +149,7 @@ class FakeEntra:
             "iss": f"https://sts.windows.net/{app.tenant}/",
             # Entra backdates iat/nbf by five minutes to absorb client clock skew.
             "iat": now - CLOCK_SKEW,
-            "nbf": now - CLOCK_SKEW,
+            "nbf": now - CLOCK_SKEW if not_before is None else not_before,
             "exp": now + lifetime,
             "aio": _random_id(64),
             "app_displayname": "m365relay sandbox app",
@@ -174,12 +177,7 @@ class FakeEntra:
     def check_token(self, token: str) -> tuple[dict[str, Any], SandboxApp]:
         """Claims and app of a token Exchange may accept for SMTP; TokenError says why not."""
         claims = verify_hs256(token, self._key)
-        now = time.time()
-        exp, nbf = claims.get("exp"), claims.get("nbf")
-        if not isinstance(exp, int) or exp <= now:
-            raise TokenError(f"token expired at {_iso(exp)}")
-        if not isinstance(nbf, int) or nbf > now + CLOCK_SKEW:
-            raise TokenError(f"token not valid before {_iso(nbf)}")
+        _check_times(claims)
         delegated = "scp" in claims
         if delegated and claims.get("aud") == DELEGATED_AUDIENCE:
             pass
@@ -215,9 +213,7 @@ class FakeEntra:
     def check_graph_token(self, token: str) -> tuple[dict[str, Any], SandboxApp]:
         """Claims and app of an app-only token Microsoft Graph accepts for sendMail."""
         claims = verify_hs256(token, self._key)
-        exp = claims.get("exp")
-        if not isinstance(exp, int) or exp <= time.time():
-            raise TokenError(f"token expired at {_iso(exp)}")
+        _check_times(claims)
         if claims.get("aud") != GRAPH_AUDIENCE:
             raise TokenError(f"token audience {claims.get('aud')!r} is not {GRAPH_AUDIENCE!r}; "
                              f"request scope {GRAPH_SCOPE!r}")
@@ -254,6 +250,11 @@ class FakeEntra:
                base: str) -> _Response:
         url = urlsplit(target)
         parts = [p for p in url.path.split("/") if p]
+        if parts in (["devicelogin"], ["revoke"]):
+            form = {k: v[0] for k, v in parse_qs(
+                body.decode("utf-8", "replace") if method == "POST" else url.query).items()}
+            status, page = signin_page(self.delegated, parts[0], method, form)
+            return _Response(status, {}, page=page)
         if method == "GET" and parts[1:] == ["v2.0", ".well-known", "openid-configuration"]:
             return self._openid_configuration(parts[0], base)
         if method == "GET" and parts[1:] == ["discovery", "instance"]:
@@ -465,6 +466,16 @@ class FakeEntra:
                          "'client_credentials' grant type.")
 
 
+def _check_times(claims: Mapping[str, Any]) -> None:
+    """Expired, or not yet valid beyond Entra's clock skew: TokenError (Exchange and Graph)."""
+    now = time.time()
+    exp, nbf = claims.get("exp"), claims.get("nbf")
+    if not isinstance(exp, int) or exp <= now:
+        raise TokenError(f"token expired at {_iso(exp)}")
+    if not isinstance(nbf, int) or nbf > now + CLOCK_SKEW:
+        raise TokenError(f"token not valid before {_iso(nbf)}")
+
+
 def _random_id(length: int = 22) -> str:
     return secrets.token_urlsafe(length)[:length]
 
@@ -534,9 +545,14 @@ class _EntraRequestHandler(BaseHTTPRequestHandler):
         self._send(response)
 
     def _send(self, response: _Response) -> None:
-        payload = json.dumps(response.body).encode("utf-8")
+        if response.page is not None:
+            payload = response.page.encode("utf-8")
+            content_type = "text/html; charset=utf-8"
+        else:
+            payload = json.dumps(response.body).encode("utf-8")
+            content_type = "application/json; charset=utf-8"
         self.send_response(response.status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store, no-cache")
         self.send_header("Pragma", "no-cache")

@@ -18,7 +18,7 @@ import logging
 import re
 import ssl
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -27,12 +27,23 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay.sandbox.entra import FakeEntra
+from relay.sandbox.rules import (
+    ADVERTISED_SIZE,
+    DAILY_QUOTA,
+    MICROSOFT,
+    THROTTLED,
+    TOO_BIG,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_RECIPIENTS,
+    MailboxLimits,
+    MailboxMeter,
+)
 from relay.sandbox.tokens import TokenError
 
 log = logging.getLogger("m365relay.sandbox.exchange")
 
 HOSTNAME = "SANDBOX.outlook.example"
-SIZE_LIMIT = 157_286_400  # what smtp.office365.com advertises
+SIZE_LIMIT = ADVERTISED_SIZE  # what smtp.office365.com advertises
 AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_FAILED = "535 5.7.3 Authentication unsuccessful [SANDBOX]"
 BASIC_AUTH_DISABLED = ("535 5.7.139 Authentication unsuccessful, basic authentication is "
@@ -40,7 +51,6 @@ BASIC_AUTH_DISABLED = ("535 5.7.139 Authentication unsuccessful, basic authentic
 NOT_AUTHENTICATED = "530 5.7.57 Client not authenticated to send mail."
 STAGES = frozenset({"connect", "ehlo", "auth", "mail", "rcpt", "data", "drop_after_data"})
 _REPLY = re.compile(r"[2-5]\d\d[ -]")
-THROTTLED = "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"
 
 
 @dataclass(frozen=True)
@@ -81,17 +91,20 @@ class _Grant:
 class FakeExchange:
     """Records what arrives; ``inject`` makes the next command at a stage fail."""
 
-    def __init__(self, entra: FakeEntra, mail_dir: Path | None = None) -> None:
+    def __init__(self, entra: FakeEntra, mail_dir: Path | None = None, *,
+                 limits: MailboxLimits = MICROSOFT) -> None:
         self.entra = entra
+        # Exchange Online's per-mailbox limits (relay/sandbox/rules.py); tests scale them.
+        self.limits = limits
         self.mail_dir = mail_dir
         self.record_wire = False  # keep each message's raw DATA bytes (ReceivedMessage.wire)
         # Exchange Online offers PIPELINING; False leaves it out of EHLO, as other servers do.
         self.pipelining = True
         self.pipelined = 0  # transactions whose MAIL, RCPT and DATA came in one read
-        # SendAs grants, mailbox -> addresses it may send as (Add-RecipientPermission). With
-        # check_from_header the From header must be the signed-in mailbox or a granted address,
-        # as Exchange checks it; off by default so tests of other parts stay header-agnostic.
-        self.check_from_header = False
+        # SendAs grants, mailbox -> addresses it may send as (Add-RecipientPermission). The
+        # From header must be the signed-in mailbox or a granted address, as Exchange checks
+        # it; check_from_header = False checks only the envelope sender.
+        self.check_from_header = True
         self.send_as: dict[str, set[str]] = {}
         self.port = 0
         self.messages: list[ReceivedMessage] = []
@@ -107,9 +120,13 @@ class FakeExchange:
         self._server: asyncio.Server | None = None
         self._arrived = asyncio.Condition()
         self._seq = 0
-        self._rate: tuple[int, float, str] | None = None
-        self._accepted_at: dict[str, collections.deque[float]] = {}
-        self.throttled = 0  # messages refused by rate_limit()
+        self._rate_reply = THROTTLED
+        self._meter = MailboxMeter()
+        # mailbox (casefolded) -> its signed-in sessions, oldest first: the first
+        # limits.connections of them may submit, the others get 432 4.3.2.
+        self._signed_in: dict[str, list[_ExchangeSession]] = {}
+        self.throttled = 0  # messages refused by the 30-a-minute limit
+        self.refused_for_limits: list[str] = []  # every limit refusal, for tests
 
     @property
     def open_connections(self) -> int:
@@ -147,25 +164,37 @@ class FakeExchange:
     def rate_limit(self, messages: int, window: float = 60.0, reply: str = THROTTLED) -> None:
         """Refuse a mailbox's message at DATA with ``reply`` while it already had ``messages``
         accepted in the last ``window`` seconds, as Exchange Online's 30-a-minute limit does.
-        ``messages=0`` lifts the limit."""
+        ``messages=0`` lifts the limit. (Shorthand for replacing ``limits``.)"""
         if not _REPLY.match(reply):
             raise ValueError(f"reply {reply!r} must start with an SMTP code")
-        self._rate = (messages, window, reply) if messages > 0 else None
-        self._accepted_at.clear()
+        self.limits = replace(self.limits, messages=max(messages, 0), window=window)
+        self._rate_reply = reply
+        self._meter.clear()
 
-    def _over_rate(self, mailbox: str) -> str | None:
-        if self._rate is None:
-            return None
-        messages, window, reply = self._rate
+    def _over_limits(self, mailbox: str, recipients: int) -> str | None:
+        """The refusal for one more message of ``recipients`` from ``mailbox``, if any."""
         now = asyncio.get_running_loop().time()
-        times = self._accepted_at.setdefault(mailbox.casefold(), collections.deque())
-        while times and times[0] <= now - window:
-            times.popleft()
-        if len(times) >= messages:
+        if self._meter.over_rate(mailbox, self.limits, now):
             self.throttled += 1
-            return reply
-        times.append(now)
+            return self._limit_refused(self._rate_reply)
+        if self._meter.over_day(mailbox, recipients, self.limits, now):
+            return self._limit_refused(DAILY_QUOTA)
+        self._meter.accepted(mailbox, recipients, now)
         return None
+
+    def _limit_refused(self, reply: str) -> str:
+        self.refused_for_limits.append(reply)
+        return reply
+
+    def _may_submit(self, session: _ExchangeSession, mailbox: str) -> bool:
+        """Only the oldest ``limits.connections`` signed-in sessions of a mailbox submit."""
+        if self.limits.connections <= 0:
+            return True
+        sessions = self._signed_in.get(mailbox.casefold(), [])
+        return session in sessions[:self.limits.connections]
+
+    def _signed_in_as(self, session: _ExchangeSession, mailbox: str) -> None:
+        self._signed_in.setdefault(mailbox.casefold(), []).append(session)
 
     def reset(self) -> None:
         """Forget injections and recordings; files already written stay on disk."""
@@ -177,6 +206,9 @@ class FakeExchange:
         self.peak_open_connections = len(self._sessions)
         self.auth_attempts = self.auth_failures = 0
         self.auth_failure_reasons.clear()
+        self._meter.clear()
+        self.throttled = 0
+        self.refused_for_limits.clear()
 
     async def wait_for_messages(self, n: int, timeout: float = 10) -> list[ReceivedMessage]:
         """All recorded messages once there are at least ``n``; TimeoutError otherwise."""
@@ -246,6 +278,9 @@ class FakeExchange:
 
     def _closed(self, session: _ExchangeSession) -> None:
         self._sessions.discard(session)
+        for sessions in self._signed_in.values():
+            if session in sessions:
+                sessions.remove(session)
 
     def _auth_failed(self, reason: str) -> None:
         self.auth_failures += 1
@@ -291,17 +326,20 @@ def _header_from(data: bytes) -> str:
     return email.utils.parseaddr(match.group(1))[1] if match else ""
 
 
+_XOAUTH2 = re.compile(r"user=([^\x01]+)\x01auth=Bearer ([^\x01 ]+)\x01\x01")
+
+
 def parse_xoauth2(blob: bytes) -> tuple[str, str]:
-    """(user, token) from ``user=U^Aauth=Bearer T^A^A``; ValueError if malformed."""
-    text = blob.decode("utf-8")
-    if not text.endswith("\x01\x01"):
-        raise ValueError("XOAUTH2 response must end with two ^A")
-    fields = dict(f.partition("=")[::2] for f in text[:-2].split("\x01"))
-    scheme, _, token = fields.get("auth", "").partition(" ")
-    user = fields.get("user", "")
-    if not user or scheme.casefold() != "bearer" or not token:
-        raise ValueError("XOAUTH2 response needs user=... and auth=Bearer <token>")
-    return user, token
+    """(user, token) from ``user=U^Aauth=Bearer T^A^A``, exactly the format Microsoft
+    documents (MICROSOFT365.md §2); ValueError for anything else."""
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError("XOAUTH2 response is not UTF-8") from exc
+    match = _XOAUTH2.fullmatch(text)
+    if match is None:
+        raise ValueError("XOAUTH2 response is not 'user=<mailbox>^Aauth=Bearer <token>^A^A'")
+    return match.group(1), match.group(2)
 
 
 class _QuietSession(Session):
@@ -453,6 +491,8 @@ class _ExchangeSession(SMTP):
         await super().smtp_AUTH(arg)
         if already or not session.authenticated:
             self.exchange._auth_failed(self._auth_refusal or f"AUTH {arg!r} refused")
+        elif isinstance(session.auth_data, _Grant):
+            self.exchange._signed_in_as(self, session.auth_data.user)
 
     async def auth_XOAUTH2(self, _server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -490,8 +530,14 @@ class _ExchangeSession(SMTP):
         return AuthResult(success=False, handled=False, message=BASIC_AUTH_DISABLED)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if not self._session().authenticated:
+        session = self._session()
+        if not session.authenticated:
             await self.push(NOT_AUTHENTICATED)
+            return
+        grant = session.auth_data
+        if isinstance(grant, _Grant) and not self.exchange._may_submit(self, grant.user):
+            # A fourth concurrent connection of one mailbox (MICROSOFT365.md §3).
+            await self.push(self.exchange._limit_refused(TOO_MANY_CONNECTIONS))
             return
         await super().smtp_MAIL(arg)
 
@@ -518,6 +564,9 @@ class _ExchangeHandler:
         injected = self.exchange._take("rcpt", address)
         if injected is not None and not injected.startswith("2"):
             return injected
+        limit = self.exchange.limits.recipients_per_message
+        if limit > 0 and len(envelope.rcpt_tos) >= limit:
+            return self.exchange._limit_refused(TOO_MANY_RECIPIENTS)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return injected or "250 2.1.5 Recipient OK"
@@ -531,19 +580,24 @@ class _ExchangeHandler:
         grant = session.auth_data
         if not isinstance(grant, _Grant):  # cannot happen: MAIL needs a successful AUTH
             return NOT_AUTHENTICATED
-        mail_from = envelope.mail_from or ""
+        # Exchange checks the sender against the signed-in mailbox and its SendAs grants
+        # (Add-RecipientPermission): the envelope, and the From header unless told not to.
+        granted = {grant.user.casefold(), *(a.casefold() for a in
+                                            self.exchange.send_as.get(grant.user.casefold(), ()))}
+        senders = [envelope.mail_from or ""]
         if self.exchange.check_from_header:
-            mail_from = _header_from(envelope.original_content or b"") or grant.user
-            granted = {a.casefold() for a in self.exchange.send_as.get(grant.user.casefold(), ())}
-            if mail_from.casefold() in granted:
-                mail_from = grant.user
-        if mail_from.casefold() != grant.user.casefold():
+            senders.append(_header_from(envelope.original_content or b"") or grant.user)
+        denied = next((s for s in senders if s.casefold() not in granted), None)
+        if denied is not None:
             return (f"554 5.2.252 SendAsDenied; {grant.user} not allowed to send as "
-                    f"{mail_from}; STOREDRV.Submission.Exception:SendAsDeniedException."
+                    f"{denied}; STOREDRV.Submission.Exception:SendAsDeniedException."
                     "MapiExceptionSendAsDenied")
-        throttled = self.exchange._over_rate(grant.user)
-        if throttled is not None:
-            return throttled
+        size_limit = self.exchange.limits.max_send_size
+        if size_limit > 0 and len(envelope.original_content or b"") > size_limit:
+            return self.exchange._limit_refused(TOO_BIG)  # the mailbox's MaxSendSize
+        refused = self.exchange._over_limits(grant.user, len(envelope.rcpt_tos))
+        if refused is not None:
+            return refused
         injected = self.exchange._take("data")
         if injected is not None and not injected.startswith("2"):
             return injected

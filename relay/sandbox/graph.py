@@ -1,10 +1,14 @@
 """FakeGraph: the Microsoft Graph mail-sending endpoints over real HTTPS, for tests and demos.
 
-Implements what the relay's Graph transport uses, with Graph's rules: ``sendMail`` with base64
-MIME (413 over ``request_limit``), drafts as JSON, attachments (3 MB inline limit) and upload
-sessions (pre-authenticated URL, exact Content-Range sequence), ``send``. Tokens are checked
-against the sandbox's Entra (audience https://graph.microsoft.com); the ``roles`` claim must
-hold Mail.Send. Like FakeEntra it is a threading HTTP server; recordings are behind one lock.
+Implements what the relay's Graph transport uses, with Graph's rules (the table in
+relay/sandbox/rules.py): ``sendMail`` with base64 MIME (413 over ``request_limit``), drafts as
+JSON, attachments (3 MB inline limit) and upload sessions (3 to 150 MB, pre-authenticated URL,
+exact Content-Range sequence of at most 4 MB a PUT), ``send``, the mailbox's MaxSendSize and 4
+concurrent requests per app and mailbox. Tokens are checked against the sandbox's Entra
+(audience https://graph.microsoft.com), and each endpoint wants its own application permission
+in the ``roles`` claim: Mail.Send for sendMail and send, Mail.ReadWrite for drafts, their
+attachments and upload sessions. Like FakeEntra it is a threading HTTP server; recordings are
+behind one lock.
 """
 
 from __future__ import annotations
@@ -31,15 +35,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from relay.sandbox.apps import GRAPH_SEND_ROLE
+from relay.sandbox.apps import GRAPH_DRAFT_ROLE, GRAPH_READ_ROLES, GRAPH_SEND_ROLE
 from relay.sandbox.entra import FakeEntra
 from relay.sandbox.https import TLSHTTPServer
+from relay.sandbox.rules import MICROSOFT, MailboxLimits
 from relay.sandbox.tokens import TokenError
 
 log = logging.getLogger("m365relay.sandbox.graph")
 
 REQUEST_LIMIT = 4 * 1024 * 1024  # Graph's single-request limit for sendMail (§6)
 ATTACHMENT_LIMIT = 3 * 1024 * 1024  # larger attachments need an upload session
+UPLOAD_MAX = 150 * 1024 * 1024  # an upload session's largest attachment
+UPLOAD_RANGE_LIMIT = 4 * 1024 * 1024  # bytes one PUT to an upload session may carry
 _MAX_BODY = 64 * 1024 * 1024
 _USER_PATH = re.compile(r"^/v1\.0/users/([^/]+)(/.*)$")
 
@@ -100,10 +107,15 @@ def _graph_error(status: int, code: str, message: str,
 class FakeGraph:
     """Accepts mail through the Graph API, records it, injects faults."""
 
-    def __init__(self, entra: FakeEntra, *, mail_dir: Path | None = None) -> None:
+    def __init__(self, entra: FakeEntra, *, mail_dir: Path | None = None,
+                 limits: MailboxLimits = MICROSOFT) -> None:
         self.entra = entra
         self.mail_dir = mail_dir
         self.request_limit = REQUEST_LIMIT
+        self.limits = limits
+        self._in_flight: dict[tuple[str, str], int] = {}  # (appid, mailbox) -> requests
+        self.peak_in_flight = 0
+        self._delays: list[list[Any]] = []  # [route, seconds, remaining]
         self.port = 0
         self.messages: list[GraphMessage] = []
         # (method, path, status, time.monotonic() when answered)
@@ -125,6 +137,30 @@ class FakeGraph:
         with self._lock:
             self._injections.append(_Injection(status, code, message, dict(headers or {}),
                                                route, times))
+
+    def delay(self, seconds: float, *, times: int = 1, route: str | None = None) -> None:
+        """Take ``seconds`` over the next ``times`` authorised requests (whose path contains
+        ``route``), counted in flight meanwhile, as a slow Graph does."""
+        if seconds <= 0 or times < 1:
+            raise ValueError("seconds must be positive and times at least 1")
+        with self._lock:
+            self._delays.append([route, seconds, times])
+
+    def in_flight(self, mailbox: str) -> int:
+        """Requests being handled for ``mailbox`` now, over all apps."""
+        with self._lock:
+            return sum(n for (_, box), n in self._in_flight.items()
+                       if box == mailbox.casefold())
+
+    def _pause(self, path: str) -> None:
+        with self._lock:
+            delay = next((d for d in self._delays if d[0] is None or d[0] in path), None)
+            if delay is not None:
+                delay[2] -= 1
+                if delay[2] == 0:
+                    self._delays.remove(delay)
+        if delay is not None:
+            time.sleep(delay[1])  # a server thread of its own: nothing else waits
 
     @property
     def drafts(self) -> int:
@@ -149,6 +185,7 @@ class FakeGraph:
             self._injections.clear()
             self._drafts.clear()
             self._uploads.clear()
+            self._delays.clear()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -217,16 +254,44 @@ class FakeGraph:
             claims, app = self.entra.check_graph_token(auth.removeprefix("Bearer "))
         except TokenError as exc:
             return _graph_error(401, "InvalidAuthenticationToken", str(exc))
-        roles = claims.get("roles")
-        if not isinstance(roles, list) or GRAPH_SEND_ROLE not in roles:
-            return _graph_error(403, "ErrorAccessDenied",
-                                "Access is denied. Check credentials and try again.")
         if not app.may_use(mailbox):
             return _graph_error(403, "ErrorAccessDenied", "Access to OData is disabled: "
                                 "[RAOP] : Blocked by tenant configured AppOnly AccessPolicy "
                                 "settings.")
-        client_id = str(claims.get("appid"))
+        roles = claims.get("roles")
+        granted = {str(r) for r in roles} if isinstance(roles, list) else set()
         parts = rest.strip("/").split("/")
+        needed = _permission(method, parts)
+        if not needed & granted:
+            return _graph_error(403, "ErrorAccessDenied", "Access is denied. Check "
+                                "credentials and try again.")
+        key = (str(claims.get("appid")).casefold(), mailbox.casefold())
+        if not self._enter(key):
+            return _graph_error(429, "ApplicationThrottled", "Application is over its "
+                                "MailboxConcurrency limit.", {"Retry-After": "1"})
+        try:
+            self._pause(path)
+            return self._call(method, parts, mailbox=mailbox, client_id=str(claims.get("appid")),
+                              headers=headers, body=body, base=base)
+        finally:
+            self._leave(key)
+
+    def _enter(self, key: tuple[str, str]) -> bool:
+        """Count one request in flight for (app, mailbox); False over the concurrency limit."""
+        with self._lock:
+            count = self._in_flight.get(key, 0)
+            if 0 < self.limits.graph_concurrency <= count:
+                return False
+            self._in_flight[key] = count + 1
+            self.peak_in_flight = max(self.peak_in_flight, count + 1)
+            return True
+
+    def _leave(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._in_flight[key] -= 1
+
+    def _call(self, method: str, parts: list[str], *, mailbox: str, client_id: str,
+              headers: Mapping[str, str], body: bytes, base: str) -> _Reply:
         if method == "POST" and parts == ["sendMail"]:
             return self._send_mail(mailbox, client_id, headers, body)
         if method == "POST" and parts == ["messages"]:
@@ -235,10 +300,9 @@ class FakeGraph:
             return self._draft_call(method, parts[1], parts[2:], mailbox=mailbox,
                                     client_id=client_id, body=body, base=base)
         if method == "GET" and parts[0] == "mailFolders":
-            # Reading needs Mail.Read; a Mail.Send-only app gets this, as from real Graph.
-            return _graph_error(403, "ErrorAccessDenied", "Access is denied. Check "
-                                "credentials and try again.")
-        return _graph_error(400, "BadRequest", f"Unsupported request {method} {rest}")
+            return _Reply(200, {"id": "AAMkSentItems", "displayName": "Sent Items"})
+        return _graph_error(400, "BadRequest", f"Unsupported request {method} "
+                            f"{'/'.join(parts)}")
 
     def _send_mail(self, mailbox: str, client_id: str, headers: Mapping[str, str],
                    body: bytes) -> _Reply:
@@ -252,6 +316,8 @@ class FakeGraph:
         except (binascii.Error, ValueError):
             return _graph_error(400, "ErrorMimeContentInvalidBase64String",
                                 "Invalid base64 string for MIME content.")
+        if self._too_big(len(mime)):
+            return _too_big()
         self._record(mime, mailbox, client_id, "sendMail", ())
         return _Reply(202)
 
@@ -282,9 +348,11 @@ class FakeGraph:
                 self._drafts.pop(draft_id, None)
             return _Reply(204)
         if method == "POST" and rest == ["send"]:
+            mime = _rebuild(draft)
+            if self._too_big(len(mime)):
+                return _too_big()  # the draft stays, as in Exchange
             with self._lock:
                 self._drafts.pop(draft_id, None)
-            mime = _rebuild(draft)
             names = tuple((str(item.get("name")), len(content))
                           for item, content in draft.attachments)
             self._record(mime, mailbox, client_id, "draft", names)
@@ -293,7 +361,7 @@ class FakeGraph:
             item = json.loads(body)
             content = base64.b64decode(item.get("contentBytes", ""), validate=True)
             if len(content) > ATTACHMENT_LIMIT:
-                return _graph_error(413, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize",
+                return _graph_error(413, "RequestEntityTooLarge",
                                     "Attachments over 3 MB need an upload session.")
             with self._lock:
                 draft.attachments.append((item, content))
@@ -301,6 +369,13 @@ class FakeGraph:
         if method == "POST" and rest == ["attachments", "createUploadSession"]:
             item = dict(json.loads(body).get("AttachmentItem") or {})
             size = int(item.get("size", 0))
+            if size < ATTACHMENT_LIMIT:
+                return _graph_error(400, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize",
+                                    "Attachment size must be at least 3 MB for an upload "
+                                    "session; POST smaller ones to attachments.")
+            if size > UPLOAD_MAX:
+                return _graph_error(400, "ErrorAttachmentSizeExceeded", "Attachments can be "
+                                    "at most 150 MB.")
             session = secrets.token_urlsafe(18)
             with self._lock:
                 self._uploads[session] = _Upload(draft_id, item, size)
@@ -319,6 +394,9 @@ class FakeGraph:
         if match is None:
             return _graph_error(400, "InvalidContentRange", "Content-Range is missing.")
         start, end, total = (int(g) for g in match.groups())
+        if len(body) > UPLOAD_RANGE_LIMIT:
+            return _graph_error(413, "RequestEntityTooLarge", "Upload at most 4 MB per "
+                                "request.")
         if start != len(upload.received) or end - start + 1 != len(body) \
                 or total != upload.size:
             return _graph_error(416, "InvalidRange", f"Expected range {len(upload.received)}- "
@@ -334,6 +412,9 @@ class FakeGraph:
                 draft.attachments.append((upload.item, bytes(upload.received)))
         return _Reply(201)
 
+    def _too_big(self, size: int) -> bool:
+        return 0 < self.limits.max_send_size < size
+
     def _record(self, mime: bytes, mailbox: str, client_id: str, route: str,
                 attachments: tuple[tuple[str, int], ...]) -> None:
         head = BytesParser(policy=email.policy.compat32).parsebytes(mime, headersonly=True)
@@ -348,6 +429,24 @@ class FakeGraph:
                 path.write_bytes(mime)
             self.messages.append(GraphMessage(sender, rcpts, mime, mailbox, client_id, route,
                                               attachments, path))
+
+
+def _too_big() -> _Reply:
+    return _graph_error(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum "
+                        "supported size.")
+
+
+def _permission(method: str, parts: list[str]) -> frozenset[str]:
+    """The application permissions any one of which lets a token make this request (Graph's
+    permission tables: user-sendmail, message-send, user-post-messages, message-post-
+    attachments, attachment-createuploadsession, message-delete, mailfolder-get)."""
+    if (method, parts) == ("POST", ["sendMail"]) or (
+            method == "POST" and len(parts) == 3 and parts[0] == "messages"
+            and parts[2] == "send"):
+        return frozenset({GRAPH_SEND_ROLE})
+    if method == "GET":
+        return GRAPH_READ_ROLES
+    return frozenset({GRAPH_DRAFT_ROLE})  # drafts, their attachments and upload sessions
 
 
 def _rebuild(draft: _Draft) -> bytes:

@@ -6,6 +6,8 @@ Every command sets logging up here (``serve``, ``doctor``, ``login``, ...); the 
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import os
@@ -43,11 +45,30 @@ class _TextFormatter(logging.Formatter):
         return f"{stamp},{int(record.msecs):03d}"  # default_msec_format
 
 
-class _JsonFormatter(_TextFormatter):
+# Maillog fields that are numbers (Postfix's size=, nrcpt=, delay=): typed in JSON, so Loki,
+# Elastic or Datadog can sum and compare them without a parsing rule.
+_NUMERIC_FIELDS = {"size": int, "nrcpt": int, "expires_in": int, "delay": float}
+
+
+def _typed(fields: dict[str, str]) -> dict[str, object]:
+    out: dict[str, object] = dict(fields)
+    for key, kind in _NUMERIC_FIELDS.items():
+        if key in fields:
+            with contextlib.suppress(ValueError):  # not a number after all: keep the text
+                out[key] = kind(fields[key])
+    return out
+
+
+class _JsonFormatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # RFC 3339 with milliseconds and the zone offset: what log shippers parse unaided.
+        moment = datetime.datetime.fromtimestamp(record.created).astimezone()
+        return moment.isoformat(timespec="milliseconds")
+
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         # Fields of maillog lines (queue_id, to, status, ...) and any `extra=`, for collectors.
-        out: dict[str, object] = {**log_fields(message), **{
+        out: dict[str, object] = {**_typed(log_fields(message)), **{
             k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}}
         out.update({"time": self.formatTime(record), "level": record.levelname.lower(),
                     "logger": record.name, "message": message})

@@ -3,6 +3,7 @@ fsync of a directory, and the per-message ``flock``."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -43,7 +44,30 @@ def _lock(f: BinaryIO, queue_id: str, wait: float | None) -> None:
 def _make_dir(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, exist_ok=True)
     # mkdir's mode is filtered by the umask, and an existing directory keeps its old mode.
-    path.chmod(DIR_MODE)
+    # Only its owner may change it; a directory of another user is checked by _open_error.
+    if path.stat().st_uid == os.geteuid():
+        path.chmod(DIR_MODE)
+    elif not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "not writable", str(path))
+
+
+def _open_error(directory: Path, exc: OSError) -> str:
+    """Why the spool cannot be set up, and the command that fixes it."""
+    uid = os.geteuid()
+    where = Path(exc.filename) if isinstance(exc.filename, str) else directory
+    try:
+        owner = where.stat().st_uid
+    except OSError:
+        owner = None
+    if isinstance(exc, PermissionError) and owner is not None and owner != uid:
+        return (f"the spool directory {where} exists but is owned by uid {owner} and is not "
+                f"writable by uid {uid}, the relay's user. Give it to that user: `chown -R "
+                f"{uid}:{os.getegid()} DIR` on the directory (for a bind mount: the host's "
+                "directory mounted there); or run the relay as its owner (`docker run --user "
+                f"{owner}`, Kubernetes `runAsUser`); or use a named volume, which Docker fills "
+                "with the image's owner")
+    return (f"cannot create the spool directory {directory}: {exc}. Check that "
+            "spool.directory points to a writable local directory owned by the relay's user")
 
 
 def _listdir(directory: Path) -> list[Path]:

@@ -60,6 +60,7 @@ from relay.spool.fsutil import (
     _listdir,
     _lock,
     _make_dir,
+    _open_error,
     _write_parts,
 )
 from relay.spool.layout import SpoolLayout
@@ -117,10 +118,7 @@ class Spool(SpoolLayout):
                         self._hold):
                 _make_dir(sub)
         except OSError as exc:
-            raise SpoolWriteError(
-                f"cannot create the spool directory {self.directory}: {exc}. Check that "
-                "spool.directory points to a writable local directory owned by the relay's user."
-            ) from exc
+            raise SpoolWriteError(_open_error(self.directory, exc)) from exc
         self._clean_tmp()
         entries = self._scan(self._queue)
         held = {p.name for p in _listdir(self._hold)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +24,16 @@ import msal.exceptions
 import requests
 
 from relay import logsafe
+from relay.config.commands import command
 from relay.config.records import App, Config
 from relay.diagnosis.errors import TokenError, aadsts_code
-from relay.diagnosis.explain import Context, explain_connection_error, explain_token_error
+from relay.diagnosis.explain import (
+    Context,
+    Explanation,
+    Verdict,
+    explain_connection_error,
+    explain_token_error,
+)
 from relay.tokens.store import TokenStore
 
 log = logging.getLogger("m365relay.delegated")
@@ -39,8 +45,7 @@ _MICROSOFT_HOSTS = frozenset({
 
 
 def login_command(account: str, config_path: Path | None) -> str:
-    config = f" --config {shlex.quote(str(config_path))}" if config_path else ""
-    return f"m365relay login {shlex.quote(account)}{config}"
+    return command("login", account, config=config_path)
 
 
 class _ConfidentialDeviceClient(msal.ConfidentialClientApplication):  # type: ignore[misc]
@@ -118,7 +123,9 @@ class DelegatedTokens:
         self._config_path = config_path
         self._margin = margin
         store = config.token_store
-        self._store = TokenStore(store.directory, store.key.value) if store else None
+        self._store = TokenStore(store.directory, store.key.value,
+                                 login=lambda a: login_command(a, config_path)) \
+            if store else None
         names = {a.name for a in self._accounts()}
         self._states = {n: s for n, s in self._states.items() if n in names}
         for name in names:
@@ -204,7 +211,10 @@ class DelegatedTokens:
                 explanation=explanation))
         if state.cache is not None and state.cache.has_state_changed:
             # Refresh tokens rotate: persist the new one before using the access token.
-            await asyncio.to_thread(self._save, name, state)
+            try:
+                await asyncio.to_thread(self._save, name, state)
+            except OSError as exc:
+                raise self._unsaved(name, state, exc) from None
         now = self._clock()
         lifetime = float(result.get("expires_in", 3600))
         state.token = str(result["access_token"])
@@ -214,6 +224,30 @@ class DelegatedTokens:
         state.refresh_at = now + max(lifetime - self._margin, lifetime / 2)
         log.info("token account=%s refreshed expires_in=%ds", name, lifetime)
         return state.token
+
+    def _unsaved(self, name: str, state: _AccountState, exc: OSError) -> TokenError:
+        """The refresh worked but its rotated sign-in cannot be saved: an admin's fix (the
+        file system), explained; the new refresh token stays in memory for the next try."""
+        assert self._store is not None  # noqa: S101 - only a store can fail to save
+        directory = self._store.directory
+        reason = exc.strerror or type(exc).__name__
+        summary = (f"The sign-in of account {name!r} was refreshed, but the relay cannot save "
+                   f"it in `token_store.directory` ({directory}): {reason}. Mail waits in the "
+                   "queue.")
+        fix = (f"Let the relay's user write {directory}. Under the shipped systemd unit "
+               "(ProtectSystem=strict) only /var/lib/m365relay (StateDirectory=) and "
+               "/var/spool/m365relay are writable: set `token_store.directory` to "
+               "/var/lib/m365relay/tokens, or add the directory to ReadWritePaths= in a "
+               "drop-in (`systemctl edit m365relay`). Otherwise check its owner and mode "
+               "(`chown -R m365relay: DIR`, `chmod 700 DIR`). Queued mail is retried.")
+        error = TokenError(f"cannot save the refreshed sign-in of account {name!r} in "
+                           f"token_store.directory {directory}: {type(exc).__name__}: {exc}",
+                           explanation=Explanation(Verdict.DEFER_ADMIN, summary, fix))
+        state.failures += 1
+        state.token, state.refresh_at = "", 0.0
+        state.error = error.describe()
+        log.error("token account=%s cannot be saved: %s", name, error.describe())
+        return error
 
     def _fail(self, name: str, state: _AccountState, error: TokenError) -> str:
         state.failures += 1

@@ -83,7 +83,9 @@ class TokenProvider:
         self._timeout = timeout
         self._clock = clock
         self._states: dict[str, _AppState] = {name: _AppState() for name in apps}
-        self._tmp = tempfile.TemporaryDirectory(prefix="m365relay-ca-")
+        # Made on first need (an app with `ca_file`): a read-only root filesystem without a
+        # writable /tmp (`docker run --read-only`) must still start.
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.delegated: DelegatedTokens | None = None
 
     def context(self, app_name: str, mailbox: str = "") -> Context:
@@ -174,7 +176,9 @@ class TokenProvider:
         self._apps = dict(apps)
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     async def _refresh(self, app_name: str, state: _AppState) -> str:
         app = self._apps[app_name]
@@ -246,6 +250,8 @@ class TokenProvider:
         import certifi
 
         base = Path(os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where())
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="m365relay-ca-")
         bundle = Path(self._tmp.name) / f"{app_name}.pem"
         bundle.write_bytes(base.read_bytes() + b"\n" + app.ca_file.read_bytes())
         return str(bundle)

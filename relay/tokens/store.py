@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -26,9 +27,16 @@ class TokenStoreError(ValueError):
     """The store cannot be read or written; the message says what to do."""
 
 
+def _bare_login(account: str) -> str:
+    return f"m365relay login {account}"
+
+
 class TokenStore:
-    def __init__(self, directory: Path, key: str) -> None:
+    def __init__(self, directory: Path, key: str, *,
+                 login: Callable[[str], str] = _bare_login) -> None:
+        """``login``: the sign-in command for an account, with the config in use."""
         self.directory = directory
+        self._login = login
         try:
             self._fernet = Fernet(key.strip().encode("ascii"))
         except (ValueError, UnicodeEncodeError):
@@ -55,7 +63,7 @@ class TokenStore:
         except InvalidToken:
             raise TokenStoreError(
                 f"{self.path(account)} does not decrypt with token_store.key (the key changed?); "
-                f"run `m365relay login {account}` again") from None
+                f"run `{self._login(account)}` again") from None
 
     def save(self, account: str, text: str) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 from relay.config.records import App
 from relay.diagnosis.errors import AuthRejected, BounceError, DeferError, DeliveryError
 from relay.diagnosis.explain import Context, Explanation, Verdict, explain_connection_error
-from relay.diagnosis.graph import explain_graph
+from relay.diagnosis.graph import DRAFT_REQUEST, explain_graph
 from relay.message import Body, Message, content_parts
 from relay.tokens.provider import TokenProvider
 from relay.upstream.counts import Opened
@@ -120,7 +121,8 @@ class GraphConnection:
             except GraphHTTPError as exc:
                 if accept_denied and exc.status == 403:
                     return ""
-                explanation = explain_graph(exc.status, exc.code, exc.message, ctx)
+                explanation = explain_graph(exc.status, exc.code, exc.message, ctx,
+                                            request=exc.request)
                 # A rejected token may be stale or revoked: one fresh token is worth a try.
                 if attempt == 1 and explanation.verdict is Verdict.RETRY_NEW_TOKEN:
                     self._tokens.invalidate(self.app_name, token)
@@ -146,7 +148,10 @@ class GraphConnection:
         if explanation.verdict is Verdict.RETRY_NEW_TOKEN:
             return AuthRejected(text, code=exc.status, graph_code=exc.code, reply=reply,
                                 explanation=explanation)
-        kind = LaneError if exc.status in _PATH_STATUSES else DeferError
+        # A draft refused for want of Mail.ReadWrite concerns large messages only: small ones
+        # still go through sendMail, so only this message waits, not the mailbox's lane.
+        draft_denied = exc.status == 403 and re.search(DRAFT_REQUEST, exc.request)
+        kind = LaneError if exc.status in _PATH_STATUSES and not draft_denied else DeferError
         return kind(text, code=exc.status, graph_code=exc.code, reply=reply,
                     explanation=explanation, retry_after=exc.retry_after)
 

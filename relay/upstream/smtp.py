@@ -28,6 +28,10 @@ from relay.tokens.provider import TokenProvider
 from relay.upstream.counts import Opened
 from relay.upstream.smtpwire import send_mail
 
+# Exchange Online takes 500 recipients per message by default (admins may set 1 to 1,000;
+# MICROSOFT365.md §4) and refuses the rest with 452 4.5.3: never offer more in one transaction.
+RECIPIENTS_PER_MESSAGE = 500
+
 log = logging.getLogger("m365relay.upstream")
 
 
@@ -178,7 +182,32 @@ class UpstreamConnection:
         and Exchange's final reply; raises DeliveryError when the message as a whole failed.
 
         ``body`` may be the message's pieces, or a spooled :class:`~relay.message.Message` that
-        is read from its file while it is sent."""
+        is read from its file while it is sent.
+
+        More recipients than Exchange takes in one message go in several transactions on this
+        connection, as Postfix's smtp_destination_recipient_limit does; once one transaction
+        went through, a later one's failure is returned for its recipients only, so what was
+        accepted is never sent twice."""
+        if len(rcpts) <= RECIPIENTS_PER_MESSAGE:
+            return await self._transaction(mail_from, rcpts, body)
+        refused: dict[str, DeliveryError] = {}
+        replies: list[str] = []
+        for start in range(0, len(rcpts), RECIPIENTS_PER_MESSAGE):
+            chunk = rcpts[start:start + RECIPIENTS_PER_MESSAGE]
+            try:
+                chunk_refused, reply = await self._transaction(mail_from, chunk, body)
+            except DeliveryError as exc:
+                if not replies:
+                    raise
+                refused.update(dict.fromkeys(chunk, exc))
+                continue
+            refused.update(chunk_refused)
+            if reply:
+                replies.append(reply)
+        return refused, replies[0] if replies else ""
+
+    async def _transaction(self, mail_from: str, rcpts: list[str], body: Body
+                           ) -> tuple[dict[str, DeliveryError], str]:
         if not self.connected:
             self._smtp = await self._connect()
         smtp = self._smtp
