@@ -144,7 +144,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "scenarios": {s.name: {"title": s.title, "messages": s.messages, "size": s.size,
                                "clients": s.clients, "per_connection": s.per_connection,
                                "mailboxes": s.mailboxes, "idle_connections": s.idle_connections,
-                               "drop": s.drop, "data_432": s.data_432} for s in scenarios},
+                               "drop": s.drop, "data_432": s.data_432, "auth": s.auth}
+                      for s in scenarios},
         "summary": summary, "targets": report.check_targets(summary, results),
         "runs": results,
     }
@@ -152,7 +153,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def _line(result: dict[str, Any]) -> str:
     status = "ok" if result.get("ok") else "FAILED"
-    parts = [f"{result['scenario']:>8} {result['target']:>10} round {result['round']}: {status}"]
+    parts = [f"{result['scenario']:>17} {result['target']:>10} round {result['round']}: {status}"]
     for key, fmt in (("msgs_per_s", "{:.1f} msgs/s"), ("ack_p99_ms", "p99 {:.1f} ms"),
                      ("end_s", "wall {:.2f} s"), ("token_requests", "tokens {}"),
                      ("upstream_connections", "upstream {}"),
@@ -171,6 +172,9 @@ def _line(result: dict[str, Any]) -> str:
 def _print(data: dict[str, Any]) -> None:
     titles = {name: s["title"] for name, s in data["scenarios"].items()}
     print(report.tables(data["summary"], titles))
+    comparison = report.auth_comparison(data["summary"])
+    if comparison:
+        print(comparison)
     print("Targets of issue 6 (m365relay):")
     print(report.targets_text(data["targets"]))
 
@@ -189,6 +193,7 @@ def markdown(data: dict[str, Any]) -> str:
         "Cells are the median over rounds with the (min-max) range.",
         "",
         report.tables(data["summary"], titles, markdown=True),
+        report.auth_comparison(data["summary"], markdown=True),
         "**Targets of issue 6 (m365relay)**",
         "",
         report.targets_text(data["targets"], markdown=True),

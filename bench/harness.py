@@ -132,7 +132,8 @@ class Run:
         try:
             async with asyncio.timeout(scenario.timeout):
                 self.server = await start(self.target, self.fakes.info, self.dir,
-                                          max(scenario.mailboxes, 1), self.layout.sut)
+                                          max(scenario.mailboxes, 1), self.layout.sut,
+                                          auth=scenario.auth)
                 if self.server is not None:
                     self.result["cold_start_s"] = self.server.cold_start
                     # emailproxy dials Exchange for every client, our readiness probe too.
@@ -154,6 +155,8 @@ class Run:
                 self.result["log"] = str(self.server.log)
                 await self.server.stop()
                 self.result.update(log_errors(self.server.log))
+                if self.scenario.auth and self.target == "m365relay":
+                    self.result.update(auth_stats(self.server.log))
         return self.result
 
     # -- scenario kinds ------------------------------------------------------------------
@@ -162,7 +165,8 @@ class Run:
         """One per run, so a direct client's token is fetched once and reused throughout."""
         if self._conn is None:
             self._conn = Connector(self.target, self.fakes.info,
-                                   self.server.port if self.server is not None else 0)
+                                   self.server.port if self.server is not None else 0,
+                                   auth=self.scenario.auth)
         return self._conn
 
     def _snapshot(self) -> dict[str, float]:
@@ -291,6 +295,7 @@ class Run:
             "client_deferred": outcome.deferred,
             "client_disconnects": outcome.disconnects,
             "client_connections": outcome.connections,
+            "client_login_refused": outcome.login_refused,
         })
         if "sut_cpu" in after:
             self.result["sut_cpu_s"] = after["sut_cpu"] - before["sut_cpu"]
@@ -365,6 +370,18 @@ def log_errors(log: Path) -> dict[str, Any]:
         return {}
     bad = [line for line in lines if any(mark in line for mark in _LOG_ERRORS)]
     return {"log_error_lines": len(bad), "log_error_sample": bad[0][:300] if bad else ""}
+
+
+def auth_stats(log: Path) -> dict[str, Any]:
+    """Logins the relay accepted, and how many cost an argon2 check (the rest were recognised
+    by its credential cache), from its log ("AUTH PLAIN ok ... (cached)")."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return {}
+    ok = [line for line in lines if ": AUTH PLAIN ok " in line]
+    cached = sum(line.endswith("(cached)") for line in ok)
+    return {"auth_logins": len(ok), "auth_checks": len(ok) - cached}
 
 
 def _ms(seconds: float | None) -> float | None:

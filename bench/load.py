@@ -3,7 +3,8 @@
 All targets are driven by the same aiosmtplib code so the client's own cost is the same; only
 the session set-up differs:
 
-* ``m365relay``: plain SMTP from the mailbox's loopback source address, no AUTH;
+* ``m365relay``: plain SMTP from the mailbox's loopback source address, no AUTH; or, in the
+  AUTH scenarios, from 127.0.0.1 with ``AUTH PLAIN`` as the mailbox's account;
 * ``emailproxy``: plain SMTP, ``AUTH PLAIN`` with the mailbox address;
 * ``direct``: STARTTLS to the fake Exchange, ``AUTH XOAUTH2`` with one msal token per run.
 
@@ -29,7 +30,7 @@ import msal
 import requests
 
 from bench.messages import RCPT, Message
-from bench.targets import EMAILPROXY_PASSWORD, source_address
+from bench.targets import EMAILPROXY_PASSWORD, RELAY_PASSWORD, relay_username, source_address
 
 MAX_ATTEMPTS = 25
 SMTP_TIMEOUT = 120.0  # a 30 MB message through a slow proxy on a busy machine
@@ -42,6 +43,7 @@ class Outcome:
     given_up: set[str] = field(default_factory=set)
     latencies: list[float] = field(default_factory=list)
     deferred: int = 0          # 4xx replies seen by the client
+    login_refused: int = 0     # 4xx replies to AUTH (the client retried)
     disconnects: int = 0
     connections: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -51,8 +53,10 @@ class Outcome:
 class Connector:
     """Opens a ready-to-send client session for one target and mailbox."""
 
-    def __init__(self, target: str, fakes: dict[str, Any], port: int) -> None:
+    def __init__(self, target: str, fakes: dict[str, Any], port: int, *,
+                 auth: bool = False) -> None:
         self.target = target
+        self.auth = auth
         self.fakes = fakes
         self.port = port
         self.token = ""
@@ -88,6 +92,8 @@ class Connector:
                 await smtp.auth_xoauth2(address, self.token)
             elif self.target == "emailproxy":
                 await smtp.auth_plain(address, EMAILPROXY_PASSWORD)
+            elif self.auth:
+                await smtp.auth_plain(relay_username(mailbox), RELAY_PASSWORD)
         except BaseException:
             smtp.close()  # a refused login must not leave the socket open
             raise
@@ -99,7 +105,7 @@ class Connector:
                                    port=self.fakes["smtp_port"], start_tls=True,
                                    tls_context=self._tls, timeout=SMTP_TIMEOUT,
                                    local_hostname="bench-client.example")
-        if self.target == "m365relay":
+        if self.target == "m365relay" and not self.auth:
             return aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, start_tls=False,
                                    source_address=(source_address(mailbox), 0),
                                    timeout=SMTP_TIMEOUT, local_hostname="bench-device.example")
@@ -127,6 +133,8 @@ async def run_client(connector: Connector, mailbox: int, messages: Sequence[Mess
                 outcome.errors[f"login refused: {exc.code} {exc.message[:60]}"] += 1
                 outcome.given_up.update(m.id for m, _ in queue)
                 return
+            if isinstance(exc, aiosmtplib.SMTPResponseException):
+                outcome.login_refused += 1  # a 4xx to EHLO or AUTH: retried like a device
             outcome.errors[f"connect: {type(exc).__name__}: {str(exc)[:80]}"] += 1
             message, attempts = queue.popleft()
             if attempts + 1 >= MAX_ATTEMPTS:

@@ -24,6 +24,9 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("idle_added_bytes", "+idle conns MB", lambda v: f"{v / MB:.1f}"),
     ("cold_start_s", "cold start s", lambda v: f"{v:.2f}"),
     ("first_delivery_s", "1st delivery s", lambda v: f"{v:.2f}"),
+    ("auth_logins", "logins", lambda v: f"{v:g}"),
+    ("auth_checks", "argon2 checks", lambda v: f"{v:g}"),
+    ("client_login_refused", "logins refused", lambda v: f"{v:g}"),
 )
 # Per scenario, the columns worth showing (the rest are in the JSON).
 SHOWN = {
@@ -39,6 +42,11 @@ SHOWN = {
                "upstream_connections", "sut_cpu_s", "sut_peak_rss"),
     "cold": ("cold_start_s", "first_delivery_s", "sut_peak_rss"),
 }
+_AUTH_SHOWN = ("msgs_per_s", "ack_p50_ms", "ack_p99_ms", "upstream_connections", "sut_cpu_s",
+               "sut_peak_rss", "auth_logins", "auth_checks", "client_login_refused")
+SHOWN.update({name: _AUTH_SHOWN for name in ("burst-auth", "printer-auth", "printers-nat-auth")})
+# Each AUTH scenario and the network-mapped one of the same shape (issue 14).
+AUTH_PAIRS = (("burst", "burst-auth"), ("printer", "printer-auth"))
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -131,6 +139,34 @@ def ratios(targets: dict[str, dict[str, Any]]) -> str:
     if relay and proxy:
         out.append(f"m365relay/emailproxy = {relay / proxy:.1f}x")
     return "throughput (medians): " + ", ".join(out) if out else ""
+
+
+def auth_comparison(summary: dict[str, dict[str, dict[str, Any]]],
+                    markdown: bool = False) -> str:
+    """The relay with a login per connection beside the relay mapped by network, same run."""
+    heads = ["shape", "msgs/s by network", "msgs/s with AUTH", "AUTH/network",
+             "SUT CPU s by network", "SUT CPU s with AUTH", "argon2 checks", "logins refused"]
+    rows = []
+    for plain, auth in AUTH_PAIRS:
+        if plain not in summary or auth not in summary:
+            continue
+        net = _m(summary, plain, "m365relay", "msgs_per_s")
+        with_auth = _m(summary, auth, "m365relay", "msgs_per_s")
+        cells = [_fmt(net, "{:.1f}"), _fmt(with_auth, "{:.1f}"),
+                 f"{with_auth / net:.2f}x" if net and with_auth else "—",
+                 _fmt(_m(summary, plain, "m365relay", "sut_cpu_s"), "{:.2f}"),
+                 _fmt(_m(summary, auth, "m365relay", "sut_cpu_s"), "{:.2f}"),
+                 _fmt(_m(summary, auth, "m365relay", "auth_checks"), "{:g}"),
+                 _fmt(_m(summary, auth, "m365relay", "client_login_refused"), "{:g}")]
+        rows.append([plain, *cells])
+    if not rows:
+        return ""
+    return _render("m365relay: login per connection (AUTH) vs mapped by network", heads, rows,
+                   markdown)
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
 
 
 def _render(title: str, heads: list[str], rows: list[list[str]], markdown: bool) -> str:

@@ -24,6 +24,10 @@ class Scenario:
     data_432: float = 0.0      # share of DATA attempts answered 432 4.3.2
     targets: tuple[str, ...] = TARGETS
     timeout: float = 900.0     # the whole run, delivery included
+    # Relay clients log in (AUTH PLAIN, one account per mailbox, all from 127.0.0.1) on every
+    # connection instead of being mapped by source address, as pooled apps and NATed
+    # printers do (issue 14).
+    auth: bool = False
 
     @property
     def title(self) -> str:
@@ -35,6 +39,8 @@ class Scenario:
             return "cold start: process start to first accepted connection, then 1 message"
         text = (f"{self.messages:,} msgs of {self.size // KIB} KiB, {self.clients} client(s), "
                 f"{self.per_connection} msg(s)/connection, {self.mailboxes} mailbox(es)")
+        if self.auth:
+            text += "; AUTH PLAIN per connection, all clients from one address"
         if self.drop or self.data_432:
             text += (f"; upstream answers 432 4.3.2 to {self.data_432:.0%} and hangs up after "
                      f"DATA on {self.drop:.0%} of attempts")
@@ -46,6 +52,16 @@ FULL: tuple[Scenario, ...] = (
              messages=1000, clients=10, per_connection=10, mailboxes=5),
     Scenario("printer", "load",
              messages=200, clients=1, per_connection=1, mailboxes=1),
+    # The same shapes with a login per connection, from one address (issue 14): only the relay
+    # differs from its network-mapped runs (emailproxy's clients always log in; direct is
+    # XOAUTH2), so only the relay runs them, in the same run as the scenarios above.
+    Scenario("burst-auth", "load", messages=1000, clients=10, per_connection=10, mailboxes=5,
+             auth=True, targets=("m365relay",)),
+    Scenario("printer-auth", "load", messages=200, clients=1, per_connection=1, mailboxes=1,
+             auth=True, targets=("m365relay",)),
+    # Ten printers behind one NAT, five accounts, a login for every message.
+    Scenario("printers-nat-auth", "load", messages=500, clients=10, per_connection=1,
+             mailboxes=5, auth=True, targets=("m365relay",)),
     Scenario("large", "large", messages=1, size=30 * MIB),
     Scenario("idle", "idle", idle_connections=1000,
              targets=("m365relay", "emailproxy")),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import sys
@@ -35,6 +36,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_VENV = ROOT / "bench" / ".venv"
 TARGETS = ("direct", "m365relay", "emailproxy")
 EMAILPROXY_PASSWORD = "bench-device-password"  # noqa: S105 - emailproxy's local login, any value
+RELAY_PASSWORD = "bench relay device password"  # noqa: S105 - the AUTH scenarios' accounts
+
+
+def relay_username(mailbox: int) -> str:
+    return f"device{mailbox}"
+
+
+@functools.cache
+def _relay_password_hash() -> str:
+    # argon2 as the relay's own `hash-password` makes it
+    from relay.policy.passwords import hash_password
+
+    return hash_password(RELAY_PASSWORD)
 
 
 def source_address(mailbox: int) -> str:
@@ -146,10 +160,12 @@ def _field_names(record: type) -> set[str]:
     return set(fields) if fields is not None else {f.name for f in dataclasses.fields(record)}
 
 
-def relay_config(fakes: dict[str, Any], port: int, run_dir: Path, mailboxes: int
-                 ) -> dict[str, Any]:
+def relay_config(fakes: dict[str, Any], port: int, run_dir: Path, mailboxes: int,
+                 auth: bool = False) -> dict[str, Any]:
     listener: dict[str, Any] = {"name": "bench", "bind": f"127.0.0.1:{port}", "tls": "none",
                                 "networks": ["127.0.0.0/8"]}
+    if auth:  # AUTH over plain SMTP on loopback, as a listener allows it for listed networks
+        listener["cleartext_auth_networks"] = ["127.0.0.0/8"]
     # The idle scenario measures memory per connection, so the connection limits (defaults 100
     # and 20 per address) must not refuse its 1,000 clients; set only if this relay has them.
     fields = _field_names(Listener)
@@ -169,19 +185,21 @@ def relay_config(fakes: dict[str, Any], port: int, run_dir: Path, mailboxes: int
             "client_secret": {"file": fakes["secret_file"]},
             "authority": fakes["authority"], "smtp_host": fakes["smtp_host"],
             "smtp_port": fakes["smtp_port"], "ca_file": fakes["ca_file"]}},
-        "accounts": [{"name": f"mailbox{k}", "networks": [f"{source_address(k)}/32"],
-                      "app": "bench", "mailbox": mailbox_name(k)} for k in range(mailboxes)],
+        "accounts": [{"name": f"mailbox{k}", "app": "bench", "mailbox": mailbox_name(k),
+                      **({"username": relay_username(k), "password_hash": _relay_password_hash()}
+                         if auth else {"networks": [f"{source_address(k)}/32"]})}
+                     for k in range(mailboxes)],
         "spool": {"directory": str(run_dir / "spool"), "min_free_space": 0},
         "delivery": delivery,
     }
 
 
 async def start_relay(fakes: dict[str, Any], run_dir: Path, mailboxes: int,
-                      cpus: frozenset[int]) -> Server:
+                      cpus: frozenset[int], *, auth: bool = False) -> Server:
     port = free_port()
     config = run_dir / "relay.yaml"
-    config.write_text(yaml.safe_dump(relay_config(fakes, port, run_dir, mailboxes)),
-                      encoding="utf-8")
+    data = await asyncio.to_thread(relay_config, fakes, port, run_dir, mailboxes, auth)
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
     command = [sys.executable, "-m", "relay", "serve", "--config", str(config),
                "--shutdown-timeout", "5"]
     # Keep a caller's PYTHONPATH after ours: it is how a patched module can be tried out.
@@ -238,12 +256,12 @@ async def start_emailproxy(fakes: dict[str, Any], run_dir: Path, mailboxes: int,
 
 
 async def start(target: str, fakes: dict[str, Any], run_dir: Path, mailboxes: int,
-                cpus: frozenset[int]) -> Server | None:
+                cpus: frozenset[int], *, auth: bool = False) -> Server | None:
     await asyncio.to_thread(run_dir.mkdir, parents=True, exist_ok=True)
     if target == "direct":
         return None
     if target == "m365relay":
-        return await start_relay(fakes, run_dir, mailboxes, cpus)
+        return await start_relay(fakes, run_dir, mailboxes, cpus, auth=auth)
     if target == "emailproxy":
         return await start_emailproxy(fakes, run_dir, mailboxes, cpus)
     raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")

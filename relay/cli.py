@@ -42,7 +42,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EX_CONFIG
-    for warning in permissions.warnings(config, args.config):
+    from relay.ingress.tls import legacy_warning
+
+    weak = [legacy_warning(listener) for listener in config.listeners]
+    for warning in [*permissions.warnings(config, args.config), *filter(None, weak)]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.listeners)} listener(s), {len(config.apps)} app(s), "
           f"{len(config.accounts)} account(s))")

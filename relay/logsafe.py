@@ -45,7 +45,7 @@ _formatter = logging.Formatter()
 
 _AUTH_ARG = re.compile(
     r"(?i)(\bAUTH\s+['\"]?[A-Z0-9_-]+)[^\S\r\n]+(?=[A-Za-z0-9+/=]{4,})"
-    r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?(?![A-Za-z0-9+/=])")
+    r"((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)(?![A-Za-z0-9+/=])")
 _BEARER = re.compile(r"(?i)\b(Bearer)\s+[A-Za-z0-9\-._~+/]+=*")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*")
 _FIELDS = "client_secret|access_token|refresh_token|id_token|client_assertion|password|passphrase"
@@ -156,6 +156,14 @@ def _redact_all(text: str) -> str:
 # Functions, not template strings: re compiles templates lazily, with an import that fails
 # while the interpreter shuts down (and asyncio still logs then).
 def _auth_arg(m: re.Match[str]) -> str:
+    # An initial response is base64 of text (a user name, a PLAIN or XOAUTH2 response, a
+    # CRAM-MD5 digest line); a word that merely has 4n letters ("AUTH LOGIN from ...") is not.
+    try:
+        decoded = binascii.a2b_base64(m.group(2), strict_mode=True)
+    except (binascii.Error, ValueError):
+        return m.group()
+    if not decoded or not _text(decoded.replace(b"\x00", b"").replace(b"\x01", b"")):
+        return m.group()
     return f"{m.group(1)} ********"
 
 
@@ -193,21 +201,48 @@ def _credential_blob(match: re.Match[str]) -> str:
 
 
 def _is_credential(run: str) -> bool:
-    """A base64 run that decodes to a SASL PLAIN (``\\0user\\0password``) or XOAUTH2 response."""
+    """A base64 run that decodes to a SASL PLAIN, XOAUTH2 or OAUTHBEARER response.
+
+    Exact, not a guess on random-looking text: queue ids (base32), Message-IDs, host names and
+    paths (``/`` is a base64 character) are runs too, and about 1 in 400 queue-file paths
+    decoded to bytes holding two NULs, which the old test ("two NULs") took for a PLAIN
+    response. A response is recognised by its whole grammar instead (RFC 4616, Google's
+    XOAUTH2, RFC 7628): text parts that are UTF-8 with no control characters.
+    """
     verdict = _verdicts.get(run)
     if verdict is None:
-        try:
-            # What base64.b64decode(validate=True) does, without its wrappers.
-            decoded = binascii.a2b_base64(run + "=" * (-len(run) % 4), strict_mode=True)
-        except (binascii.Error, ValueError):
-            verdict = False
-        else:
-            verdict = decoded.count(b"\x00") == 2 or (b"auth=" in decoded and (
-                b"auth=Bearer" in decoded or b"\x01auth=" in decoded))
+        verdict = _is_sasl_response(run)
         if len(_verdicts) >= _MAX_VERDICTS:
             _verdicts.clear()
         _verdicts[run] = verdict
     return verdict
+
+
+def _is_sasl_response(run: str) -> bool:
+    try:
+        # What base64.b64decode(validate=True) does, without its wrappers; a client may leave
+        # the padding off, so it is added.
+        decoded = binascii.a2b_base64(run + "=" * (-len(run) % 4), strict_mode=True)
+    except (binascii.Error, ValueError):
+        return False
+    if decoded.count(b"\x00") == 2:  # PLAIN: [authzid] NUL authcid NUL passwd
+        authzid, user, password = decoded.split(b"\x00")
+        # The password as bytes: a device may send Latin-1, which is no less a secret.
+        return (bool(user) and bool(password) and _text(authzid + user)
+                and not any(byte < 0x20 or byte == 0x7F for byte in password))
+    # XOAUTH2: user=U ^A auth=Bearer T ^A^A; OAUTHBEARER: n,a=U, ^A auth=Bearer T ^A^A
+    if (decoded.startswith((b"user=", b"n,")) and b"\x01auth=" in decoded
+            and decoded.endswith(b"\x01\x01")):
+        return _text(decoded.replace(b"\x01", b""))
+    return False
+
+
+def _text(data: bytes) -> bool:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return text.isprintable()
 
 
 # --- aiosmtpd's protocol trace ("mail.log") ---------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import smtplib
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -39,6 +40,21 @@ class TLSFiles:
 
     def client_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """In-process CLI commands (`main(["doctor", ...])`) set up logging for a process: the root
+    logger's handlers and level. Put them back, so no test inherits another's (a handler left on
+    a closed capture stream, or a root level of CRITICAL hiding a later test's warnings)."""
+    root = logging.getLogger()
+    handlers, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        # pytest swaps its own capture handlers between phases; it removes those itself.
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

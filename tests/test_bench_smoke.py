@@ -30,6 +30,22 @@ def _as_received(data: bytes, mailbox: str, connection: int = 1) -> dict[str, An
             "arrival": 0.0}
 
 
+def test_quick_auth_run_logs_in_every_time_and_checks_once(tmp_path: Path) -> None:
+    # issue 14: a printer logging in for every message, from one address.
+    out = tmp_path / "auth.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenario", "printer-auth",
+         "--rounds", "1", "--no-install", "--no-pin", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [run] = json.loads(out.read_text())["runs"]  # relay only: the other targets need no AUTH
+    assert run["target"] == "m365relay" and run["ok"], run
+    assert run["auth_logins"] == run["messages"] == run["client_connections"] > 1
+    assert run["auth_checks"] == 1  # the credential cache recognised every later login
+    assert run["client_login_refused"] == 0
+
+
 def test_quick_relay_run_delivers_and_verifies(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
     proc = subprocess.run(

@@ -75,6 +75,19 @@ def test_tls_certificate_turns_on_starttls(env: dict[str, str], tls_files: TLSFi
         assert listener.cleartext_auth_networks == ()  # with TLS, no login in clear
 
 
+def test_starttls_without_files_serves_a_self_signed_certificate(env: dict[str, str]) -> None:
+    """A container with printers that need TLS (or TLS 1.0) and no certificate to mount."""
+    config = from_env(env | {"M365RELAY_TLS": "starttls", "M365RELAY_MIN_TLS_VERSION": "1.0"})
+    for listener in config.listeners:
+        assert (listener.tls, listener.certificate, listener.min_tls_version) == (
+            "starttls", None, "1.0")
+    found = problems(env | {"M365RELAY_TLS": "none", "M365RELAY_MIN_TLS_VERSION": "1.0"})
+    assert any(p.startswith("M365RELAY_MIN_TLS_VERSION set with M365RELAY_TLS=none")
+               for p in found), found
+    found = problems(env | {"M365RELAY_TLS": "startls"})
+    assert any(p.startswith("M365RELAY_TLS") and "'starttls'" in p for p in found), found
+
+
 def test_every_problem_names_its_variable(env: dict[str, str]) -> None:
     found = problems(env | {"M365RELAY_CLIENT_SECRET_FILE": "/run/secrets/x",
                             "M365RELAY_LISTEN": "0.0.0.0:smtp",

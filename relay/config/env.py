@@ -47,6 +47,8 @@ KEYS = {
     "M365RELAY_LISTEN": "listeners[].bind",
     "M365RELAY_TLS_CERTIFICATE": "listeners[].certificate",
     "M365RELAY_TLS_PRIVATE_KEY": "listeners[].private_key",
+    "M365RELAY_TLS": "listeners[].tls",
+    "M365RELAY_MIN_TLS_VERSION": "listeners[].min_tls_version",
     "M365RELAY_SPOOL": "spool.directory",
     "M365RELAY_HOSTNAME": "hostname",
 }
@@ -100,7 +102,19 @@ def build(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str], dict[s
 
     tls_files = {key: plain(name) for name, key in (("M365RELAY_TLS_CERTIFICATE", "certificate"),
                                                     ("M365RELAY_TLS_PRIVATE_KEY", "private_key"))}
-    tls = {k: v for k, v in tls_files.items() if v is not None}
+    tls: dict[str, Any] = {k: v for k, v in tls_files.items() if v is not None}
+    # TLS with the files given, or M365RELAY_TLS=starttls with none: a self-signed certificate
+    # kept in the spool volume (relay/ingress/selfsigned.py).
+    mode = plain("M365RELAY_TLS") or ("starttls" if tls else "none")
+    ignored = [n for n in ("M365RELAY_TLS_CERTIFICATE", "M365RELAY_TLS_PRIVATE_KEY",
+                           "M365RELAY_MIN_TLS_VERSION") if mode == "none" and plain(n)]
+    if ignored:
+        problems.append(f"{', '.join(ignored)} set with M365RELAY_TLS=none; unset them, or "
+                        "set M365RELAY_TLS=starttls")
+    if mode != "none":
+        tls["tls"] = mode
+        if (version := plain("M365RELAY_MIN_TLS_VERSION")) is not None:
+            tls["min_tls_version"] = version
     listeners = []
     for i, bind in enumerate(_items(env.get("M365RELAY_LISTEN", "")) or DEFAULT_LISTEN):
         port = bind.rpartition(":")[2]
@@ -110,8 +124,8 @@ def build(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str], dict[s
             # Loopback too, so the container's HEALTHCHECK (`m365relay healthcheck`) gets a 220.
             "networks": networks + _LOOPBACK,
         }
-        if tls:
-            listener |= {"tls": "starttls", **tls}
+        if mode != "none":
+            listener |= tls
         elif logs_in:
             # No certificate: allow the login in clear, but only from the listed networks.
             listener["cleartext_auth_networks"] = networks

@@ -42,6 +42,7 @@ from relay.config.values import (  # the value types; re-exported for the stages
     GRAPH_ENDPOINT,
     LOOPBACK,
     Duration,
+    DurationOrOff,
     Email,
     FilePath,
     IPNetwork,
@@ -60,6 +61,7 @@ from relay.config.values import (  # the value types; re-exported for the stages
     _https,
     _known_app,
     _split_bind,
+    _tls_version,
 )
 
 
@@ -105,6 +107,9 @@ class Listener(_Bindable):
     networks: tuple[IPNetwork, ...] = spec(Networks, default=LOOPBACK)
     cleartext_auth_networks: tuple[IPNetwork, ...] = spec(Networks, default=())
     require_tls: bool = spec(boolean, default=False)
+    # Old printers speak only TLS 1.0/1.1 (relay/servertls.py); "1.0" or "1.1" lets them in.
+    min_tls_version: Literal["1.0", "1.1", "1.2", "1.3"] = spec(_tls_version, default="1.2")
+    # The name devices connect to, for the self-signed certificate; None: the machine's FQDN.
     hostname: str | None = spec(optional(text), default=None)
     max_message_size: int = spec(Size(), default=35 * 1024 * 1024)
     max_recipients: int = spec(integer(ge=1, le=10000), default=500)
@@ -133,9 +138,16 @@ class Listener(_Bindable):
                                                      default="spool")
 
     def _check(self) -> None:
-        if self.tls != "none" and (self.certificate is None or self.private_key is None):
-            raise ValueError(f"tls: {self.tls} needs both `certificate` and `private_key` "
-                             "(PEM files, e.g. from your CA or Let's Encrypt)")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("`certificate` and `private_key` go together (PEM files, e.g. "
+                             "from your CA or Let's Encrypt); set neither and the relay makes "
+                             "a self-signed certificate for this listener")
+        if self.tls != "none" and self.certificate is not None and self.private_key is not None:
+            from relay.config.certfiles import check_pair
+
+            check_pair(self.certificate, self.private_key)
+        if self.tls == "none" and self.min_tls_version != "1.2":
+            raise ValueError("`min_tls_version` only applies with tls: starttls or implicit")
         if self.require_tls and self.tls != "starttls":
             raise ValueError("require_tls only makes sense with tls: starttls")
 
@@ -302,12 +314,62 @@ class DeliverySettings(Record):
     pacing: PacingSettings = spec(nested(PacingSettings), default=PacingSettings())
 
 
+def _web_password_hash(raw: Any, run: Run) -> str:
+    value = text(raw, run)
+    if not value.startswith("$argon2"):
+        raise ValueError("not an argon2 hash; create one with `m365relay hash-password` "
+                         "(bcrypt hashes from a Prometheus exporter's web config are not "
+                         "accepted)")
+    return value
+
+
+def _web_users(raw: Any, run: Run) -> dict[str, str]:
+    bad = [name for name in raw if isinstance(name, str) and (":" in name or not name)
+           ] if isinstance(raw, Mapping) else []
+    for name in bad:
+        run.at(name).report("a user name must be non-empty and without `:` (HTTP Basic)")
+    users: dict[str, str] = mapping(_web_password_hash, min_length=1)(raw, run)
+    if bad:
+        raise Failed
+    return users
+
+
+@record
+class HttpTls(Record):
+    """TLS for the HTTP endpoint, as an exporter's ``tls_server_config``. The files are read
+    again when they change (renewals need no restart)."""
+
+    certificate: Path = spec(ReadableFile)
+    private_key: Path = spec(ReadableFile)
+
+    def _check(self) -> None:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                self.certificate, self.private_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cannot use certificate {self.certificate} with private_key "
+                             f"{self.private_key}: {exc}; both must be PEM and belong "
+                             "together (the certificate file may hold the chain)") from None
+
+
 @record
 class HttpSettings(_Bindable):
     # Off unless the section is present; loopback by default because the status page lists
     # recipients and errors (never secrets).
     bind: str = spec(_bind, default="127.0.0.1:9925")
+    # Who may open the status page and its JSON API (and, by default, /metrics).
     networks: tuple[IPNetwork, ...] = spec(Networks, default=LOOPBACK)
+    # Who may scrape /metrics; None: `networks`. /healthz and /readyz answer both lists.
+    metrics_networks: tuple[IPNetwork, ...] | None = spec(optional(Networks), default=None)
+    tls: HttpTls | None = spec(optional(nested(HttpTls)), default=None)
+    # user -> argon2 hash: HTTP Basic for everything but /healthz and /readyz (probes).
+    basic_auth_users: dict[str, str] | None = spec(optional(_web_users), default=None)
+
+    @property
+    def scrape_networks(self) -> tuple[IPNetwork, ...]:
+        return self.networks if self.metrics_networks is None else self.metrics_networks
 
 
 @record
@@ -320,6 +382,9 @@ class AuthLimits(Record):
     failures_per_user: int = spec(integer(ge=0), default=10)
     window: float = spec(Duration, default=600.0)
     block: float = spec(Duration, default=600.0)
+    # How long a password that passed its argon2 check is recognised without another (Dovecot's
+    # auth_cache_ttl); 0 checks every login.
+    cache_ttl: float = spec(DurationOrOff, default=3600.0)
 
 
 @record

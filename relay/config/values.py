@@ -205,6 +205,15 @@ def _graph_https(raw: Any, run: Run) -> str:
     return value.rstrip("/")
 
 
+def _tls_version(raw: Any, run: Run) -> str:
+    # YAML reads an unquoted 1.0 as a number; accept it as the admin meant it.
+    value = f"{raw:.1f}" if isinstance(raw, float) else raw
+    if value not in ("1.0", "1.1", "1.2", "1.3"):
+        raise ValueError(f"{raw!r} is not a TLS version: use \"1.2\" (the default), \"1.3\", "
+                         "or \"1.0\"/\"1.1\" for old devices that cannot do better")
+    return str(value)
+
+
 def _guid(raw: Any, run: Run) -> str:
     value = text(raw, run)
     try:
@@ -259,6 +268,8 @@ FilePath: Check = _resolve_path
 ReadableFile: Check = then(_resolve_path, _readable)
 PfxFile: Check = then(_pfx_path, _readable)
 Duration: Check = plain(_duration)
+# 0 switches the feature off (auth_limits.cache_ttl).
+DurationOrOff: Check = plain(lambda value: 0.0 if value in (0, "0") else _duration(value))
 Networks: Check = plain(_networks)
 Email: Check = plain(_email)
 Patterns: Check = plain(_patterns)
@@ -266,4 +277,3 @@ Patterns: Check = plain(_patterns)
 
 def Size(ge: int | None = None) -> Check:  # named as a type, like the checks above
     return then(plain(_size), integer(ge))
-

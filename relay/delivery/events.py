@@ -8,6 +8,7 @@ Only the last few outcomes are kept in full; the log has the rest.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -29,6 +30,30 @@ class Event:
     status: str  # sent | deferred | bounced
     code: str  # upstream reply code, or NO_CODE
     detail: str  # the upstream reply, or what went wrong and how to fix it
+
+
+class Latency:
+    """A cumulative histogram of seconds (Prometheus buckets), kept without prometheus_client:
+    the listener records into it on every message, and /metrics is optional."""
+
+    # From a fsync on a fast SSD (~1 ms) to a spool on a struggling network disk.
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(le, count) pairs as the exposition format has them, +Inf last."""
+        out, total = [], 0
+        for bound, count in zip((*self.BUCKETS, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
+        return out
 
 
 class Events:

@@ -32,3 +32,7 @@ class Lane:
     borrowed: int = 0  # connection slots lent to passthrough transactions (delivery/passthrough.py)
     waiting: int = 0  # passthrough transactions waiting for a slot; idle workers make room
     freed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The pause's cause is one a reload may fix (token, TLS, login, a missing app): SIGHUP
+    # ends it. Not a 421 or a Retry-After: those are the server's to lift.
+    reload_may_fix: bool = False
+    epoch: int = 0  # bumped when a reload changed the app: workers reconnect with the new one

@@ -194,6 +194,8 @@ class Pacer:
         # boot on a device without RTC) must not stall a mailbox for that hour.
         self._monotonic = monotonic
         self.lanes: dict[tuple[str, str], LanePace] = {}
+        # Throttling replies per lane, also with pacing off: /metrics and the throttling alert.
+        self.throttle_replies: dict[tuple[str, str], int] = {}
         self.ledger = RecipientLedger(directory / STATE_FILE if directory is not None else None)
         self.ledger.load(clock())
         self._closed = False
@@ -237,8 +239,11 @@ class Pacer:
 
     def throttled(self, key: tuple[str, str], exc: DeliveryError) -> None:
         """Feedback from a failed attempt: slow the lane down if it was throttling."""
+        if not is_throttling(exc):
+            return
+        self.throttle_replies[key] = self.throttle_replies.get(key, 0) + 1
         base = self._settings().messages_per_minute
-        if base <= 0 or not is_throttling(exc):
+        if base <= 0:
             return
         rate = self._lane(key).throttled(base, self._monotonic())
         if rate is not None:

@@ -56,6 +56,10 @@ log = logging.getLogger("m365relay.delivery")
 Upstream = UpstreamConnection | GraphConnection  # apps.<name>.transport: smtp | graph
 
 
+class AppMissing(DeferError):
+    """A reload removed the app queued messages were accepted for."""
+
+
 class Delivery:
     def __init__(self, config: Config, store: Store, tokens: TokenProvider, *,
                  clock: Callable[[], float] = time.time, hostname: str | None = None) -> None:
@@ -71,6 +75,8 @@ class Delivery:
         self._hostname = hostname or config.hostname or socket.gethostname()
         self._lanes: dict[tuple[str, str], Lane] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._reloads = 0  # SIGHUPs so far: an attempt begun before one used the old files
+        self._later: dict[str, QueueEntry] = {}  # what each timer will submit
         self._stopping = False
         # Within Exchange's per-mailbox limits (delivery.pacing); reads the settings live so a
         # reload applies.
@@ -89,6 +95,7 @@ class Delivery:
         if delay > 0:
             loop = asyncio.get_running_loop()
             self._timers[entry.id] = loop.call_later(delay, self._timer_fired, entry)
+            self._later[entry.id] = entry
             return
         lane = self._lane(entry.envelope)
         lane.ready.append(entry)
@@ -112,6 +119,7 @@ class Delivery:
         One in flight finishes its attempt first: it holds the message's spool claim, which
         the operator's command waits for."""
         for queue_id in ids:
+            self._later.pop(queue_id, None)
             handle = self._timers.pop(queue_id, None)
             if handle is not None:
                 handle.cancel()
@@ -126,6 +134,29 @@ class Delivery:
         for entry in entries:
             self._lane(entry.envelope).blocked_until = 0.0
             self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
+
+    def reloaded(self, changed_apps: Collection[str]) -> None:
+        """After SIGHUP: lanes of apps whose settings or files changed reconnect, and lanes
+        paused for a cause the reload may have fixed are tried now, with their messages
+        waiting on a retry timer, instead of at the end of their backoff. A lane that still
+        fails pauses again (one probe first: ``failures`` is kept until a delivery works)."""
+        now = self._clock()
+        self._reloads += 1
+        retry: list[QueueEntry] = []
+        for key, lane in self._lanes.items():
+            if lane.app in changed_apps:
+                lane.epoch += 1
+            if lane.blocked_until <= now or not lane.reload_may_fix:
+                continue
+            lane.blocked_until, lane.reload_may_fix = 0.0, False
+            lane.pauses += 1  # the old pause's timer must not end a later one
+            log.info("lane %s: pause ended by the reload; trying again now", lane.mailbox)
+            retry += [e for e in self._later.values()
+                      if (e.envelope.app, e.envelope.mailbox.lower()) == key]
+            if lane.ready:
+                self._kick(lane)
+        if retry:
+            self.expedite(retry)
 
     def upstream(self, app_name: str, mailbox: str) -> Upstream | None:
         """A new connection as the workers make them (passthrough uses it); None if the app
@@ -183,6 +214,7 @@ class Delivery:
 
     def _timer_fired(self, entry: QueueEntry) -> None:
         self._timers.pop(entry.id, None)
+        self._later.pop(entry.id, None)
         self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
 
     def _lane(self, envelope: Envelope) -> Lane:
@@ -220,7 +252,7 @@ class Delivery:
         if app is None:
             # A reload renamed or removed the app these messages were accepted for. Without
             # this pause every kick would start a worker that fails at once, in a busy loop.
-            self._block(lane, DeferError(
+            self._block(lane, AppMissing(
                 f"apps.{lane.app} is no longer in the configuration; messages for "
                 f"{lane.mailbox} stay queued until it is back under that name (or give up "
                 "on them: `m365relay queue bounce`)"))
@@ -229,6 +261,7 @@ class Delivery:
         conn = upstream(app_name=lane.app, app=app, mailbox=lane.mailbox, tokens=self.tokens,
                         timeout=settings.timeout, local_hostname=self._hostname,
                         opened=self.opened)
+        epoch = lane.epoch
         self.connections.add(conn)
         try:
             while not self._stopping:
@@ -249,6 +282,8 @@ class Delivery:
                 try:
                     if not lane.ready or lane.blocked_until > self._clock():
                         continue  # emptied or paused while this worker waited for the pace
+                    if lane.epoch != epoch:
+                        return  # a reload changed the app: a new worker connects anew
                     entry = lane.ready.popleft()
                     self._attempting += 1
                     try:
@@ -302,6 +337,7 @@ class Delivery:
                        ) -> None:
         env, state = entry.envelope, entry.state
         rcpts = list(state.pending_rcpts if state.pending_rcpts is not None else env.rcpt_tos)
+        reloads = self._reloads
         age = self._clock() - env.received_at
         if isinstance(out.error, SpoolMissingError):
             # Deleted by an operator, or damaged and already moved to corrupt/ by the spool.
@@ -328,9 +364,14 @@ class Delivery:
             # whatever reason the server has: pause the lane. A 432 inside a working session
             # (Exchange's submission limit for the mailbox) defers only this message; the pacer
             # slows the mailbox down, and the lane keeps its authenticated connections.
+            if self._reloads != reloads and reload_may_fix(exc):
+                # It failed on what a reload replaced while it was in flight (the old CA, the
+                # old secret): no pause, and the next try uses the new.
+                await self._defer(entry, rcpts, exc, reloads=reloads)
+                return
             if isinstance(exc, LaneError | AuthRejected | TokenError) or exc.code == 421:
                 self._block(lane, exc)
-            await self._defer(entry, rcpts, exc)
+            await self._defer(entry, rcpts, exc, reloads=reloads)
             return
         except Exception as exc:
             # A bug must not strand the message in memory: log it and retry on schedule.
@@ -388,6 +429,7 @@ class Delivery:
             return  # a sibling worker's attempt already paused the lane for this outage
         lane.failures += 1
         lane.pauses += 1
+        lane.reload_may_fix = reload_may_fix(exc)
         wait = max(self._backoff(lane.failures), exc.retry_after)
         lane.blocked_until = self._clock() + wait
         log.warning("lane %s paused for %ds: %s", lane.mailbox, wait, exc.describe())
@@ -404,9 +446,14 @@ class Delivery:
         settings = self.config.delivery
         return float(min(settings.max_backoff, settings.min_backoff * 2 ** max(attempts - 1, 0)))
 
-    async def _defer(self, entry: QueueEntry, rcpts: list[str], exc: DeliveryError) -> None:
+    async def _defer(self, entry: QueueEntry, rcpts: list[str], exc: DeliveryError, *,
+                     reloads: int | None = None) -> None:
+        """Keep the message for a retry after its backoff; at once instead when a reload
+        since ``reloads`` (the attempt's start) may have fixed what it failed on."""
         attempts = entry.state.attempts + 1
         wait = max(self._backoff(attempts), exc.retry_after)
+        if reloads is not None and reloads != self._reloads and reload_may_fix(exc):
+            wait = 0
         state = DeliveryState(attempts=attempts, next_attempt_at=self._clock() + wait,
                               pending_rcpts=tuple(rcpts), last_error=exc.describe()[:2000])
         self.counters.deferred += 1
@@ -420,6 +467,8 @@ class Delivery:
         except OSError as exc2:
             # The message itself is safe; only its retry schedule is lost (it retries sooner).
             log.error("%s: cannot save retry state: %s", entry.id, exc2)
+        if reloads is not None and reloads != self._reloads and reload_may_fix(exc):
+            state = replace(state, next_attempt_at=0.0)  # reloaded while the state was saved
         self.submit(replace(entry, state=state))
 
     def _trail(self, entry: QueueEntry) -> str:
@@ -484,6 +533,7 @@ class Delivery:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        self._later.clear()
         workers = [t for lane in self._lanes.values() for t in lane.workers]
         for lane in self._lanes.values():
             lane.wake.set()
@@ -503,3 +553,11 @@ class Delivery:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=5)
+
+
+def reload_may_fix(exc: DeliveryError) -> bool:
+    """A path failure an admin fixes in the config or its files: a token (secret, certificate,
+    CA), TLS or login problem, or an app the config lost. Not the server's own wait."""
+    if exc.retry_after > 0 or exc.code == 421:
+        return False
+    return isinstance(exc, LaneError | AuthRejected | TokenError | AppMissing)

@@ -6,6 +6,7 @@ Each failure carries the Azure portal step or PowerShell command that fixes it, 
 ids filled in.
 
 Modules: ``command`` (CLI and :func:`~relay.doctor.command.diagnose`), ``chain`` (the walk),
-``credential`` and ``claims`` (local checks), ``report`` (results and their rendering). This
+``credential`` and ``claims`` (local checks), ``listeners`` (the certificate each TLS
+listener serves, with its fingerprint), ``report`` (results and their rendering). This
 package imports nothing on its own, so ``m365relay --help`` stays fast.
 """

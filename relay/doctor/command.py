@@ -52,6 +52,9 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
     detail = (f"{len(config.listeners)} listener(s), {len(config.apps)} app(s), "
               f"{len(config.accounts)} account(s)")
     report = Report(source, Check("config", Status.OK, detail=detail))
+    from relay.doctor.listeners import listener_checks
+
+    report.listeners = await asyncio.to_thread(listener_checks, config)
     report.accounts = await Doctor(config, timeout=timeout, send_to=send_to,
                                    config_path=loaded).run(accounts)
     return report

@@ -96,17 +96,20 @@ class Report:
     config: Check  # link "config"
     problems: list[str] = field(default_factory=list)  # config problems by key path
     accounts: list[AccountReport] = field(default_factory=list)
+    listeners: list[Check] = field(default_factory=list)  # TLS certificates the devices see
 
     @property
     def exit_code(self) -> int:
         if self.config.status is Status.FAIL:
             return EX_CONFIG
-        return 1 if any(a.broken for a in self.accounts) else 0
+        failed = any(c.status is Status.FAIL for c in self.listeners)
+        return 1 if failed or any(a.broken for a in self.accounts) else 0
 
     def to_json(self) -> dict[str, Any]:
         return {"config": {"path": self.config_path, "status": self.config.status.value,
                            "detail": self.config.detail, "problems": self.problems},
                 "ok": self.exit_code == 0, "exit_code": self.exit_code,
+                "listeners": [c.to_json() for c in self.listeners],
                 "accounts": [a.to_json() for a in self.accounts]}
 
 
@@ -150,6 +153,10 @@ def render_text(report: Report, stream: TextIO | None = None) -> str:
         out += [f"    - {p}" for p in report.problems]
         out += ["", *_advice(config, "    ")]
         return "\n".join(out) + "\n"
+    for check in report.listeners:
+        out.append(f"{marks[check.status]} {check.title:<{_WIDTH}}  {check.detail}".rstrip())
+        if check.status is not Status.OK:
+            out += [*_advice(check, "    "), ""]
     for account in report.accounts:
         out += ["", f"account {account.account}: mailbox {account.mailbox}, app {account.app}"]
         first = account.broken
@@ -164,6 +171,10 @@ def render_text(report: Report, stream: TextIO | None = None) -> str:
 
 def _verdict(report: Report) -> str:
     broken = [a for a in report.accounts if a.broken]
+    listeners = [c.title for c in report.listeners if c.status is Status.FAIL]
+    if listeners:
+        return f"Broken: {', '.join(listeners)}. " + _verdict(Report(
+            report.config_path, report.config, accounts=report.accounts))
     if not broken:
         return f"All links hold for {len(report.accounts)} account(s)."
     names = ", ".join(f"{a.account} at '{a.broken.title}'" for a in broken if a.broken)

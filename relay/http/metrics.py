@@ -9,69 +9,40 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from relay import __version__
-from relay.message import QueueEntry
-from relay.spool.base import Store
+from relay.http.certinfo import CertificateDates
+from relay.http.queueview import AGE_CLASSES, QueueSummary, read_queue
+
+__all__ = ["QueueSummary", "RelayCollector", "new_registry", "read_queue"]
 
 if TYPE_CHECKING:
     from relay.http.view import RelayView
-
-
-@dataclass(frozen=True)
-class MailboxQueue:
-    mailbox: str
-    count: int
-    oldest: float  # received_at of the oldest message, unix time
-    last_error: str  # of the most recently tried message; "" if none failed yet
-
-
-@dataclass(frozen=True)
-class QueueSummary:
-    count: int
-    oldest: float | None
-    mailboxes: tuple[MailboxQueue, ...]  # most messages first
-    held: int = 0  # put on hold by an operator (`m365relay queue hold`); not delivered
-
-
-def summarize(entries: list[QueueEntry], held: int = 0) -> QueueSummary:
-    groups: dict[str, list[QueueEntry]] = {}
-    for entry in entries:
-        groups.setdefault(entry.envelope.mailbox.lower(), []).append(entry)
-    mailboxes = []
-    for group in groups.values():
-        tried = [e for e in group if e.state.last_error]
-        last = max(tried, key=lambda e: e.state.next_attempt_at) if tried else None
-        mailboxes.append(MailboxQueue(
-            mailbox=group[0].envelope.mailbox, count=len(group),
-            oldest=min(e.envelope.received_at for e in group),
-            last_error=last.state.last_error if last is not None else ""))
-    mailboxes.sort(key=lambda m: (-m.count, m.mailbox))
-    oldest = min((e.envelope.received_at for e in entries), default=None)
-    return QueueSummary(len(entries), oldest, tuple(mailboxes), held)
-
-
-async def read_queue(store: Store) -> QueueSummary:
-    """The queue as the store has it (which includes messages waiting for a retry). Looking
-    must not change it, so nothing is quarantined."""
-    return summarize(await store.entries(quarantine=False), len(await store.held_entries()))
 
 
 class RelayCollector(Collector):
     """Yields the metric families from one relay's state. ``queue`` is refreshed by the HTTP
     server (asynchronously, it reads the disk) right before each scrape."""
 
-    def __init__(self, relay: RelayView, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, relay: RelayView, clock: Callable[[], float] = time.time,
+                 http_certificate: Path | None = None) -> None:
         self.relay = relay
         self.queue = QueueSummary(0, None, ())
         self._clock = clock
+        self._http_certificate = http_certificate
+        self._certificates = CertificateDates()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._mail()
@@ -79,6 +50,8 @@ class RelayCollector(Collector):
         yield from self._tokens()
         yield from self._connections()
         yield from self._pacing()
+        yield from self._listeners()
+        yield from self._certs()
         info = InfoMetricFamily("m365relay_build", "m365relay version")
         info.add_metric([], {"version": __version__})
         yield info
@@ -129,6 +102,23 @@ class RelayCollector(Collector):
         age = max(self._clock() - queue.oldest, 0.0) if queue.oldest is not None else 0.0
         yield GaugeMetricFamily("m365relay_queue_oldest_age_seconds",
                                 "Age of the oldest queued message (0 when empty)", value=age)
+        yield GaugeMetricFamily(
+            "m365relay_queue_deferred_messages",
+            "Queued messages that failed at least once and wait for a retry", value=queue.deferred)
+        by_age = GaugeMetricFamily(
+            "m365relay_queue_messages_by_age",
+            "Queued messages by age class (le: upper bound of the class)", labels=["le"])
+        for (label, _), count in zip(AGE_CLASSES, queue.ages, strict=True):
+            by_age.add_metric([label], count)
+        yield by_age
+        spool = self.relay.config.spool
+        if queue.free_bytes is not None:
+            yield GaugeMetricFamily("m365relay_spool_free_bytes",
+                                    "Free space on the spool's filesystem", value=queue.free_bytes)
+        yield GaugeMetricFamily(
+            "m365relay_spool_min_free_bytes",
+            "spool.min_free_space: below it new mail is refused with 452",
+            value=spool.min_free_space)
         by_mailbox = GaugeMetricFamily("m365relay_queue_mailbox_messages",
                                        "Queued messages per sending mailbox", labels=["mailbox"])
         for mailbox in queue.mailboxes:
@@ -170,6 +160,17 @@ class RelayCollector(Collector):
         yield GaugeMetricFamily(
             "m365relay_upstream_connections_open", "Connections to Exchange Online open now",
             value=sum(1 for conn in list(delivery.connections) if conn.connected))
+        per_mailbox = GaugeMetricFamily(
+            "m365relay_upstream_mailbox_connections",
+            "Connections to Exchange Online (or Graph sessions) open now per sending mailbox; "
+            "Exchange allows 3 (delivery.connections_per_mailbox)", labels=["app", "mailbox"])
+        counts: dict[tuple[str, str], int] = {}
+        for conn in list(delivery.connections):
+            key = (conn.app_name, conn.mailbox.lower())
+            counts[key] = counts.get(key, 0) + (1 if conn.connected else 0)
+        for (app, mailbox), count in sorted(counts.items()):
+            per_mailbox.add_metric([app, mailbox], count)
+        yield per_mailbox
         auth = CounterMetricFamily("m365relay_smtp_auth_failures",
                                    "Failed device logins (AUTH PLAIN/LOGIN)", labels=["listener"])
         sessions = GaugeMetricFamily("m365relay_smtp_sessions", "Device SMTP sessions open now",
@@ -179,7 +180,45 @@ class RelayCollector(Collector):
             sessions.add_metric([listener.name], listener.sessions)
         yield auth
         yield sessions
+        yield from self._logins()
 
+    def _logins(self) -> Iterator[Metric]:
+        guard = self.relay.auth_guard
+        yield CounterMetricFamily(
+            "m365relay_smtp_auth_password_checks",
+            "argon2 password checks run for device logins (the credential cache spares the "
+            "rest; auth_limits.cache_ttl)", value=guard.password_checks)
+        yield CounterMetricFamily(
+            "m365relay_smtp_auth_cache_hits",
+            "Device logins recognised by the credential cache, with no argon2 check",
+            value=guard.cache_hits)
+        refusals = CounterMetricFamily(
+            "m365relay_smtp_auth_refusals",
+            "Device logins refused without a password check: blocked (too many failures, "
+            "auth_limits) or busy (no check slot in time)", labels=["cause"])
+        for cause, count in sorted(guard.refusals.items()):
+            refusals.add_metric([cause], count)
+        yield refusals
+
+    def _listeners(self) -> Iterator[Metric]:
+        latency = HistogramMetricFamily(
+            "m365relay_smtp_ack_seconds",
+            "From the end of DATA to the relay's reply (250 once the message is fsynced)",
+            labels=["listener"])
+        for listener in self.relay.listener_snapshots():
+            latency.add_metric([listener.name], list(listener.ack_buckets), listener.ack_sum)
+        yield latency
+
+    def _certs(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "m365relay_certificate_expiry_timestamp_seconds",
+            "notAfter of a certificate as unix time (kind: app = apps.NAME.certificate, "
+            "listener = listeners[].certificate, http = http.tls.certificate)",
+            labels=["kind", "name"])
+        for kind, name, when in self._certificates.collect(self.relay.config,
+                                                           self._http_certificate):
+            family.add_metric([kind, name], when)
+        yield family
 
     def _pacing(self) -> Iterator[Metric]:
         pacer = self.relay.delivery.pacer
@@ -197,6 +236,13 @@ class RelayCollector(Collector):
         for (app, mailbox) in sorted(pacer.lanes):
             rate.add_metric([app, mailbox], pacer.rate((app, mailbox)))
         yield rate
+        throttled = CounterMetricFamily(
+            "m365relay_throttled",
+            "Throttling replies from Exchange Online or Graph (432 4.3.2, 429, 4.7.500 'server "
+            "busy'), per sending mailbox", labels=["app", "mailbox"])
+        for (app, mailbox), count in sorted(pacer.throttle_replies.items()):
+            throttled.add_metric([app, mailbox], count)
+        yield throttled
 
 
 def new_registry(collector: RelayCollector) -> CollectorRegistry:

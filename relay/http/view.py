@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from relay.config.records import Config
     from relay.delivery.scheduler import Delivery
+    from relay.ingress.limits import AuthGuard
     from relay.spool.base import Store
     from relay.tokens.provider import TokenProvider
 
@@ -27,6 +28,9 @@ class ListenerSnapshot:
     closing: bool  # shutting down: refuses new sessions
     sessions: int  # device SMTP sessions open now
     auth_failures: int  # failed device logins since the start
+    # End of DATA to the reply: the histogram's cumulative buckets and its sum, in seconds.
+    ack_buckets: tuple[tuple[str, float], ...] = ()
+    ack_sum: float = 0.0
 
 
 class RelayView(Protocol):
@@ -44,4 +48,6 @@ class RelayView(Protocol):
     def tokens(self) -> TokenProvider: ...
     @property
     def delivery(self) -> Delivery: ...
+    @property
+    def auth_guard(self) -> AuthGuard: ...  # logins: argon2 checks, cache hits, refusals
     def listener_snapshots(self) -> list[ListenerSnapshot]: ...

@@ -1,5 +1,8 @@
 """Ingress, where a message enters: the device-facing SMTP listener (aiosmtpd), one session per
-connection, the DATA reader, and the abuse limits (connection slots, AUTH guessing, log throttling).
+connection, the DATA reader, the device quirks accepted as Postfix accepts them (``compat``), the
+abuse limits (connection slots, AUTH guessing and its credential cache, log throttling), the
+listeners' TLS (``tls``: versions, certificates reloaded on SIGHUP) and the self-signed
+certificate a TLS listener without one makes (``selfsigned``).
 
 A session applies policy (passwords, sender identity, header rewrite), then commits the message to
 the spool before answering 250, or hands it to passthrough delivery."""

@@ -12,10 +12,11 @@ import collections
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from relay.config.records import AuthLimits
+from relay.policy.passwords import CredentialCache
 
 log = logging.getLogger("m365relay.limits")
 
@@ -59,48 +60,120 @@ class ConnectionSlots:
 @dataclass
 class _Failures:
     times: collections.deque[float] = field(default_factory=collections.deque)
-    pending: int = 0  # checks in flight: they count, or parallel sessions would all get a guess
     blocked_until: float = 0.0
 
 
-class AuthGuard:
-    """Failed logins per client address and per user name, shared by every listener.
+@dataclass(frozen=True)
+class Refusal:
+    """A login refused without its password being checked, and why."""
 
-    An address (or user name) with ``failures_per_ip`` (``failures_per_user``) failures inside
-    ``window`` is refused for ``block`` without its password being checked, so it gets at most
-    that many guesses per window. Successful logins reset nothing: a known password must not
-    buy an attacker more guesses for other users.
+    cause: str  # "blocked" (too many failures) or "busy" (no password-check slot in time)
+    reply: str  # the 454 the client gets
+    why: str  # for the log: what happened, with the config key
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    refusal: Refusal | None = None  # set when the password was not checked
+    cached: bool = False  # recognised by the credential cache: no argon2 check ran
+    blocked: tuple[str, ...] = ()  # "address"/"user": blocked by this failure (for the log)
+
+
+class AuthGuard:
+    """Password checks for every listener: failure limits, check slots, the credential cache.
+
+    An address (or user name) with ``failures_per_ip`` (``failures_per_user``) failed checks
+    inside ``window`` is blocked for ``block``: its logins are refused without their password
+    being checked. Only failures count: checks in flight do not (counting them refused the
+    sixth concurrent *correct* login from an application server's pool), so the bound is
+    enforced where the guess would be evaluated instead: a check that got its hashing slot
+    looks at the failures again before it runs. An address thus gets at most ``failures_per_ip``
+    wrong guesses evaluated per window, plus the checks already hashing (``_CONCURRENT_HASHES``).
+    Successful logins reset nothing: a known password must not buy an attacker more guesses
+    for other users.
     """
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(self, clock: Clock = time.monotonic, *, slot_wait: float = 30.0) -> None:
         self.clock = clock
         self.hash_slots = asyncio.Semaphore(_CONCURRENT_HASHES)
+        # A login that waits longer for a slot is refused as busy (clients give up on a reply
+        # after a minute or so; a retry later is better than a hung session).
+        self.slot_wait = slot_wait
+        # Through self.clock, which tests replace after construction.
+        self.cache = CredentialCache(ttl=3600.0, clock=lambda: self.clock())  # noqa: PLW0108
         self._ips: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
         self._users: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
+        # For /metrics and the bench: what logins cost.
+        self.password_checks = 0  # argon2 verifications run
+        self.cache_hits = 0
+        self.refusals: dict[str, int] = {"blocked": 0, "busy": 0}
 
-    def begin(self, limits: AuthLimits, ip: str, user: str) -> str | None:
-        """Reserve a password check, or return why this attempt is refused (a 454 reply)."""
+    async def check(self, limits: AuthLimits, ip: str, user: str, cache_key: bytes | None,
+                    verify: Callable[[], Awaitable[bool]]) -> Verdict:
+        """Decide one login: ``verify`` runs the password check, ``cache_key`` (None for an
+        unknown user) names the credentials in the cache."""
+        self.cache.ttl = limits.cache_ttl
+        refusal = self._refusal(limits, ip, user)
+        if refusal is None and cache_key is not None and self.cache.hit(cache_key):
+            self.cache_hits += 1
+            return Verdict(ok=True, cached=True)
+        if refusal is None:
+            try:
+                async with asyncio.timeout(self.slot_wait):
+                    await self.hash_slots.acquire()
+            except TimeoutError:
+                refusal = Refusal("busy", "454 4.7.0 Temporary authentication failure: the "
+                                  "relay is busy checking other logins, try again shortly",
+                                  f"busy: no password-check slot within {self.slot_wait:g}s")
+        if refusal is not None:
+            self.refusals[refusal.cause] += 1
+            return Verdict(ok=False, refusal=refusal)
+        try:
+            # Checks that finished while this one waited may have blocked it, or cached it.
+            refusal = self._refusal(limits, ip, user)
+            if refusal is not None:
+                self.refusals[refusal.cause] += 1
+                return Verdict(ok=False, refusal=refusal)
+            if cache_key is not None and self.cache.hit(cache_key):
+                self.cache_hits += 1
+                return Verdict(ok=True, cached=True)
+            self.password_checks += 1
+            ok = await verify()
+        finally:
+            self.hash_slots.release()
+        if ok and cache_key is not None:
+            self.cache.add(cache_key)
+        return Verdict(ok=ok, blocked=tuple(self._record(limits, ip, user, ok=ok)))
+
+    def _refusal(self, limits: AuthLimits, ip: str, user: str) -> Refusal | None:
         now = self.clock()
-        address = self._entry(self._ips, ip, limits, now)
-        name = self._entry(self._users, user, limits, now)
-        if self._full(address, limits.failures_per_ip, now):
-            return "454 4.7.0 Too many failed logins from your address, try again later"
-        if self._full(name, limits.failures_per_user, now):
-            return "454 4.7.0 Too many failed logins for this user name, try again later"
-        address.pending += 1
-        name.pending += 1
+        for table, key, limit, what in ((self._ips, ip, limits.failures_per_ip, "address"),
+                                        (self._users, user, limits.failures_per_user, "user")):
+            entry = self._entry(table, key, limits, now)
+            if limit and (entry.blocked_until > now or len(entry.times) >= limit):
+                setting = "failures_per_ip" if what == "address" else "failures_per_user"
+                left = max(entry.blocked_until - now, 0.0)
+                return Refusal(
+                    "blocked", f"454 4.7.0 Too many failed logins "
+                    f"{'from your address' if what == 'address' else 'for this user name'}, "
+                    "try again later",
+                    f"blocked: {limit} failed logins for this {what} within "
+                    f"{limits.window:g}s, {left:.0f}s left (auth_limits.{setting}, "
+                    "auth_limits.block)")
         return None
 
-    def end(self, limits: AuthLimits, ip: str, user: str, *, ok: bool) -> list[str]:
-        """Finish a check begun with :meth:`begin`; returns what became blocked (for the log)."""
+    def _record(self, limits: AuthLimits, ip: str, user: str, *, ok: bool) -> list[str]:
+        """Count a finished check; returns what became blocked (for the log)."""
+        if ok:
+            return []
         now = self.clock()
         blocked = []
         for table, key, limit, what in ((self._ips, ip, limits.failures_per_ip, "address"),
                                         (self._users, user, limits.failures_per_user, "user")):
-            entry = self._entry(table, key, limits, now)
-            entry.pending = max(entry.pending - 1, 0)
-            if ok or not limit:
+            if not limit:
                 continue
+            entry = self._entry(table, key, limits, now)
             entry.times.append(now)
             if len(entry.times) >= limit:
                 entry.blocked_until = now + limits.block
@@ -108,15 +181,13 @@ class AuthGuard:
                 blocked.append(what)
         return blocked
 
+    def reload(self) -> None:
+        """A new config (SIGHUP): accounts or their hashes may have changed; forget them all."""
+        self.cache.clear()
+
     def blocked(self, ip: str) -> bool:
         entry = self._ips.get(ip)
         return entry is not None and entry.blocked_until > self.clock()
-
-    @staticmethod
-    def _full(entry: _Failures, limit: int, now: float) -> bool:
-        if not limit:
-            return False
-        return entry.blocked_until > now or len(entry.times) + entry.pending >= limit
 
     @staticmethod
     def _entry(table: collections.OrderedDict[str, _Failures], key: str, limits: AuthLimits,

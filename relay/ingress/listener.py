@@ -34,6 +34,7 @@ from typing import Any
 from aiosmtpd.smtp import Envelope, Session
 
 from relay.config.records import Account, Config, Listener
+from relay.delivery.events import Latency
 from relay.delivery.passthrough import Passthrough
 from relay.ingress.data import SMTP_LINE_LIMIT, fold_long_lines
 from relay.ingress.limits import AuthGuard, ConnectionSlots, LogThrottle, raise_open_files_limit
@@ -43,17 +44,9 @@ from relay.message import Envelope as SpoolEnvelope
 from relay.policy import identity, rewrite
 from relay.spool.base import SpoolFullError, Store
 
-__all__ = ["RelayHandler", "RelaySMTP", "server_tls_context", "start_listener"]
+__all__ = ["RelayHandler", "RelaySMTP", "start_listener"]
 
 log = logging.getLogger("m365relay.listener")
-
-
-def server_tls_context(listener: Listener) -> ssl.SSLContext | None:
-    if listener.tls == "none":
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(listener.certificate), str(listener.private_key))
-    return context
 
 
 class RelayHandler:
@@ -71,6 +64,8 @@ class RelayHandler:
         self.changed = asyncio.Event()  # a session ended or finished a transaction
         self.closing = False
         self.auth_failures = 0  # for /metrics (read through the snapshot)
+        # End of DATA to the 250 (or 4xx): what a device waits for after its final dot.
+        self.ack_latency = Latency()
         # One guard for all listeners (the service passes it), or more listeners would give
         # an attacker more guesses.
         self.guard = guard or AuthGuard()
@@ -149,13 +144,25 @@ class RelayHandler:
                      "networks", server.client, safe(address))
             return ("530 5.7.0 Authentication required: log in with AUTH, or add this client's "
                     "address to an account's networks")
-        refusal = identity.sender_refusal(account, address, "Sender")
+        # The null sender (a device's own reports, fax confirmations) claims no identity:
+        # with from: enforce the From header decides, after DATA.
+        refusal = None if address in ("", "<>") else identity.sender_refusal(account, address,
+                                                                            "Sender")
         if refusal is not None:
+            self._sender_refused(server, account, "MAIL FROM", address)
             return refusal
         server.mail_account = account
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
+
+    @staticmethod
+    def _sender_refused(server: RelaySMTP, account: Account, what: str, address: str) -> None:
+        # The device's mail is lost (a 5xx), so the admin must see it at the default level.
+        log.warning("%s: %s <%s> refused for account %s: it may only send as <%s> "
+                    "(accounts[%s].from: %s; add the address to allowed_from to allow it)",
+                    server.client, what, safe(address), account.name, account.mailbox,
+                    account.name, account.from_)
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -174,6 +181,13 @@ class RelayHandler:
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        started = time.perf_counter()
+        try:
+            return await self._data(server, session, envelope)
+        finally:
+            self.ack_latency.observe(time.perf_counter() - started)
+
+    async def _data(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         account = server.mail_account
         if account is None or envelope.mail_from is None:  # aiosmtpd checks MAIL came first
             return "503 5.5.1 Error: need MAIL command"
@@ -185,8 +199,11 @@ class RelayHandler:
         if header_from:
             refusal = identity.sender_refusal(account, header_from, "From: header")
             if refusal is not None:
+                self._sender_refused(server, account, "From: header", header_from)
                 return refusal
-        sending = identity.sending_identity(account, header_from, envelope.mail_from)
+        # aiosmtpd keeps the null sender as "<>": no bounce may go to it (RFC 5321 4.5.5).
+        reverse_path = "" if envelope.mail_from == "<>" else envelope.mail_from
+        sending = identity.sending_identity(account, header_from, reverse_path)
         header = rewrite.prepare(fields, body, mailbox=sending.sender,
                                  rewrite_from=not sending.keep_from, hostname=self.hostname,
                                  received=self._received(server, session))
@@ -199,8 +216,8 @@ class RelayHandler:
         size = len(data[0]) + len(data[1])
         spooled = SpoolEnvelope(
             mail_from=sending.mail_from, rcpt_tos=tuple(envelope.rcpt_tos), account=account.name,
-            app=account.app, mailbox=sending.mailbox, bounce_to=envelope.mail_from,
-            client=server.client, received_at=time.time(), original_from=envelope.mail_from)
+            app=account.app, mailbox=sending.mailbox, bounce_to=reverse_path,
+            client=server.client, received_at=time.time(), original_from=reverse_path)
         mode = account.delivery or self.listener.delivery
         if mode == "passthrough" and self.passthrough is not None:
             return await self.passthrough.transact(server.client, spooled, data)
@@ -231,11 +248,12 @@ class RelayHandler:
                 f"with {proto}; {date}")
 
 
-async def start_listener(listener: Listener, handler: RelayHandler) -> asyncio.Server:
-    """Bind and start serving one listener; port 0 picks a free port (see ``sockets``)."""
+async def start_listener(listener: Listener, handler: RelayHandler,
+                         context: ssl.SSLContext | None = None) -> asyncio.Server:
+    """Bind and start serving one listener; port 0 picks a free port (see ``sockets``).
+    ``context`` is the listener's TLS (relay/servertls.py), None for ``tls: none``."""
     raise_open_files_limit()
     loop = asyncio.get_running_loop()
-    context = server_tls_context(listener)
     implicit = listener.tls == "implicit"
 
     def factory() -> RelaySMTP:

@@ -30,8 +30,8 @@ from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword, syntax
 
 from relay.config.records import Account
 from relay.config.values import IPNetwork
+from relay.ingress.compat import CompatSMTP
 from relay.ingress.data import DataAssembler
-from relay.ingress.smtpbase import FastSMTP
 from relay.policy import passwords as auth
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def in_networks(address: Any, networks: tuple[IPNetwork, ...]) -> bool:
     return address is not None and any(address in net for net in networks)
 
 
-class RelaySMTP(FastSMTP):
+class RelaySMTP(CompatSMTP):
     """One SMTP session."""
 
     # aiosmtpd 1.4.6 sends "User Name\x00"; Xerox printers, Go and curl give up on the NUL.
@@ -144,6 +144,9 @@ class RelaySMTP(FastSMTP):
     def is_tls(self) -> bool:
         return self.implicit_tls or self._tls_protocol is not None
 
+    def reading_message(self) -> bool:
+        return self._data_deadline is not None or self._busy
+
     @property
     def in_transaction(self) -> bool:
         return self.envelope is not None and self.envelope.mail_from is not None
@@ -152,6 +155,7 @@ class RelaySMTP(FastSMTP):
         if self.transport is not None:  # the TLS transport after STARTTLS: same session
             super().connection_made(transport)
             self.account = None  # STARTTLS resets the session (RFC 3207 4.2)
+            self._log_tls(transport)
             return
         handler = self.relay_handler
         self.address = address = peer_ip(transport.get_extra_info("peername"))
@@ -179,6 +183,22 @@ class RelaySMTP(FastSMTP):
             self._unlogged_connect = listener.name
         else:
             log.info("connect from %s on %s", self.client, listener.name)
+        if self.implicit_tls:
+            self._log_tls(transport)
+
+    def _log_tls(self, transport: asyncio.BaseTransport) -> None:
+        """Which TLS each device speaks, as Postfix logs it (smtpd_tls_loglevel 1): what an
+        admin reads before raising ``min_tls_version``."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return
+        version = ssl_object.version() or "?"
+        cipher = (ssl_object.cipher() or ("?",))[0]
+        old = "" if version in ("TLSv1.2", "TLSv1.3") else (
+            f" (older than TLS 1.2: allowed by listeners[{self.relay_handler.listener.name}]"
+            ".min_tls_version)")
+        log.info("%s: TLS connection established: %s with cipher %s%s", self.client, version,
+                 cipher, old)
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted:
@@ -483,29 +503,36 @@ class RelaySMTP(FastSMTP):
         limits = handler.config.auth_limits
         name = login.decode("utf-8", errors="replace")
         user = safe(name, 64)
-        refusal = guard.begin(limits, self.client, name)
-        if refusal is not None:
-            if handler.quiet.allow(f"auth-refused {self.client} {user}") is not None:
-                log.warning("%s: AUTH %s for user %r refused without checking: %s",
-                            self.client, mechanism, user, refusal[10:])
-            return self._failed(refusal)
-        account = None
+        account, password_hash = auth.password_hash_for(handler.config, login)
+        key = None if password_hash is None else guard.cache.key(login, password, password_hash)
+        self._busy = True  # a login waiting for its check is not idle (no timeout, no reclaim)
         try:
-            async with guard.hash_slots:  # a guessing run queues here; see relay.ingress.limits
-                account = await auth.authenticate(handler.config, login, password)
+            verdict = await guard.check(limits, self.client, name, key,
+                                        lambda: auth.verify(password_hash, password))
         finally:
-            blocked = guard.end(limits, self.client, name, ok=account is not None)
-        for what in blocked:
-            key = "failures_per_ip" if what == "address" else "failures_per_user"
+            self._busy = False
+        refusal = verdict.refusal
+        if refusal is not None:
+            quiet = handler.quiet.allow(f"auth-{refusal.cause} {self.client} {user}")
+            if quiet is not None:
+                more = f" ({quiet} more since the last report)" if quiet else ""
+                log.warning("%s: AUTH %s for user %r refused without checking the password, "
+                            "%s%s", self.client, mechanism, user, refusal.why, more)
+            if refusal.cause == "busy":  # not the client's fault: no failure counted
+                return AuthResult(success=False, handled=False, message=refusal.reply)
+            return self._failed(refusal.reply)
+        for what in verdict.blocked:
+            key_name = "failures_per_ip" if what == "address" else "failures_per_user"
             # (Worded so the log redactor does not take "AUTH <word> <word>" for credentials.)
             log.warning("AUTH: too many failed logins for %s %s; its logins are refused for "
                         "%gs (auth_limits.%s, auth_limits.block)",
                         what, self.client if what == "address" else repr(user), limits.block,
-                        key)
-        if account is None:
+                        key_name)
+        if not verdict.ok or account is None:
             log.warning("%s: AUTH %s failed for user %r", self.client, mechanism, user)
             handler.login_failed()
             return self._failed("535 5.7.8 Authentication credentials invalid")
-        log.info("%s: AUTH %s ok user=%r account=%s", self.client, mechanism, user, account.name)
+        log.info("%s: AUTH %s ok user=%r account=%s%s", self.client, mechanism, user,
+                 account.name, " (cached)" if verdict.cached else "")
         self.account = account
         return AuthResult(success=True, auth_data=LoginPassword(login, b""))

@@ -40,6 +40,10 @@ _SIMPLE_ADDRESS = re.compile(rf"<(({_ATEXT}(?:\.{_ATEXT})*)@{_ATEXT}(?:\.{_ATEXT
 class DataReader(asyncio.StreamReader):
     """A StreamReader that also hands over all the complete lines it holds at once."""
 
+    def buffered(self) -> int:
+        """How many received bytes wait to be read."""
+        return len(self._buffer)  # type: ignore[attr-defined]
+
     def take_lines(self) -> bytes:
         """The complete lines (each ending in LF) at the front of the buffer, in one piece,
         or ``b""`` when it holds none.
@@ -138,6 +142,8 @@ class FastSMTP(SMTP):
     """aiosmtpd's SMTP with a cheap ``__init__`` (for the options the relay uses) and
     ``_getaddr``."""
 
+    reader_class: type[DataReader] = DataReader
+
     def __init__(self, handler: Any, *, data_size_limit: int | None, enable_SMTPUTF8: bool,
                  decode_data: bool, hostname: str, ident: str,
                  tls_context: ssl.SSLContext | None, require_starttls: bool,
@@ -149,7 +155,7 @@ class FastSMTP(SMTP):
             self.loop = asyncio.get_running_loop()
         except RuntimeError:
             self.loop = aiosmtpd_smtp.make_loop()
-        reader = DataReader(limit=self.line_length_limit, loop=self.loop)
+        reader = self.reader_class(limit=self.line_length_limit, loop=self.loop)
         self._lines_reader = reader
         asyncio.StreamReaderProtocol.__init__(
             self, reader, client_connected_cb=self._cb_client_connected, loop=self.loop)

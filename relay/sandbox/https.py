@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -21,7 +23,19 @@ class TLSHTTPServer(ThreadingHTTPServer):
                  tls: ssl.SSLContext) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.tls = tls
+        self._open: set[ssl.SSLSocket] = set()
+        self._open_lock = threading.Lock()
         super().__init__(address, handler)
+
+    def server_close(self) -> None:
+        """Stop as a real server process would: kept-alive connections end too, or a client
+        would go on talking to a "restarted" sandbox's old instance (old CA, old keys)."""
+        super().server_close()
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def connection_opened(self) -> None:
         """Called once per connection after a successful handshake."""
@@ -37,7 +51,11 @@ class TLSHTTPServer(ThreadingHTTPServer):
             return
         self.connection_opened()
         handler: Any = self.RequestHandlerClass  # typeshed wants the exact server type
+        with self._open_lock:
+            self._open.add(conn)
         try:
             handler(conn, client_address, self)
         finally:
+            with self._open_lock:
+                self._open.discard(conn)
             conn.close()

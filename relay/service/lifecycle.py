@@ -12,30 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relay import logsafe
 from relay.config import records as config_mod
-from relay.config.records import Config
+from relay.config.records import Config, Listener
 from relay.delivery.changes import follow
 from relay.delivery.passthrough import Passthrough
 from relay.delivery.scheduler import Delivery
 from relay.http.view import ListenerSnapshot
 from relay.ingress.limits import AuthGuard
 from relay.ingress.listener import RelayHandler, start_listener
+from relay.ingress.tls import ServerTLS, legacy_warning
 from relay.message import QueueEntry
 from relay.service.notify import Notifier
 from relay.spool.base import Store
 from relay.spool.filestore import FileStore
 from relay.spool.store import Spool
 from relay.tokens.provider import TokenProvider
+from relay.upstream.smtp import reset_tls_contexts
 
 if TYPE_CHECKING:
     from relay.http.server import WebServer
@@ -64,6 +68,7 @@ class Relay:
         self.handlers: list[RelayHandler] = []
         self.auth_guard = AuthGuard()  # failed logins count across all listeners
         self.servers: list[asyncio.Server] = []
+        self.tls: dict[str, ServerTLS] = {}  # per listener with TLS; certificates reload
         self.addresses: dict[str, tuple[str, int]] = {}
         self.web: WebServer | None = None  # the `http` endpoint, when configured
         self.http_address: tuple[str, int] | None = None
@@ -80,7 +85,9 @@ class Relay:
         """The listeners as /metrics, /readyz and the status page see them now."""
         return [ListenerSnapshot(name=h.listener.name, serving=s.is_serving(),
                                  closing=h.closing, sessions=len(h.sessions),
-                                 auth_failures=h.auth_failures)
+                                 auth_failures=h.auth_failures,
+                                 ack_buckets=tuple(h.ack_latency.cumulative()),
+                                 ack_sum=h.ack_latency.sum)
                 for h, s in zip(self.handlers, self.servers, strict=False)]
 
     async def start(self) -> None:
@@ -102,8 +109,9 @@ class Relay:
             handler = RelayHandler(listener, self.config, self.store,
                                    functools.partial(self._accepted, listener.name),
                                    self.hostname, guard=self.auth_guard, passthrough=passthrough)
+            context = await self._server_tls(listener)
             try:
-                server = await start_listener(listener, handler)
+                server = await start_listener(listener, handler, context)
             except OSError as exc:
                 await self.stop(timeout=0)
                 raise StartupError(f"listeners[{listener.name}]: cannot listen on "
@@ -125,6 +133,25 @@ class Relay:
                 await self.stop(timeout=0)
                 raise StartupError(f"http: cannot listen on {self.config.http.bind}: "
                                    f"{exc.strerror or exc}; change http.bind") from None
+
+    async def _server_tls(self, listener: Listener) -> ssl.SSLContext | None:
+        if listener.tls == "none":
+            return None
+        tls = ServerTLS(listener, self.config.spool.directory)
+        try:
+            served = await asyncio.to_thread(tls.load)
+        except (OSError, ValueError) as exc:
+            await self.stop(timeout=0)
+            raise StartupError(f"listeners[{listener.name}]: cannot use the TLS certificate: "
+                               f"{exc}; check `listeners[{listener.name}].certificate` and "
+                               "`private_key` (PEM, the key matching the certificate)") from None
+        self.tls[listener.name] = tls
+        log.info("listener %s: serving %s, SHA-256 fingerprint %s", listener.name,
+                 served.source, served.fingerprint)
+        warning = legacy_warning(listener)
+        if warning is not None:
+            log.warning("%s", warning)
+        return tls.context
 
     def _accepted(self, listener: str, entry: QueueEntry) -> None:
         self.delivery.events.accepted(listener, entry)
@@ -180,22 +207,35 @@ class Relay:
         except config_mod.ConfigError as exc:
             log.error("SIGHUP: new config refused, still running the old one.\n%s", exc)
             return
-        if new.listeners != self.config.listeners:  # records compare field by field
+        if _restart_only(new.listeners) != _restart_only(self.config.listeners):
             log.warning("SIGHUP: listener changes need a restart; applying the rest")
         if new.spool != self.config.spool:
             log.warning("SIGHUP: spool changes need a restart; applying the rest")
         if new.http != self.config.http:
             log.warning("SIGHUP: http changes need a restart; applying the rest")
         logsafe.register_config_secrets(new)
+        self.auth_guard.reload()  # accounts and hashes may have changed: verify afresh
         self.config = new
-        self.tokens.update(new.apps, margin=new.delivery.token_refresh_margin)
+        # Files the config names are read again too (config.load read the secrets): CA
+        # files, PFX, certificates; token clients and TLS contexts built from them start anew.
+        changed = self.tokens.update(new.apps, margin=new.delivery.token_refresh_margin)
+        reset_tls_contexts()
         self.tokens.use_delegated(new, self.config_path)
         self.delivery.config = new
+        self.delivery.reloaded(changed)
+        if changed:
+            log.info("SIGHUP: apps %s changed (settings or files): new token clients and "
+                     "connections", ", ".join(sorted(changed)))
         for handler in self.handlers:
             listener = next((lis for lis in new.listeners if lis.name == handler.listener.name),
                             handler.listener)
             handler.config = new
             handler.listener = listener
+            tls = self.tls.get(listener.name)
+            if tls is not None and listener.tls != "none":
+                # Certificate files are read again (a Let's Encrypt renewal keeps the paths);
+                # new connections get the new one, open sessions keep theirs.
+                tls.reload(listener)
         log.info("SIGHUP: config reloaded (%d apps, %d accounts)", len(new.apps),
                  len(new.accounts))
 
@@ -241,6 +281,13 @@ class Relay:
                     log.warning("shutdown: closing %s mid-transaction (it was not "
                                 "acknowledged; the client will retry)", session.client)
                 session.close_for_shutdown()
+
+
+def _restart_only(listeners: tuple[Listener, ...]) -> list[Listener]:
+    """The listeners without what a reload applies to them itself (the certificate files and
+    the self-signed certificate's name, relay/ingress/tls.py); records compare field by field."""
+    return [dataclasses.replace(lis, certificate=None, private_key=None, hostname=None)
+            for lis in listeners]
 
 
 async def run(config: Config, *, config_path: Path | None = None,

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+from typing import Any
 
 from relay import logsafe
 
@@ -80,9 +81,27 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, as logging's own
+    last-resort handler does: a handler holding the stream of its creation writes into a closed
+    file once that stream is replaced and closed (a test's capture, an embedding application
+    redirecting stderr), and every later record becomes ``--- Logging error ---``."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # setStream() and StreamHandler.__init__: the stream is always sys.stderr
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     logsafe.install()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(logsafe.RedactingFilter())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())

@@ -184,6 +184,10 @@ class Store(Protocol):
         """How many messages are kept out of delivery: {"failed": n, "corrupt": n}."""
         ...
 
+    async def free_space(self) -> int | None:
+        """Bytes the store can still take (a filesystem's free space), None if unknown."""
+        ...
+
     async def probe(self) -> str | None:
         """Whether a message could be accepted now (for /readyz): None, or the problem."""
         ...

@@ -168,6 +168,14 @@ class FileStore:
             return {name: _count(self.directory / name) for name in ("failed", "corrupt")}
         return await asyncio.to_thread(count)
 
+    async def free_space(self) -> int | None:
+        def free() -> int | None:
+            try:
+                return shutil.disk_usage(self.directory).free
+            except OSError:
+                return None
+        return await asyncio.to_thread(free)
+
     async def probe(self) -> str | None:
         return await asyncio.to_thread(probe_spool, self.directory, self.spool.min_free_bytes)
 

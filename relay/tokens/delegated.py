@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,19 @@ class DelegatedTokens:
         self._states = {n: s for n, s in self._states.items() if n in names}
         for name in names:
             self._states.setdefault(name, _AccountState())
+
+    def client(self, account: str) -> Any:
+        """The account's msal client, None until its next refresh builds one (for tests)."""
+        state = self._states.get(account)
+        return state.client if state is not None else None
+
+    def drop_clients(self, apps: Collection[str]) -> None:
+        """The files these apps' clients were built from changed (SIGHUP): build anew on the
+        next refresh; the sign-ins themselves stay in the token store."""
+        for account in self._accounts():
+            state = self._states.get(account.name)
+            if state is not None and account.app in apps:
+                state.client = None
 
     def _accounts(self) -> list[Any]:
         apps = self._config.apps

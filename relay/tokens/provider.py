@@ -16,9 +16,9 @@ not before the relay accepts mail: an idle relay that has delivered nothing stay
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +34,8 @@ from relay.diagnosis.explain import Context, explain_connection_error, explain_t
 from relay.tokens.credentials import build_credential
 
 if TYPE_CHECKING:
+    import ssl
+
     import requests
 
     from relay.tokens.delegated import DelegatedTokens
@@ -83,9 +85,10 @@ class TokenProvider:
         self._timeout = timeout
         self._clock = clock
         self._states: dict[str, _AppState] = {name: _AppState() for name in apps}
-        # Made on first need (an app with `ca_file`): a read-only root filesystem without a
-        # writable /tmp (`docker run --read-only`) must still start.
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._inputs = {name: file_inputs(app) for name, app in apps.items()}
+        # One trust context per app, shared by its sessions (building one loads the system's
+        # CAs: tens of ms, and Graph makes sessions on the event loop); rebuilt on reload.
+        self._trusts: dict[str, ssl.SSLContext | bool] = {}
         self.delegated: DelegatedTokens | None = None
 
     def context(self, app_name: str, mailbox: str = "") -> Context:
@@ -164,21 +167,37 @@ class TokenProvider:
         ``m365relay doctor`` probes the authority the way token requests reach it."""
         from relay.tokens.httpsession import TimeoutSession
 
-        app = self._apps[app_name]
-        return TimeoutSession(self._ca_bundle(app_name, app), self._timeout)
+        return TimeoutSession(self._trust(app_name), self._timeout)
 
-    def update(self, apps: Mapping[str, App], *, margin: float) -> None:
-        """Take a reloaded config: apps whose settings changed start afresh."""
+    def _trust(self, app_name: str) -> ssl.SSLContext | bool:
+        found = self._trusts.get(app_name)
+        if found is None:
+            found = self._trusts[app_name] = trust(self._apps[app_name])
+        return found
+
+    def client(self, app_name: str) -> Any:
+        """The app's msal client, None before its first token request (for tests)."""
+        return self._states[app_name].client
+
+    def update(self, apps: Mapping[str, App], *, margin: float) -> set[str]:
+        """Take a reloaded config: apps whose settings or files (``ca_file``, a PFX) changed
+        start afresh, with a new msal client and a new token. Returns their names."""
         self._margin = margin
+        changed = set()
         for name, app in apps.items():
-            if self._apps.get(name) != app:
+            inputs = file_inputs(app)
+            if self._apps.get(name) != app or self._inputs.get(name) != inputs:
                 self._states[name] = _AppState()
+                self._inputs[name] = inputs
+                self._trusts.pop(name, None)
+                changed.add(name)
         self._apps = dict(apps)
+        if self.delegated is not None:
+            self.delegated.drop_clients(changed)
+        return changed
 
     def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        """Nothing to release: kept for callers (no temporary files, see trust())."""
 
     async def _refresh(self, app_name: str, state: _AppState) -> str:
         app = self._apps[app_name]
@@ -238,23 +257,9 @@ class TokenProvider:
             app.client_id,
             client_credential=credential,
             authority=app.authority_url,
-            http_client=TimeoutSession(self._ca_bundle(app_name, app), self._timeout),
+            http_client=TimeoutSession(self._trust(app_name), self._timeout),
             **kwargs,
         )
-
-    def _ca_bundle(self, app_name: str, app: App) -> str | bool:
-        """``ca_file`` adds a trust anchor; requests wants one bundle, so join it to the
-        system's (or certifi's)."""
-        if app.ca_file is None:
-            return True
-        import certifi
-
-        base = Path(os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where())
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="m365relay-ca-")
-        bundle = Path(self._tmp.name) / f"{app_name}.pem"
-        bundle.write_bytes(base.read_bytes() + b"\n" + app.ca_file.read_bytes())
-        return str(bundle)
 
     @staticmethod
     def _acquire(client: Any, scope: str) -> dict[str, Any]:
@@ -267,6 +272,41 @@ class TokenProvider:
             cache.remove_at(item)
         result: dict[str, Any] = client.acquire_token_for_client(scopes=[scope])
         return result
+
+
+def trust(app: App) -> ssl.SSLContext | bool:
+    """What HTTPS to the token endpoint (and Graph) trusts: requests' default (certifi, or
+    REQUESTS_CA_BUNDLE) and, with ``ca_file``, that anchor too, in one SSL context built from
+    the files as they are now. No temporary bundle file: a read-only root file system may
+    have no writable /tmp (issue 13)."""
+    if app.ca_file is None:
+        return True
+    import ssl
+
+    import certifi
+
+    context = ssl.create_default_context(
+        cafile=os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where())
+    context.load_verify_locations(cafile=str(app.ca_file))
+    return context
+
+
+def file_inputs(app: App) -> bytes:
+    """A digest of the files an app's clients are built from but its record only names by
+    path; a secret or PEM given as {file: PATH} is in the record itself (read at load)."""
+    digest = hashlib.sha256()
+    paths: list[Path | None] = [app.ca_file]
+    if app.certificate is not None:
+        paths.append(app.certificate.pfx)
+    for path in paths:
+        if path is None:
+            digest.update(b"-")
+            continue
+        try:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError as exc:
+            digest.update(f"unreadable {exc.errno}".encode())
+    return digest.digest()
 
 
 def _request_errors() -> tuple[type[Exception], ...]:

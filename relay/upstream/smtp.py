@@ -53,6 +53,12 @@ def tls_context(app: App) -> ssl.SSLContext:
     return context
 
 
+def reset_tls_contexts() -> None:
+    """SIGHUP: every ``ca_file`` is read again for the next connection, even one replaced
+    within the file system's timestamp granularity."""
+    _contexts.clear()
+
+
 def _new_tls_context(app: App) -> ssl.SSLContext:
     context = ssl.create_default_context()
     # Exchange Online refuses TLS < 1.2 (421 4.7.66); failing here is clearer.
@@ -80,7 +86,7 @@ class UpstreamConnection:
         self._tokens = tokens
         self._timeout = timeout
         self._local_hostname = local_hostname
-        self._context = context or tls_context(app)
+        self._context = context  # None: the app's, looked up per connection (reloads)
         self._smtp: aiosmtplib.SMTP | None = None
         self.last_used = time.monotonic()
 
@@ -120,7 +126,8 @@ class UpstreamConnection:
 
     async def _connect(self) -> aiosmtplib.SMTP:
         smtp = aiosmtplib.SMTP(hostname=self.app.smtp_host, port=self.app.smtp_port,
-                               start_tls=True, tls_context=self._context, timeout=self._timeout,
+                               start_tls=True, tls_context=self._context or tls_context(self.app),
+                               timeout=self._timeout,
                                local_hostname=self._local_hostname)
         stage = "connect"
         try:

@@ -1,0 +1,1 @@
+"""The status page's script and style sheet, served as same-origin files (relay/web.py)."""
