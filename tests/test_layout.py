@@ -111,7 +111,7 @@ TABLES = {
 # Over the limit when issue 11 closed and not split yet; each may shrink, none may grow, and
 # nothing may join. Remove an entry when its file or function is split.
 NOT_YET_SPLIT = {
-    "relay/delivery/scheduler.py": 563,
+    "relay/delivery/scheduler.py": 499,
     "relay/ingress/session.py": 538,
     "relay/doctor/chain.py": 434,
     "relay/sandbox/entra.py": 565,

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import replace
 
 from relay.config.records import Config
-from relay.delivery.dsn import build_dsn
+from relay.delivery.bounces import Bouncer
 from relay.delivery.events import Events
 from relay.delivery.lanes import Counters, Lane
 from relay.delivery.pacing import Pacer
@@ -39,13 +39,11 @@ from relay.diagnosis.errors import (
     BounceError,
     DeferError,
     DeliveryError,
-    Outcome,
     TokenError,
     accepted_reply,
-    enhanced_status,
     log_extra,
 )
-from relay.message import DeliveryState, Envelope, Message, QueueEntry
+from relay.message import DeliveryState, Envelope, QueueEntry
 from relay.spool.base import CheckOut, SpoolMissingError, Store
 from relay.tokens.provider import TokenProvider
 from relay.upstream.counts import Opened
@@ -81,6 +79,8 @@ class Delivery:
         # Within Exchange's per-mailbox limits (delivery.pacing); reads the settings live so a
         # reload applies.
         self.pacer = Pacer(lambda: self.config.delivery.pacing, config.spool.directory, clock)
+        self._bouncer = Bouncer(self, store, self.events, self.counters, clock=clock,
+                                hostname=self._hostname)
 
     # --- intake ------------------------------------------------------------------------
 
@@ -349,14 +349,14 @@ class Delivery:
             await self._defer(entry, rcpts, DeferError(f"spool read failed: {out.error}"))
             return
         data = out.message
-        given_up = self._given_up(entry, age)
+        given_up = self._bouncer.given_up(entry, age)
         if given_up is not None:  # an operator's bounce, or too old: handled like a 5xx
-            await self._bounce(entry, dict.fromkeys(rcpts, given_up), rcpts, data)
+            await self._bouncer.bounce(entry, dict.fromkeys(rcpts, given_up), data)
             return
         try:
             refused, reply = await conn.send(env.mail_from, rcpts, data)
         except BounceError as exc:
-            await self._bounce(entry, dict.fromkeys(rcpts, exc.outcome()), rcpts, data)
+            await self._bouncer.bounce(entry, dict.fromkeys(rcpts, exc.outcome()), data)
             return
         except DeferError as exc:
             self.pacer.throttled((lane.app, lane.mailbox.lower()), exc)
@@ -385,19 +385,6 @@ class Delivery:
                 self._kick(lane)
         await self._sent(lane, conn, entry, out, rcpts=rcpts, refused=refused, reply=reply)
 
-    def _given_up(self, entry: QueueEntry, age: float) -> Outcome | None:
-        """Why this message bounces without an attempt (`m365relay queue bounce`, or older
-        than delivery.max_age), or None."""
-        state = entry.state
-        if state.bounce_reason:
-            return Outcome(state.bounce_reason, permanent=True,
-                           status=enhanced_status(state.bounce_reason) or "5.0.0")
-        if age > self.config.delivery.max_age:
-            reason = (f"5.4.7 message expired: not delivered in {age / 86400:.1f} days "
-                      f"(delivery.max_age); last error: {state.last_error or 'none'}")
-            return Outcome(reason, status="5.4.7", permanent=True)
-        return None
-
     async def _sent(self, lane: Lane, conn: Upstream, entry: QueueEntry, out: CheckOut, *,
                     rcpts: list[str], refused: dict[str, DeliveryError], reply: str) -> None:
         """After Exchange took the message: count, log, and deal with refused recipients."""
@@ -415,7 +402,7 @@ class Delivery:
         bounced = {r: e.outcome() for r, e in refused.items() if isinstance(e, BounceError)}
         later = [r for r, e in refused.items() if not isinstance(e, BounceError)]
         if bounced:
-            await self._bounce(entry, bounced, rcpts, data, keep=later)
+            await self._bouncer.bounce(entry, bounced, data, keep=later)
         if later:
             first = refused[later[0]]
             self.pacer.throttled((lane.app, lane.mailbox.lower()), first)
@@ -460,7 +447,7 @@ class Delivery:
         outcome = exc.outcome()
         for rcpt in rcpts:
             log.warning("%s: to=<%s>, %s, status=deferred (%s), retry in %ds", entry.id, rcpt,
-                        self._trail(entry), outcome.text, wait, extra=log_extra(outcome))
+                        self._bouncer.trail(entry), outcome.text, wait, extra=log_extra(outcome))
             self.events.record("deferred", entry, rcpt, outcome)
         try:
             await self.store.save_state(entry.id, state)
@@ -470,57 +457,6 @@ class Delivery:
         if reloads is not None and reloads != self._reloads and reload_may_fix(exc):
             state = replace(state, next_attempt_at=0.0)  # reloaded while the state was saved
         self.submit(replace(entry, state=state))
-
-    def _trail(self, entry: QueueEntry) -> str:
-        """relay= and delay= of a maillog line, as Postfix writes them."""
-        app = self.config.apps.get(entry.envelope.app)
-        relay = f"{app.smtp_host}:{app.smtp_port}" if app is not None else "none"
-        if app is not None and app.transport == "graph":
-            relay = app.graph_endpoint.removeprefix("https://")
-        return f"relay={relay}, delay={self._clock() - entry.envelope.received_at:.1f}"
-
-    async def _bounce(self, entry: QueueEntry, failed: dict[str, Outcome], rcpts: list[str],
-                      data: Message, keep: list[str] | None = None) -> None:
-        env = entry.envelope
-        self.counters.bounced += len(failed)
-        for rcpt, why in failed.items():
-            log.error("%s: to=<%s>, %s, status=bounced (%s)", entry.id, rcpt,
-                      self._trail(entry), why.text, extra=log_extra(why))
-            self.events.record("bounced", entry, rcpt, why)
-        if env.bounce_to:
-            await self._send_dsn(entry, failed, data)
-        if not keep:
-            reason = "\n".join(f"<{r}>: {why.text}" for r, why in failed.items())
-            try:
-                path = await self.store.fail(entry.id, reason)
-            except OSError as exc:
-                # The DSN is out; the copy stays in queue/ and is bounced again on the next
-                # start, which is better than losing the evidence.
-                log.error("%s: cannot move to failed/: %s", entry.id, exc)
-            else:
-                log.info("%s: kept in %s", entry.id, path)
-
-    async def _send_dsn(self, entry: QueueEntry, failed: dict[str, Outcome], message: Message
-                        ) -> None:
-        env = entry.envelope
-        # Bounces are rare: reading a large message whole for its DSN is fine.
-        data = message.data if message.data is not None else await asyncio.to_thread(
-            message.read_all)
-        dsn = build_dsn(queue_id=entry.id, envelope=env, failed=failed, original=data,
-                        reporting_mta=self._hostname, from_addr=env.mailbox,
-                        arrival=env.received_at, now=self._clock())
-        # The DSN goes out through the same mailbox (Exchange only lets us send as it); its own
-        # bounce_to is empty so a failing DSN never produces another DSN.
-        dsn_env = Envelope(mail_from=env.mailbox, rcpt_tos=(env.bounce_to,), account=env.account,
-                           app=env.app, mailbox=env.mailbox, bounce_to="", client="local",
-                           received_at=self._clock(), original_from="", is_dsn=True)
-        try:
-            dsn_id = await self.store.commit(dsn_env, dsn)
-        except OSError as exc:
-            log.error("%s: cannot spool the DSN for <%s>: %s", entry.id, env.bounce_to, exc)
-            return
-        log.info("%s: sender non-delivery notification: %s", entry.id, dsn_id)
-        self.submit(QueueEntry(dsn_id, dsn_env, DeliveryState(), len(dsn)))
 
     # --- lifecycle -----------------------------------------------------------------------
 
