@@ -14,9 +14,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from conftest import base_config, message, send
 
-from relay.message import DeliveryState, Envelope
-from relay.spool.base import Change, SpoolBusyError, SpoolError, SpoolMissingError, Store
+from relay.config import records as config_mod
+from relay.message import Content, DeliveryState, Envelope
+from relay.sandbox import Sandbox
+from relay.service.lifecycle import Relay
+from relay.spool.base import (
+    Change,
+    SpoolBusyError,
+    SpoolError,
+    SpoolMissingError,
+    SpoolUnavailableError,
+    Store,
+)
 from relay.spool.filestore import FileStore
 from relay.spool.store import INLINE_LIMIT
 
@@ -193,3 +204,37 @@ async def test_a_store_that_cannot_write_refuses_before_the_client_gets_250(
         assert await store.probe() is None  # the probe writes without the opener
     finally:
         await store.close()
+
+
+class Outage(FileStore):
+    """A store that is down while ``down`` is set, as a database behind the seam can be: each
+    commit raises SpoolUnavailableError instead of storing."""
+
+    down = False
+
+    async def commit(self, envelope: Envelope, content: Content) -> str:
+        if self.down:
+            raise SpoolUnavailableError("the queue database is unreachable (test outage)")
+        return await super().commit(envelope, content)
+
+
+async def test_a_store_outage_is_a_4xx_and_mail_flows_again_after(
+        sandbox: Sandbox, tmp_path: Path, password_hash: str) -> None:
+    # The relay runs on another Store implementation passed in: ingress and delivery do not
+    # know which; an unavailable store never lets a client see 250.
+    config = config_mod.parse(base_config(sandbox, tmp_path, password_hash), base_dir=tmp_path)
+    store = Outage(tmp_path / "spool")
+    relay = Relay(config, store=store)
+    await relay.start()
+    try:
+        store.down = True
+        code, reply = await asyncio.to_thread(send, relay.addresses["local"], message("during"))
+        assert (code, reply[:5]) == (451, b"4.3.0")
+        assert sandbox.exchange.messages == [] and await store.entries() == []
+        store.down = False
+        code, _ = await asyncio.to_thread(send, relay.addresses["local"], message("after"))
+        assert code == 250
+        (got,) = await sandbox.exchange.wait_for_messages(1)
+        assert b"Subject: after" in got.data
+    finally:
+        await relay.stop(timeout=5)

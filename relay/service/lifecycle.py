@@ -52,15 +52,18 @@ class StartupError(Exception):
 
 
 class Relay:
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, *, config_path: Path | None = None,
+                 store: Store | None = None) -> None:
+        """``store``: the queue, if not the file store of ``spool.directory`` (another
+        implementation of :class:`~relay.spool.base.Store`)."""
         logsafe.install()  # also when embedded: the host application owns logging
         logsafe.register_config_secrets(config)
         self.config = config
         self.config_path = config_path
         self.hostname = config.hostname or socket.gethostname()
-        self._files = FileStore(config.spool.directory,
-                                min_free_bytes=config.spool.min_free_space)
-        self.store: Store = self._files  # what every stage uses
+        if store is None:
+            store = FileStore(config.spool.directory, min_free_bytes=config.spool.min_free_space)
+        self.store: Store = store  # what every stage uses
         self.tokens = TokenProvider(config.apps, margin=config.delivery.token_refresh_margin)
         self.tokens.use_delegated(config, config_path)
         self.delivery = Delivery(config, self.store, self.tokens, hostname=self.hostname)
@@ -79,7 +82,9 @@ class Relay:
     def spool(self) -> Spool:
         """The file store's blocking API, for tests and the benchmark; the relay's own code
         goes through :attr:`store`."""
-        return self._files.spool
+        if not isinstance(self.store, FileStore):
+            raise TypeError("this relay's store is not the file store")
+        return self.store.spool
 
     def listener_snapshots(self) -> list[ListenerSnapshot]:
         """The listeners as /metrics, /readyz and the status page see them now."""
