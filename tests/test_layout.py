@@ -119,7 +119,6 @@ NOT_YET_SPLIT = {
     "relay/sandbox/graph.py": 533,
     "relay/cli.py:build_parser": 66,
     "relay/config/env.py:build": 81,
-    "relay/delivery/dsn.py:build_dsn": 64,
     "relay/doctor/claims.py:check_claims": 76,
     "relay/doctor/credential.py:_check_certificate": 80,
 }

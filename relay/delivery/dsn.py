@@ -76,11 +76,17 @@ def build_dsn(
         ),
         _headers_part(headers_block),
     ]
-    boundary = _boundary(parts)
+    return _assemble(parts, from_addr=from_addr, bounce_to=envelope.bounce_to, mta=mta,
+                     queue_id=queue_id, now=now)
 
+
+def _assemble(parts: list[bytes], *, from_addr: str, bounce_to: str, mta: str, queue_id: str,
+              now: float) -> bytes:
+    """The report's own header and its parts between MIME boundaries."""
+    boundary = _boundary(parts)
     top = [
         f"From: Mail Delivery System <{_one_line(from_addr)}>",
-        f"To: <{_one_line(envelope.bounce_to)}>",
+        f"To: <{_one_line(bounce_to)}>",
         f"Subject: {SUBJECT}",
         f"Date: {formatdate(now, localtime=False, usegmt=True)}",
         f"Message-ID: {make_msgid(idstring=_idstring(queue_id), domain=mta or 'localhost')}",
