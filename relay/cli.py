@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from relay import __version__, logsafe
-from relay.config import permissions
+from relay.config import permissions, progname
 from relay.config import records as config_mod
 from relay.service.logs import setup_logging
 
@@ -27,7 +27,7 @@ log = logging.getLogger("m365relay")
 # to list every command: `login` alone imports msal, requests and cryptography (~20 MB, ~0.3 s)
 # that `serve` would carry for its whole life and wait for before listening.
 _MORE_COMMANDS = {"doctor": "relay.doctor.command", "queue": "relay.queue.cli",
-                  "login": "relay.login"}
+                  "login": "relay.login", "init": "relay.setup.command"}
 
 
 def _load(path: Path) -> config_mod.Config | None:
@@ -108,9 +108,20 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
     if args.stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+    elif not _have_terminal():
+        # getpass would fall back to reading standard input, and end in EOFError there.
+        print("m365relay hash-password: no terminal to ask for the password on. Give it on "
+              "standard input instead: printf '%s\\n' 'PASSWORD' | "
+              f"{progname.command()} hash-password --stdin", file=sys.stderr)
+        return 2
     else:
-        password = getpass.getpass("Password for the device: ")
-        if password != getpass.getpass("Again: "):
+        try:
+            password = getpass.getpass("Password for the device: ")
+            again = getpass.getpass("Again: ")
+        except (EOFError, KeyboardInterrupt):
+            print("\nNo password given; nothing was written.", file=sys.stderr)
+            return 1
+        if password != again:
             print("The passwords differ; nothing was written.", file=sys.stderr)
             return 1
     if not password:
@@ -118,6 +129,15 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         return 1
     print(hash_password(password))
     return 0
+
+
+def _have_terminal() -> bool:
+    """Whether getpass can prompt without echo: it opens /dev/tty, as ssh-keygen does."""
+    try:
+        with Path("/dev/tty").open("rb"):
+            return True
+    except OSError:
+        return False
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -141,9 +161,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from relay.login import run_login
     from relay.sandbox.demo import run_demo
+    from relay.service.lifecycle import StartupError
 
     setup_logging(args.log_level)
-    return asyncio.run(run_demo(args.config, login=run_login))
+    try:
+        return asyncio.run(run_demo(args.config, login=run_login))
+    except (OSError, StartupError) as exc:
+        # Most often the ports of a sandbox or relay still running from an earlier try.
+        log.error("cannot start the demo: %s. Is a sandbox or relay from an earlier try still "
+                  "running? Stop it (Ctrl+C in its terminal), or change the ports in %s",
+                  exc, args.config)
+        return EX_UNAVAILABLE
 
 
 def _command(argv: Sequence[str]) -> str | None:
@@ -163,14 +191,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     def add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
         p.add_argument("config", nargs="?" if default else None, type=Path, default=default,
-                       metavar="CONFIG", help="YAML config file")
+                       metavar="CONFIG", help=f"YAML config file (default {default})")
 
     def add_log(p: argparse.ArgumentParser) -> None:
         p.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
+                       choices=["debug", "info", "warning", "error"],
+                       help="least severe log lines shown, on stderr (default info)")
 
     def add_source(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", type=Path, help="YAML config file")
+        p.add_argument("--config", "-c", type=Path,
+                       help=f"YAML config file (default {config_mod.DEFAULT_PATH}, unless "
+                            "--config-from-env is given alone)")
         p.add_argument("--config-from-env", action="store_true",
                        help="build the config from M365RELAY_* variables (one app and mailbox); "
                             "with --config too, only when that file does not exist")
@@ -178,8 +209,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the relay")
     add_source(p)
     add_log(p)
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one object per line, for log collectors (default text)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="seconds to let sessions and deliveries finish on SIGTERM (default 30; "
                         "keep it below systemd's TimeoutStopSec / docker's --stop-timeout)")
     p.set_defaults(func=cmd_serve)
@@ -189,22 +221,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_source(p)
     p.add_argument("--address", action="append", metavar="HOST:PORT",
                    help="check this address instead of the config's listeners (repeatable)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per listener (default 5)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="per listener (default 5)")
     p.set_defaults(func=cmd_healthcheck)
 
     p = sub.add_parser("check-config", help="validate a config file and list every problem")
-    add_config(p)
+    add_config(p, default=str(config_mod.DEFAULT_PATH))
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("hash-password", help="hash a device password for accounts[].password_hash")
-    p.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    p = sub.add_parser("hash-password", help="hash a device password for accounts[].password_hash",
+                       description="Print the argon2id hash of a device's password, for "
+                                   "accounts[].password_hash. Asks twice on the terminal, or "
+                                   "reads one line with --stdin.")
+    p.add_argument("--stdin", action="store_true",
+                   help="read the password from standard input (one line), e.g. in scripts")
     p.set_defaults(func=cmd_hash_password)
 
-    p = sub.add_parser("sandbox", help="run a local imitation of Exchange Online and Entra ID")
-    p.add_argument("--dir", type=Path, default=Path(".sandbox"),
-                   help="where the CA, the demo secret and received mail go (default .sandbox)")
-    p.add_argument("--entra-port", type=int, default=18443)
-    p.add_argument("--smtp-port", type=int, default=12587)
+    p = sub.add_parser("sandbox", help="run a local imitation of Exchange Online and Entra ID",
+                       description="A local imitation of Exchange Online and its Entra ID token "
+                                   "endpoint, with a throwaway CA; nothing leaves this machine. "
+                                   "The defaults are where config/demo.yaml points.")
+    p.add_argument("--dir", type=Path, default=Path(".demo/sandbox"),
+                   help="where the CA, the demo secret and received mail go "
+                        "(default .demo/sandbox)")
+    p.add_argument("--entra-port", type=int, default=18443, metavar="PORT",
+                   help="port of the token endpoint, HTTPS on localhost (default 18443)")
+    p.add_argument("--smtp-port", type=int, default=12587, metavar="PORT",
+                   help="port of the Exchange Online SMTP server, STARTTLS on localhost "
+                        "(default 12587)")
     add_log(p)
     p.set_defaults(func=cmd_sandbox)
 
@@ -225,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.func in (cmd_serve, cmd_healthcheck) and not args.config_from_env
             and args.config is None and not getattr(args, "address", None)):
-        parser.error(f"{args.command} needs --config FILE or --config-from-env")
+        args.config = config_mod.DEFAULT_PATH  # where the README and the systemd unit keep it
     logsafe.install()
     try:
         result: int = args.func(args)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import sys
@@ -17,45 +16,9 @@ import aiosmtplib
 import pytest
 import yaml
 from conftest import base_config, message, wait_until
+from relayproc import RelayProcess
 
 from relay.sandbox import Sandbox
-
-READY = "ready on "
-
-
-class RelayProcess:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self.port = 0
-        self._reader: asyncio.Task[None] | None = None
-
-    async def wait_ready(self, timeout: float = 30) -> None:
-        assert self.proc.stderr is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                raw = await self.proc.stderr.readline()
-                if not raw:
-                    raise RuntimeError("relay exited during start:\n" + "\n".join(self.lines))
-                line = raw.decode(errors="replace").rstrip()
-                self.lines.append(line)
-                if READY in line:
-                    self.port = int(line.split(READY)[1].split()[0].rsplit(":", 1)[1])
-                    break
-        # Keep reading so the pipe never fills and blocks the relay.
-        self._reader = asyncio.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        while raw := await self.proc.stderr.readline():
-            self.lines.append(raw.decode(errors="replace").rstrip())
-
-    async def wait(self, timeout: float = 30) -> int:
-        async with asyncio.timeout(timeout):
-            code = await self.proc.wait()
-            if self._reader is not None:
-                await self._reader
-        return code
 
 
 @pytest.fixture
@@ -71,13 +34,8 @@ async def spawn(config_file: Path) -> AsyncIterator[Any]:
     started: list[RelayProcess] = []
 
     async def start(shutdown_timeout: float = 10) -> RelayProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "serve", "--config", str(config_file),
-            "--shutdown-timeout", str(shutdown_timeout), stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        relay = RelayProcess(proc)
+        relay = await RelayProcess.start(config_file, shutdown_timeout=shutdown_timeout)
         started.append(relay)
-        await relay.wait_ready()
         return relay
 
     yield start

@@ -10,9 +10,11 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from relay.config.records import DEFAULT_PATH
+
 # The config file of the packaged service (systemd/m365relay.service), and the default of the
-# commands that have one (`login`, `doctor`); `serve`, `queue` and `check-config` need it named.
-DEFAULT_CONFIG = Path("/etc/m365relay/m365relay.yaml")
+# commands that have one (`login`, `doctor`); `queue` and `check-config` need it named.
+DEFAULT_CONFIG = DEFAULT_PATH
 _WITH_DEFAULT = frozenset({"login", "doctor"})
 
 
@@ -20,10 +22,12 @@ def is_default(config: Path) -> bool:
     return config.absolute() == DEFAULT_CONFIG
 
 
-def command(verb: str, *args: str, config: Path | None = None, selector: str = "") -> str:
+def command(verb: str, *args: str, config: Path | None = None, selector: str = "",
+            program: str = "m365relay") -> str:
     """``m365relay VERB ARGS --config CONFIG``, --config left out only where the command would
-    read the same file without it. ``selector`` replaces --config (``--spool DIR``)."""
-    words = ["m365relay", verb, *(a if a.startswith(("<", "--")) else shlex.quote(a)
+    read the same file without it. ``selector`` replaces --config (``--spool DIR``); ``program``
+    is how to spell the command (relay.config.progname, for a hint printed to a terminal)."""
+    words = [program, verb, *(a if a.startswith(("<", "--")) else shlex.quote(a)
                                   for a in args)]
     if selector:
         words.append(selector)

@@ -64,6 +64,10 @@ from relay.config.values import (  # the value types; re-exported for the stages
     _tls_version,
 )
 
+# Where every command looks without --config: the path of the README, the systemd unit and
+# the container image (ConfigurationDirectory=m365relay).
+DEFAULT_PATH = Path("/etc/m365relay/m365relay.yaml")
+
 
 class ConfigError(Exception):
     """The configuration is unusable; ``problems`` lists every one by key path."""
@@ -468,7 +472,12 @@ def load(path: Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+        hint = ""
+        if isinstance(exc, FileNotFoundError):
+            hint = ("; name the config file on the command line (start from "
+                    "config/m365relay.example.yaml of the source, or try config/demo.yaml "
+                    "with the sandbox)")
+        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}{hint}"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relay.config import progname
 from relay.config.check import (
     Check,
     Run,
@@ -93,7 +94,8 @@ def _secret(value: Any, run: Run) -> Secret:
                 text = path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise ValueError(f"cannot read secret file {path}: {exc.strerror}; check the path "
-                                 "and that the relay's user may read it") from None
+                                 f"and that the relay's user may read it{_sandbox_hint(path)}"
+                                 ) from None
             # Files written by editors and `echo` end with a newline that is not part of a secret.
             text = text.strip() if "BEGIN" not in text else text
             if not text.strip():
@@ -104,8 +106,25 @@ def _secret(value: Any, run: Run) -> Secret:
 
 def _readable(path: Path, run: Run) -> Path:
     if not os.access(path, os.R_OK):
-        raise ValueError(f"cannot read {path}; check the path and its permissions")
+        raise ValueError(f"cannot read {path}; check the path and its permissions"
+                         f"{_sandbox_hint(path)}")
     return path
+
+
+# What `m365relay sandbox` writes as it starts (relay/sandbox/core.py): a config naming one
+# that is missing is most often a demo config used before the sandbox was started.
+_SANDBOX_FILES = frozenset({"demo-client-secret", "ca.pem"})
+
+
+def _sandbox_hint(path: Path) -> str:
+    if path.name not in _SANDBOX_FILES or path.exists():
+        return ""
+    try:
+        folder = path.parent.resolve().relative_to(Path.cwd())
+    except ValueError:
+        folder = path.parent
+    return (f". If it is the sandbox's, start the sandbox first (`{progname.command()} sandbox "
+            f"--dir {folder}`, in its own terminal): it writes this file as it starts")
 
 
 def _duration(value: Any) -> float:
@@ -235,7 +254,8 @@ def _known_app(raw: Any, run: Run) -> str:
 def _argon2(raw: Any, run: Run) -> str:
     value = text(raw, run)
     if not value.startswith("$argon2"):
-        raise ValueError("not an argon2 hash; create one with `m365relay hash-password`")
+        raise ValueError("not an argon2 hash; create one with "
+                         f"`{progname.command()} hash-password`")
     return value
 
 

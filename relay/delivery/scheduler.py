@@ -14,8 +14,12 @@ instead of letting every queued message hammer a broken path.
 The queue is a :class:`~relay.spool.base.Store`: per message, one call claims and loads it
 (:meth:`~relay.spool.base.Store.checkout`; the file store verifies a large one and sends it
 from the file in pieces), one removes it after the 250 (:meth:`~relay.spool.base.Store.checkin`).
-Changes made outside the schedule (``m365relay queue``, another node) arrive through the store's
-change notification, which :meth:`Delivery.follow` applies.
+That removal is the record that Exchange has the message, and a crash before it means one more
+copy, so it comes first, before any logging, and the file store makes it at once on the loop
+(an unlink) rather than behind other work in a thread: a crash sends again at most the
+messages whose 250 was on its way or just arrived, one per upstream connection. Changes made
+outside the schedule (``m365relay queue``, another node) arrive through the store's change
+notification, which :func:`relay.delivery.changes.follow` applies.
 """
 
 from __future__ import annotations
@@ -379,6 +383,16 @@ class Delivery:
             await conn.close()
             await self._defer(entry, rcpts, DeferError(f"internal error: {exc!r}"))
             return
+        await self._delivered(lane, conn, entry, out, rcpts=rcpts, refused=refused, reply=reply)
+
+    async def _delivered(self, lane: Lane, conn: Upstream, entry: QueueEntry, out: CheckOut,
+                         *, rcpts: list[str], refused: dict[str, DeliveryError], reply: str
+                         ) -> None:
+        """Exchange took the message: for every recipient, or refused some."""
+        if not refused:
+            # Record it before anything else: until the record is written a crash means one
+            # more copy (the file store unlinks at once, on the loop: see FileStore.checkin).
+            await self.store.checkin(out, remove=True)
         if lane.failures:
             lane.failures = 0
             for _ in range(len(lane.ready)):  # the path works again: back to full width
@@ -406,9 +420,8 @@ class Delivery:
         if later:
             first = refused[later[0]]
             self.pacer.throttled((lane.app, lane.mailbox.lower()), first)
-            await self._defer(entry, later, first)
-        elif not bounced:
-            await self.store.checkin(out, remove=True)
+            await self._defer(entry, later, first, partly_sent=bool(accepted))
+        if not refused:
             log.info("%s: removed", entry.id)
 
     def _block(self, lane: Lane, exc: DeliveryError) -> None:
@@ -434,9 +447,11 @@ class Delivery:
         return float(min(settings.max_backoff, settings.min_backoff * 2 ** max(attempts - 1, 0)))
 
     async def _defer(self, entry: QueueEntry, rcpts: list[str], exc: DeliveryError, *,
-                     reloads: int | None = None) -> None:
+                     reloads: int | None = None, partly_sent: bool = False) -> None:
         """Keep the message for a retry after its backoff; at once instead when a reload
-        since ``reloads`` (the attempt's start) may have fixed what it failed on."""
+        since ``reloads`` (the attempt's start) may have fixed what it failed on.
+        ``partly_sent``: Exchange took the message for the others, and until the state naming
+        who is left is saved a crash sends it to them again."""
         attempts = entry.state.attempts + 1
         wait = max(self._backoff(attempts), exc.retry_after)
         if reloads is not None and reloads != self._reloads and reload_may_fix(exc):
@@ -450,7 +465,9 @@ class Delivery:
                         self._bouncer.trail(entry), outcome.text, wait, extra=log_extra(outcome))
             self.events.record("deferred", entry, rcpt, outcome)
         try:
-            await self.store.save_state(entry.id, state)
+            # partly_sent: not behind other work (the file store: on its own thread, not
+            # behind ingress's fsyncs in the shared pool).
+            await self.store.save_state(entry.id, state, urgent=partly_sent)
         except OSError as exc2:
             # The message itself is safe; only its retry schedule is lost (it retries sooner).
             log.error("%s: cannot save retry state: %s", entry.id, exc2)
@@ -474,8 +491,10 @@ class Delivery:
         for lane in self._lanes.values():
             lane.wake.set()
         await self.pacer.close()  # wakes workers waiting for their pace; saves the counts
-        if not workers:
-            return
+        if workers:
+            await self._finish(workers, timeout)
+
+    async def _finish(self, workers: list[asyncio.Task[None]], timeout: float) -> None:
         started = time.monotonic()
         _done, pending = await asyncio.wait(workers, timeout=timeout)
         if pending:

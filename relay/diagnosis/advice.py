@@ -25,8 +25,10 @@ class Context:
     app: str = ""  # m365relay config name of the app (config key path apps.<app>)
     client_id: str = ""
     tenant: str = ""
-    smtp_host: str = ""
-    authority_host: str = ""  # token endpoint host; login.microsoftonline.com when unset
+    smtp_host: str = ""  # the upstream host: smtp_host, or Graph's host with graph=True
+    authority_host: str = ""  # token endpoint host[:port]; login.microsoftonline.com when unset
+    smtp_port: int = 0  # 0: not known
+    graph: bool = False  # the upstream is Microsoft Graph (HTTPS), not SMTP
 
 
 # ---------------------------------------------------------------------------

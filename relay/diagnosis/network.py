@@ -4,13 +4,17 @@ walking the exception's cause chain against a table of rules."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import re
 import socket
 import ssl
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+from relay.config import progname
 from relay.diagnosis.advice import (
     _ADMIN,
+    _PLACEHOLDERS,
     _R,
     Context,
     Explanation,
@@ -28,8 +32,8 @@ _NEVER_OFF = "m365relay never switches certificate verification off."
 _CERT_HOSTNAME = _Advice(
     _ADMIN,
     "The TLS certificate of {peer_host} is not valid for that name ({detail}).",
-    "Use the real host name in {host_key}, not an IP address or alias (smtp.office365.com for "
-    "SMTP). If a proxy inspects TLS, exempt {peer_host} or add the proxy's CA (PEM) to the file "
+    "Use the real host name in {host_key}, not an IP address or alias{host_hint}. If a "
+    "proxy inspects TLS, exempt {peer_host} or add the proxy's CA (PEM) to the file "
     "named by `apps.{app}.ca_file`. " + _NEVER_OFF,
 )
 _CERT_EXPIRED = _Advice(
@@ -57,8 +61,7 @@ _TLS_VERSION = _Advice(
 _TLS_WRONG_MODE = _Advice(
     _ADMIN,
     "{peer_host} did not answer with TLS where m365relay expected it ({detail}).",
-    "Check {port_key}: smtp.office365.com uses STARTTLS on port 587, not TLS from the first "
-    "byte. Also check that no proxy answers in its place.",
+    "Check {port_key}: {tls_mode_hint}. Also check that no proxy answers in its place.",
 )
 _TLS_FAILED = _Advice(
     _R,
@@ -83,20 +86,20 @@ _CREDENTIAL_UNUSABLE = _Advice(
 _DNS_FAILED = _Advice(
     _R,
     "Could not look up {peer_host} in DNS ({detail}). m365relay will retry.",
-    "Check the host name in {host_key} (smtp.office365.com for SMTP) and that DNS works on this "
-    "host: `getent hosts {peer_host}`.",
+    "Check the host name in {host_key}{host_hint} and that DNS works on this host: "
+    "`getent hosts {peer_host}`.",
 )
 _REFUSED = _Advice(
     _R,
     "{peer_host} refused the connection on {port}. m365relay will retry.",
-    "Check {host_key} and {port_key} (smtp.office365.com and 587 for SMTP), and that no "
-    "firewall blocks outgoing connections to {peer_host}.",
+    "{local_hint}Check {endpoint_keys}{endpoint_hint}, and that no firewall blocks outgoing "
+    "connections to {peer_host} on {port}.",
 )
 _TIMED_OUT = _Advice(
     _R,
     "{peer_host} did not answer in time {when}. m365relay will retry.",
-    "If it repeats, check that outgoing connections to {peer_host} on {port} are allowed; many "
-    "networks block outgoing SMTP ports.",
+    "If it repeats, check that outgoing connections to {peer_host} on {port} are allowed"
+    "{blocked_hint}.",
 )
 _UNREACHABLE = _Advice(
     _R,
@@ -223,6 +226,69 @@ def _cause_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def _endpoint_fields(ctx: Context, stage: str) -> dict[str, str]:
+    """Which endpoint failed, on which port, and the config keys (with Microsoft's values)
+    that name it: the token endpoint, Graph (both HTTPS) or the SMTP host."""
+    app = _clean(ctx.app, 200) or _PLACEHOLDERS["app"]
+    if stage == "token":
+        host, port = _host_port(ctx.authority_host or "login.microsoftonline.com", 443)
+        key = f"`apps.{app}.authority`"
+        fields = {"port": f"port {port} (HTTPS)", "host_key": key, "port_key": key,
+                  "endpoint_keys": key,
+                  "host_hint": " (leave it unset for Microsoft's own login.microsoftonline.com)",
+                  "blocked_hint": " (HTTPS, through the proxy if this network needs one)",
+                  "tls_mode_hint": "it must be an https:// URL whose port speaks TLS"}
+    elif ctx.graph:
+        host, port = _host_port(ctx.smtp_host or "graph.microsoft.com", 443)
+        key = f"`apps.{app}.graph_endpoint`"
+        fields = {"port": f"port {port} (HTTPS)", "host_key": key, "port_key": key,
+                  "endpoint_keys": key,
+                  "host_hint": " (leave it unset for Microsoft's own graph.microsoft.com)",
+                  "blocked_hint": " (HTTPS, through the proxy if this network needs one)",
+                  "tls_mode_hint": "it must be an https:// URL whose port speaks TLS"}
+    else:
+        host, port = _host_port(ctx.smtp_host, ctx.smtp_port)
+        fields = {"port": f"port {port}" if port else "the SMTP port",
+                  "host_key": f"`apps.{app}.smtp_host`", "port_key": f"`apps.{app}.smtp_port`",
+                  "endpoint_keys": f"`apps.{app}.smtp_host` and `apps.{app}.smtp_port`",
+                  "host_hint": " (smtp.office365.com for Exchange Online)",
+                  "blocked_hint": "; many networks block outgoing SMTP ports",
+                  "endpoint_hint": " (smtp.office365.com and 587 for Exchange Online)",
+                  "tls_mode_hint": "smtp.office365.com uses STARTTLS on port 587, not TLS "
+                                   "from the first byte"}
+    fields.setdefault("endpoint_hint", fields["host_hint"])
+    fields["peer_host"] = _clean(host, 200) or _PLACEHOLDERS["smtp_host"]
+    fields["local_hint"] = ""
+    if _is_loopback(host):
+        # Nothing of Microsoft's runs on this machine: the usual cause is the sandbox (or a
+        # tunnel) not started yet.
+        fields["local_hint"] = (f"Nothing listens on {fields['peer_host']} {fields['port']} on "
+                                "this machine. If that is the sandbox, start it first "
+                                f"(`{progname.command()} sandbox`, see the README's quick "
+                                "start). ")
+    return fields
+
+
+def _host_port(netloc: str, default: int) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` (a URL's netloc) as host and port; anything that does
+    not parse is the host as given."""
+    try:
+        parts = urlsplit(f"//{netloc}")
+        return parts.hostname or netloc, parts.port or default
+    except ValueError:  # "[" or a port out of range: quote it, never fail an explanation
+        return netloc, default
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+            ".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def explain_connection_error(exc: BaseException, *, stage: str, ctx: Context) -> Explanation:
     """Explain a network, TLS or client-side failure talking to Exchange Online or Entra ID.
 
@@ -236,18 +302,7 @@ def explain_connection_error(exc: BaseException, *, stage: str, ctx: Context) ->
         return explain_smtp(code, message, stage=stage, ctx=ctx)
 
     chain = _cause_chain(exc)
-    fields = _fields(ctx, stage)
-    app = fields["app"]
-    if stage == "token":
-        fields["peer_host"] = ctx.authority_host or "login.microsoftonline.com"
-        fields["port"] = "port 443 (HTTPS)"
-        fields["host_key"] = f"`apps.{app}.tenant` and `apps.{app}.authority`"
-        fields["port_key"] = f"`apps.{app}.authority`"
-    else:
-        fields["peer_host"] = fields["smtp_host"]
-        fields["port"] = "the SMTP port"
-        fields["host_key"] = f"`apps.{app}.smtp_host`"
-        fields["port_key"] = f"`apps.{app}.smtp_port`"
+    fields = {**_fields(ctx, stage), **_endpoint_fields(ctx, stage)}
     for rule in CONNECTION_RULES:
         culprit = rule.culprit(chain, stage)
         if culprit is not None:

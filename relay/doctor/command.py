@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from relay.config import commands
+from relay.config import commands, progname
 from relay.config import records as config_mod
 from relay.doctor.report import Check, Report, Status, render_json, render_text
 
@@ -34,7 +34,8 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
         config, loaded = load_source(path, from_env_vars=from_env)
     except config_mod.ConfigError as exc:
         fix = (f"Fix the problems listed above, then run "
-               f"`{commands.command('check-config', str(path))}` until it says OK."
+               f"`{commands.command('check-config', str(path), program=progname.command())}` "
+               "until it says OK."
                if source != SOURCE else
                "Fix the variables listed above and start the container again.")
         return Report(source, Check(

@@ -23,7 +23,7 @@ import yaml
 
 from relay.config.check import Failed, Run, validate
 from relay.config.env import DEFAULT_SPOOL, PREFIX
-from relay.config.records import SpoolSettings
+from relay.config.records import DEFAULT_PATH, SpoolSettings
 from relay.queue import view
 from relay.queue.ops import Outcome, QueueOps
 from relay.spool.base import Change, SpoolError, Store
@@ -35,7 +35,7 @@ Command = Callable[[argparse.Namespace, Store], Coroutine[Any, Any, int]]
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 # Where the systemd unit and the container image keep it.
-DEFAULT_CONFIG = Path("/etc/m365relay/m365relay.yaml")
+DEFAULT_CONFIG = DEFAULT_PATH  # as every command (relay/config/records.py)
 
 
 class _Usage(Exception):

@@ -18,12 +18,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from relay.config import progname
 from relay.config import records as config_mod
 from relay.sandbox import Sandbox
 from relay.service.lifecycle import Relay
 
 # The password of the demo config's person account (its argon2 hash is in config/demo.yaml).
 DEMO_PASSWORD = "demo-password"  # noqa: S105 - published; only the demo's loopback listener
+DEVICE_SENDER = "scanner@printers.example"  # what a scanner on the LAN would send as
+DEMO_RECIPIENT = "you@contoso.example"
 
 
 def _sandbox_settings(path: Path) -> tuple[Path, int, int]:
@@ -116,8 +119,7 @@ async def run_demo(path: Path, login: Login | None = None) -> int:
             name, (host, port) = next(iter(relay.addresses.items()))
             print(f"\n== relay listening on {host}:{port} ({name}); sending a test message",
                   file=out)
-            await asyncio.to_thread(_send, host, port, "scanner@printers.example",
-                                    "someone@contoso.example")
+            await asyncio.to_thread(_send, host, port, DEVICE_SENDER, DEMO_RECIPIENT)
             received = await sandbox.exchange.wait_for_messages(1, timeout=30)
             person = await _delegated(sandbox, config, path, (host, port), login)
         finally:
@@ -131,11 +133,14 @@ async def run_demo(path: Path, login: Login | None = None) -> int:
           file=out)
     if person is not None:
         print(f"== and as a person: {person}\n", file=out)
-    print("Next: run the pieces yourself in two terminals --\n"
-          f"  m365relay sandbox --dir {shown} --entra-port {entra_port} --smtp-port {smtp_port}\n"
-          f"  m365relay serve --config {path}\n"
-          f"  m365relay login alice --config {path}   (approve the code at "
-          f"https://localhost:{entra_port}/devicelogin; /revoke revokes)\n"
-          f"and point a device (or: swaks --server {host}:{port} --to you@contoso.example) "
-          "at the relay.", file=out)
+    program = progname.command()
+    print("Next: run the pieces yourself, the sandbox in one terminal and the relay in another:"
+          f"\n  {program} sandbox --dir {shown} --entra-port {entra_port} "
+          f"--smtp-port {smtp_port}\n"
+          f"  {program} serve --config {path}\n"
+          "then point a device at the relay, or send as one from a third terminal:\n"
+          f"  swaks --server {host}:{port} --from {DEVICE_SENDER} --to {DEMO_RECIPIENT}\n"
+          f"and sign the person in (approve the code at "
+          f"https://localhost:{entra_port}/devicelogin; /revoke revokes):\n"
+          f"  {program} login alice --config {path}", file=out)
     return 0

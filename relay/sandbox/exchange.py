@@ -17,8 +17,9 @@ import json
 import logging
 import re
 import ssl
+import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -65,6 +66,11 @@ class ReceivedMessage:
     # With record_wire: the DATA bytes exactly as sent after 354, dot-stuffing and final
     # ".\r\n" included, to check what a relay puts on the wire.
     wire: bytes | None = None
+    seq: int = 0  # its number in the sandbox, from 1 (InternalId and the .eml name)
+    # time.monotonic() when it was recorded, just before the 250 went out (the time that
+    # went out is FakeExchange.answered_at[seq]): crash tests tell from them whether a copy
+    # sent twice was in Exchange's hands or the relay's at the crash.
+    recorded_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -108,6 +114,7 @@ class FakeExchange:
         self.send_as: dict[str, set[str]] = {}
         self.port = 0
         self.messages: list[ReceivedMessage] = []
+        self.answered_at: dict[int, float] = {}  # seq -> time.monotonic() its 250 was written
         self.connections = 0
         self.peak_open_connections = 0
         self.auth_attempts = 0
@@ -201,6 +208,7 @@ class FakeExchange:
         self._injections.clear()
         self._delays.clear()
         self.messages.clear()
+        self.answered_at.clear()
         self.pipelined = 0
         self.connections = 0
         self.peak_open_connections = len(self._sessions)
@@ -290,10 +298,11 @@ class FakeExchange:
     async def _record(self, envelope: Envelope, grant: _Grant,
                       connection_id: int, wire: bytes | None = None) -> ReceivedMessage:
         self._seq += 1
+        seq = self._seq  # other sessions record meanwhile (the write below awaits)
         data = envelope.original_content or b""
         path = None
         if self.mail_dir is not None:
-            path = self.mail_dir / f"{self._seq:05d}.eml"
+            path = self.mail_dir / f"{seq:05d}.eml"
             sidecar = {
                 "mail_from": envelope.mail_from,
                 "rcpt_tos": envelope.rcpt_tos,
@@ -308,7 +317,7 @@ class FakeExchange:
         message = ReceivedMessage(
             mail_from=envelope.mail_from or "", rcpt_tos=tuple(envelope.rcpt_tos), data=data,
             auth_user=grant.user, client_id=grant.client_id, connection_id=connection_id,
-            path=path, wire=wire)
+            path=path, wire=wire, seq=seq)
         async with self._arrived:
             self.messages.append(message)
             self._arrived.notify_all()
@@ -370,6 +379,7 @@ class _ExchangeSession(SMTP):
         self._drop_next_reply = False
         self._auth_refusal: str | None = None
         self._wire: bytearray | None = None
+        self.answering = 0  # seq of the message whose 250 is the next reply
         super().__init__(
             _ExchangeHandler(exchange),
             hostname=HOSTNAME,
@@ -426,6 +436,9 @@ class _ExchangeSession(SMTP):
         if self.exchange.record_wire and status[:3] in ("354", b"354"):
             self._wire = bytearray()  # the client sends DATA content only after this reply
         await super().push(status)
+        if self.answering and status[:1] in ("2", b"2"):
+            self.exchange.answered_at[self.answering] = time.monotonic()
+        self.answering = 0
         closing = status.startswith("421") if isinstance(status, str) \
             else status.startswith(b"421")
         if closing and self.transport is not None:
@@ -601,8 +614,10 @@ class _ExchangeHandler:
         injected = self.exchange._take("data")
         if injected is not None and not injected.startswith("2"):
             return injected
-        await self.exchange._record(envelope, grant, server.connection_id, server.take_wire())
-        internal_id = 10_000_000_000_000 + self.exchange._seq
+        recorded = await self.exchange._record(envelope, grant, server.connection_id,
+                                               server.take_wire())
+        server.answering = recorded.seq
+        internal_id = 10_000_000_000_000 + recorded.seq
         return injected or (
             f"250 2.6.0 <{uuid.uuid4().hex.upper()}@{HOSTNAME}> [InternalId={internal_id}, "
             f"Hostname={HOSTNAME}] Queued mail for delivery")

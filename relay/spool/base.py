@@ -135,11 +135,16 @@ class Store(Protocol):
         ...
 
     async def checkin(self, out: CheckOut, *, remove: bool = False) -> None:
-        """End an attempt: with ``remove`` (delivered), forget the message first; then let go
-        of its claim and close its content."""
+        """End an attempt: with ``remove`` (delivered), forget the message first, as soon as
+        it can (until then a crash means one more copy); then let go of its claim and close
+        its content. Calling it again is harmless."""
         ...
 
-    async def save_state(self, queue_id: str, state: DeliveryState) -> None: ...
+    async def save_state(self, queue_id: str, state: DeliveryState, *, urgent: bool = False
+                         ) -> None:
+        """``urgent``: the state records recipients Exchange already took (a crash before it
+        is saved sends to them again), so the store writes it ahead of other work."""
+        ...
     async def fail(self, queue_id: str, reason: str) -> str:
         """Keep a permanently failed message aside with its reason; returns where, for logs."""
         ...

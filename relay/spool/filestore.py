@@ -4,7 +4,8 @@
 
 One thread hop per call; :meth:`FileStore.checkout` (claim + load) and :meth:`FileStore.checkin`
 (remove + release) each do a delivery's two steps in one hop, which the benchmark showed is
-worth it (a hop costs about as much as the unlink).
+worth it (a hop costs about as much as the unlink); the removal's unlink itself is made on the
+loop, so the record of a delivery never waits for a thread.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from relay.message import Content, DeliveryState, Envelope, Message, QueueEntry
@@ -36,6 +38,9 @@ class FileStore:
         self.directory = self.spool.directory
         # The relay listens; a queue command only announces (it must not read the FIFO).
         self._fifo = notices.FifoReader(self.directory) if listen else None
+        # The records that decide whether a crash duplicates mail (after a 250) get a thread
+        # of their own: in the shared pool they queued behind ingress fsyncs and argon2 checks.
+        self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-records")
 
     @property
     def location(self) -> str:
@@ -65,6 +70,8 @@ class FileStore:
     async def close(self) -> None:
         if self._fifo is not None:
             self._fifo.close()
+        # A record already in its thread still completes (the interpreter joins it).
+        self._records.shutdown(wait=False)
 
     # --- accepting mail
 
@@ -100,9 +107,14 @@ class FileStore:
         if not remove:
             _close(out)  # closing a file we did not unlink is no disk work
             return
-        # In the thread: closing the last descriptor of an unlinked file frees it, which is
-        # disk work too.
-        await asyncio.to_thread(self._remove_and_close, out)
+        # The unlink is the record that Exchange has the message: made here, on the loop (one
+        # metadata change, as quick as a log line), since in a thread it waited behind ingress
+        # fsyncs and argon2 checks, seconds under load, and a crash meanwhile meant a copy
+        # more. The rest (the retry state; closing the last descriptor of the unlinked file
+        # frees it, which is disk work too) on the store's own thread.
+        self.spool.forget(out.queue_id)
+        await asyncio.get_running_loop().run_in_executor(
+            self._records, self._remove_and_close, out)
 
     def _remove_and_close(self, out: CheckOut) -> None:
         try:
@@ -110,7 +122,12 @@ class FileStore:
         finally:
             _close(out)
 
-    async def save_state(self, queue_id: str, state: DeliveryState) -> None:
+    async def save_state(self, queue_id: str, state: DeliveryState, *, urgent: bool = False
+                         ) -> None:
+        if urgent:  # an fsync: not on the loop, and not behind ingress in the shared pool
+            await asyncio.get_running_loop().run_in_executor(
+                self._records, self.spool.save_state, queue_id, state)
+            return
         await asyncio.to_thread(self.spool.save_state, queue_id, state)
 
     async def fail(self, queue_id: str, reason: str) -> str:

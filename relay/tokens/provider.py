@@ -94,7 +94,7 @@ class TokenProvider:
     def context(self, app_name: str, mailbox: str = "") -> Context:
         app = self._apps[app_name]
         return Context(mailbox=mailbox, app=app_name, client_id=app.client_id,
-                       tenant=app.tenant, smtp_host=app.smtp_host,
+                       tenant=app.tenant, smtp_host=app.smtp_host, smtp_port=app.smtp_port,
                        authority_host=urlsplit(app.authority_url).netloc)
 
     def stats(self, app_name: str) -> tuple[int, int]:

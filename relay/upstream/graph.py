@@ -67,7 +67,7 @@ class GraphConnection:
     def _ctx(self, sender: str = "") -> Context:
         return Context(mailbox=self.mailbox, sender=sender, app=self.app_name,
                        client_id=self.app.client_id, tenant=self.app.tenant,
-                       smtp_host=self.relay)
+                       smtp_host=self.relay, graph=True)
 
     def abort(self) -> None:
         session, self._session = self._session, None

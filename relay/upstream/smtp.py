@@ -101,7 +101,7 @@ class UpstreamConnection:
     def _ctx(self, sender: str = "") -> Context:
         return Context(mailbox=self.mailbox, sender=sender, app=self.app_name,
                        client_id=self.app.client_id, tenant=self.app.tenant,
-                       smtp_host=self.app.smtp_host)
+                       smtp_host=self.app.smtp_host, smtp_port=self.app.smtp_port)
 
     def abort(self) -> None:
         """Drop the connection without QUIT: a command may still be waiting for its reply."""
