@@ -15,7 +15,8 @@ import logging
 import ssl
 from pathlib import Path
 
-from relay.config.records import AuthLimits, HttpSettings, HttpTls, IPNetwork
+from relay.config.records import AuthLimits, HttpSettings, HttpTls
+from relay.config.values import IPNetwork
 from relay.ingress.limits import AuthGuard
 from relay.policy import passwords
 
