@@ -8,6 +8,7 @@ cache (with the refresh token) goes to the account's encrypted file in ``token_s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
@@ -21,8 +22,8 @@ import msal
 from relay.config import commands
 from relay.config import records as config_mod
 from relay.queue.ops import QueueOps
-from relay.service import control
-from relay.spool.store import Spool
+from relay.spool.base import Change
+from relay.spool.filestore import FileStore
 from relay.tokens.delegated import build_client
 from relay.tokens.provider import TokenProvider
 from relay.tokens.store import TokenStore, TokenStoreError, new_key
@@ -122,14 +123,18 @@ def retry_waiting(config: config_mod.Config, app: str, mailbox: str) -> int:
     st = directory.stat()
     # Files we rewrite must stay the relay's when an admin runs this as root.
     owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
-    spool = Spool(directory, owner=owner)  # never Spool.open(): it cleans a live relay's tmp/
-    ops = QueueOps(spool, wait=0)
-    ids = [e.id for e in spool.entries(quarantine=False)
-           if e.envelope.app == app and e.envelope.mailbox.casefold() == mailbox.casefold()]
-    done = [o.id for o in (ops.retry(i, wait=0) for i in ids) if o.result == "ok"]
-    if done:
-        control.notify(directory, [f"retry {i}" for i in done])
-    return len(done)
+    # Never Store.open(): it cleans a live relay's tmp/; and only the relay listens.
+    store = FileStore(directory, owner=owner, listen=False)
+
+    async def retry() -> int:
+        ops = QueueOps(store, wait=0)
+        ids = [e.id for e in await store.entries(quarantine=False)
+               if e.envelope.app == app and e.envelope.mailbox.casefold() == mailbox.casefold()]
+        done = [o.id for o in [await ops.retry(i, wait=0) for i in ids] if o.result == "ok"]
+        if done:
+            await store.announce([Change("retry", i) for i in done])
+        return len(done)
+    return asyncio.run(retry())
 
 
 def cmd_login(args: argparse.Namespace) -> int:

@@ -332,3 +332,18 @@ async def test_doctor_names_mail_readwrite_when_large_messages_cannot_go(
         assert "Application Mail.ReadWrite" in claims.fix
     finally:
         await box.stop()
+
+
+async def test_graph_sessions_count_as_upstream_connections(grelays: RelayFactory) -> None:
+    # The per-relay counter behind m365relay_upstream_connections_opened_total counts both
+    # transports (the class-global SMTP counter it replaced never saw Graph).
+    relay = await grelays.start(graph_config(grelays))
+    assert relay.delivery.opened.total == 0
+    await _deliver(relay, message("counted"), ("someone@example.org",))
+    await _graph(grelays.sandbox).wait_for_messages(1)
+    await wait_until(lambda: relay.delivery.counters.delivered == 1)
+    assert relay.delivery.opened.total == 1
+    second = graph_config(grelays)
+    second["spool"]["directory"] = str(grelays.tmp_path / "spool-2")
+    other = await grelays.start(second)  # a second relay in the process keeps its own count
+    assert other.delivery.opened.total == 0

@@ -19,10 +19,9 @@ from conftest import PASSWORD, RelayFactory, message, send, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config import records as config_mod
-from relay.delivery.events import log_fields, reply_code
 from relay.sandbox import Sandbox
 from relay.service.lifecycle import Relay, StartupError
-from relay.service.logs import _JsonFormatter
+from relay.service.logs import _JsonFormatter, log_fields, reply_code
 
 # No proxy from the environment may sit between the test and the relay.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import records as config_mod
-from relay.config.records import Config, ConfigError, Secret
+from relay.config.records import Config, ConfigError
+from relay.config.values import Secret
 
 PREFIX = "M365RELAY_"
 # Docker's conventions: unprivileged ports inside the container, mapped by `-p` outside.

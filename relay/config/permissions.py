@@ -14,7 +14,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from relay.config.records import Config, Secret
+from relay.config.records import Config
+from relay.config.values import Secret
 
 
 def warnings(config: Config, config_path: Path) -> list[str]:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Mapping
 from email.utils import formatdate, make_msgid
 
+from relay.diagnosis.errors import Outcome
 from relay.message import Envelope
 
 __all__ = ["build_dsn"]
@@ -39,7 +40,7 @@ def build_dsn(
     *,
     queue_id: str,
     envelope: Envelope,
-    failed: Mapping[str, str],
+    failed: Mapping[str, str | Outcome],
     original: bytes,
     reporting_mta: str,
     from_addr: str,
@@ -49,8 +50,9 @@ def build_dsn(
 ) -> bytes:
     """Return a complete ``multipart/report`` bounce (CRLF line endings) for ``envelope.bounce_to``.
 
-    ``failed`` maps each failed recipient to the upstream reply (``"550 5.1.1 User unknown"``)
-    or a local reason (``"5.4.7 message expired after 5 days"``).
+    ``failed`` maps each failed recipient to its :class:`~relay.diagnosis.errors.Outcome`
+    (whose fields give the Status and Diagnostic-Code), or to a reply text: the upstream's
+    (``"550 5.1.1 User unknown"``) or a local reason (``"5.4.7 message expired"``).
     """
     if not envelope.bounce_to:
         raise ValueError(f"message {queue_id} has no bounce address; it must not get a DSN")
@@ -74,11 +76,17 @@ def build_dsn(
         ),
         _headers_part(headers_block),
     ]
-    boundary = _boundary(parts)
+    return _assemble(parts, from_addr=from_addr, bounce_to=envelope.bounce_to, mta=mta,
+                     queue_id=queue_id, now=now)
 
+
+def _assemble(parts: list[bytes], *, from_addr: str, bounce_to: str, mta: str, queue_id: str,
+              now: float) -> bytes:
+    """The report's own header and its parts between MIME boundaries."""
+    boundary = _boundary(parts)
     top = [
         f"From: Mail Delivery System <{_one_line(from_addr)}>",
-        f"To: <{_one_line(envelope.bounce_to)}>",
+        f"To: <{_one_line(bounce_to)}>",
         f"Subject: {SUBJECT}",
         f"Date: {formatdate(now, localtime=False, usegmt=True)}",
         f"Message-ID: {make_msgid(idstring=_idstring(queue_id), domain=mta or 'localhost')}",
@@ -107,7 +115,7 @@ def _human_text(
     *,
     mta: str,
     queue_id: str,
-    failed: Mapping[str, str],
+    failed: Mapping[str, str | Outcome],
     headers_block: bytes,
     arrival: float,
     explanation: str,
@@ -126,9 +134,10 @@ def _human_text(
         out += [textwrap.fill(para, 72), ""]
     for rcpt, reply in failed.items():
         out.append(f"  {_printable(rcpt)}")
+        text = reply.text if isinstance(reply, Outcome) else reply
         out.extend(
             textwrap.fill(
-                _printable(reply), 72, initial_indent="      ", subsequent_indent="      ",
+                _printable(text), 72, initial_indent="      ", subsequent_indent="      ",
                 break_long_words=False, break_on_hyphens=False,
             ).splitlines()
         )
@@ -159,7 +168,7 @@ def _delivery_status_part(
     mta: str,
     queue_id: str,
     envelope: Envelope,
-    failed: Mapping[str, str],
+    failed: Mapping[str, str | Outcome],
     arrival: float,
     now: float,
 ) -> bytes:
@@ -176,8 +185,8 @@ def _delivery_status_part(
         blocks.append([
             f"Final-Recipient: {_address_field(rcpt)}",
             "Action: failed",
-            f"Status: {status_code(reply)}",
-            f"Diagnostic-Code: {_diagnostic(reply)}",
+            f"Status: {_status(reply)}",
+            f"Diagnostic-Code: {_diagnostic_field(reply)}",
             f"Last-Attempt-Date: {formatdate(now, localtime=False, usegmt=True)}",
         ])
     body = "\r\n\r\n".join("\r\n".join(_fold(f) for f in block) for block in blocks)
@@ -225,6 +234,18 @@ def status_code(reply: str) -> str:
     if m and m.group(1) in ("4", "5"):
         return f"{m.group(1)}.0.0"
     return "5.0.0"
+
+
+def _status(reply: str | Outcome) -> str:
+    return reply.dsn_status if isinstance(reply, Outcome) else status_code(reply)
+
+
+def _diagnostic_field(reply: str | Outcome) -> str:
+    if not isinstance(reply, Outcome):
+        return _diagnostic(reply)
+    if reply.reply and reply.code and not reply.graph_code:  # an SMTP server's own words
+        return f"smtp; {_ascii(reply.reply)}"
+    return f"X-M365Relay; {_ascii(reply.text)}"
 
 
 def _diagnostic(reply: str) -> str:

@@ -54,9 +54,10 @@ _THROTTLE_TEXT = re.compile(r"submission ?quota|thread limit|concurrent connecti
 
 def is_throttling(exc: DeliveryError) -> bool:
     """Whether Exchange (or Graph) told us to slow down, rather than something else failing."""
-    if exc.code in (429, 432):
+    if exc.code in (429, 432) or _THROTTLE_STATUS.fullmatch(exc.status):
         return True
-    text = str(exc)
+    # The upstream's own reply words; an error built without them (a local one) by its text.
+    text = exc.reply or str(exc)
     return bool(_THROTTLE_STATUS.search(text) or _THROTTLE_TEXT.search(text))
 
 

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
-from relay.delivery.scheduler import Delivery
+from relay.delivery.pacing import Pacer
+from relay.delivery.scheduler import Upstream
 from relay.diagnosis.errors import BounceError, DeliveryError
 from relay.message import Content, DeliveryState, Envelope, QueueEntry, content_size
-from relay.spool.store import Spool
+from relay.spool.base import Store
 
 log = logging.getLogger("m365relay.passthrough")
 
-_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 _MAX_TEXT = 400  # SMTP reply lines stay under 512 octets (RFC 5321 4.5.3.1.5)
 
 
@@ -42,31 +43,45 @@ def client_reply(exc: DeliveryError) -> str:
     if code is None:
         code = 554 if permanent else 451
     text = " ".join(exc.describe().split())
-    match = _STATUS.search(str(exc))
-    status = match.group(0) if match and match.group(1) == digit else f"{digit}.4.0"
+    status = exc.status if exc.status.startswith(digit) else f"{digit}.4.0"
     if len(text) > _MAX_TEXT:
         text = text[: _MAX_TEXT - 3] + "..."
     return f"{code} {status} Upstream refused: {text}"
 
 
+class Lanes(Protocol):
+    """What a passthrough transaction takes from delivery (:class:`Delivery` is one): a slot
+    of the mailbox's connections, a connection, the mailbox's pace, and the way back into the
+    queue for refused recipients."""
+
+    @property
+    def pacer(self) -> Pacer: ...
+    def slot_limit(self) -> int: ...
+    def borrow(self, app: str, mailbox: str, timeout: float
+               ) -> AbstractAsyncContextManager[bool]: ...
+    def upstream(self, app_name: str, mailbox: str) -> Upstream | None: ...
+    def delivered(self, mailbox: str, count: int) -> None: ...
+    def submit(self, entry: QueueEntry) -> None: ...
+
+
 class Passthrough:
-    def __init__(self, delivery: Delivery, spool: Spool, *, slot_timeout: float = 30.0) -> None:
-        self.delivery = delivery
-        self.spool = spool
+    def __init__(self, lanes: Lanes, store: Store, *, slot_timeout: float = 30.0) -> None:
+        self.lanes = lanes
+        self.store = store
         self.slot_timeout = slot_timeout
 
     async def transact(self, client: str, env: Envelope, data: Content) -> str:
         """Send now; return the reply for the client's DATA. ``data`` may be the message's
         pieces (header block, body as received): sent and spooled without joining them."""
-        async with self.delivery.borrow(env.app, env.mailbox, self.slot_timeout) as ok:
+        async with self.lanes.borrow(env.app, env.mailbox, self.slot_timeout) as ok:
             if not ok:
-                limit = self.delivery.config.delivery.connections_per_mailbox
+                limit = self.lanes.slot_limit()
                 log.warning("%s: passthrough for %s refused: all %d connections for the "
                             "mailbox busy for %.0fs", client, env.mailbox, limit,
                             self.slot_timeout)
                 return (f"451 4.3.2 Mailbox {env.mailbox} has all {limit} connections in use "
                         "(delivery.connections_per_mailbox); try again shortly")
-            conn = self.delivery.upstream(env.app, env.mailbox)
+            conn = self.lanes.upstream(env.app, env.mailbox)
             if conn is None:
                 return (f"451 4.3.5 App {env.app} is not configured (apps.{env.app}); "
                         "try again after the configuration is fixed")
@@ -74,7 +89,7 @@ class Passthrough:
             # Passthrough counts against the same per-mailbox pace as spooled delivery, so a
             # burst from an application cannot trip Exchange's throttling either.
             key = (env.app, env.mailbox.lower())
-            pacer = self.delivery.pacer
+            pacer = self.lanes.pacer
             try:
                 admitted = await asyncio.wait_for(pacer.admit(key), self.slot_timeout)
             except TimeoutError:
@@ -98,8 +113,7 @@ class Passthrough:
                 pacer.done(key)
                 await conn.close()
         accepted = [r for r in rcpts if r not in refused]
-        pacer.sent(env.mailbox, len(accepted))
-        self.delivery.counters.delivered += len(accepted)
+        self.lanes.delivered(env.mailbox, len(accepted))
         for rcpt in accepted:
             log.info("passthrough: client=%s, to=<%s>, app=%s, status=sent (%s)", client,
                      rcpt, env.app, reply)
@@ -137,7 +151,7 @@ class Passthrough:
                         app=env.app, mailbox=env.mailbox, bounce_to=env.bounce_to,
                         client=env.client, received_at=time.time(),
                         original_from=env.original_from)
-        queue_id = await asyncio.to_thread(self.spool.commit, part, data)
+        queue_id = await self.store.commit(part, data)
         if state.bounce_reason:
-            await asyncio.to_thread(self.spool.save_state, queue_id, state)
-        self.delivery.submit(QueueEntry(queue_id, part, state, content_size(data)))
+            await self.store.save_state(queue_id, state)
+        self.lanes.submit(QueueEntry(queue_id, part, state, content_size(data)))

@@ -11,12 +11,15 @@ class decides the rest: :class:`DeferError` → backoff and retry, :class:`Bounc
 ``failed/``; a :class:`LaneError` (connect, TLS, token, login) or a 421 pauses the whole lane
 instead of letting every queued message hammer a broken path.
 
-Per message, one thread hop claims and reads the spooled file (a large one is only verified,
-then sent from the file in pieces). After the 250 the queue file is unlinked at once, on the
-loop: that unlink is the record that Exchange has the message, and a crash before it means one
-more copy, so it waits for no thread. The rest (retry state, closing the file) goes to a thread
-of the delivery's own. So a crash sends again at most the messages whose 250 was on its way or
-just arrived: at most one per upstream connection.
+The queue is a :class:`~relay.spool.base.Store`: per message, one call claims and loads it
+(:meth:`~relay.spool.base.Store.checkout`; the file store verifies a large one and sends it
+from the file in pieces), one removes it after the 250 (:meth:`~relay.spool.base.Store.checkin`).
+That removal is the record that Exchange has the message, and a crash before it means one more
+copy, so it comes first, before any logging, and the file store makes it at once on the loop
+(an unlink) rather than behind other work in a thread: a crash sends again at most the
+messages whose 250 was on its way or just arrived, one per upstream connection. Changes made
+outside the schedule (``m365relay queue``, another node) arrive through the store's change
+notification, which :func:`relay.delivery.changes.follow` applies.
 """
 
 from __future__ import annotations
@@ -28,17 +31,26 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from relay.config.records import Config
-from relay.delivery.dsn import build_dsn
+from relay.delivery.bounces import Bouncer
 from relay.delivery.events import Events
+from relay.delivery.lanes import Counters, Lane
 from relay.delivery.pacing import Pacer
-from relay.diagnosis.errors import AuthRejected, BounceError, DeferError, DeliveryError, TokenError
-from relay.message import DeliveryState, Envelope, Message, QueueEntry
-from relay.spool.store import Claim, Spool, SpoolMissingError
+from relay.diagnosis.errors import (
+    AuthRejected,
+    BounceError,
+    DeferError,
+    DeliveryError,
+    TokenError,
+    accepted_reply,
+    log_extra,
+)
+from relay.message import DeliveryState, Envelope, QueueEntry
+from relay.spool.base import CheckOut, SpoolMissingError, Store
 from relay.tokens.provider import TokenProvider
+from relay.upstream.counts import Opened
 from relay.upstream.graph import GraphConnection
 from relay.upstream.smtp import LaneError, UpstreamConnection
 
@@ -50,72 +62,29 @@ class AppMissing(DeferError):
     """A reload removed the app queued messages were accepted for."""
 
 
-@dataclass
-class Counters:
-    delivered: int = 0  # recipients accepted upstream
-    deferred: int = 0
-    bounced: int = 0    # recipients failed permanently
-
-
-@dataclass
-class _Lane:
-    app: str
-    mailbox: str
-    ready: deque[QueueEntry] = field(default_factory=deque)
-    workers: set[asyncio.Task[None]] = field(default_factory=set)
-    idle: int = 0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    blocked_until: float = 0.0
-    failures: int = 0  # path failures in a row; while > 0 only one worker probes the path
-    pauses: int = 0  # identifies the current pause, so an older pause's timer cannot end it
-    borrowed: int = 0  # connection slots lent to passthrough transactions (delivery/passthrough.py)
-    waiting: int = 0  # passthrough transactions waiting for a slot; idle workers make room
-    freed: asyncio.Event = field(default_factory=asyncio.Event)
-    # The pause's cause is one a reload may fix (token, TLS, login, a missing app): SIGHUP
-    # ends it. Not a 421 or a Retry-After: those are the server's to lift.
-    reload_may_fix: bool = False
-    epoch: int = 0  # bumped when a reload changed the app: workers reconnect with the new one
-
-
-@dataclass
-class _CheckOut:
-    """A message taken out for one attempt: its claim (None when locking failed), and the
-    verified message or why it could not be read."""
-    claim: Claim | None = None
-    message: Message | None = None
-    error: OSError | None = None
-    lock_error: OSError | None = None
-
-    def close(self) -> None:
-        if self.message is not None:
-            self.message.close()
-        if self.claim is not None:
-            self.claim.release()
-
-
 class Delivery:
-    def __init__(self, config: Config, spool: Spool, tokens: TokenProvider, *,
+    def __init__(self, config: Config, store: Store, tokens: TokenProvider, *,
                  clock: Callable[[], float] = time.time, hostname: str | None = None) -> None:
         self.config = config
-        self.spool = spool
+        self.store = store
         self.tokens = tokens
         self.counters = Counters()
         self.events = Events()  # per-account outcomes and recent ones, for /metrics and /
         self.connections: set[Upstream] = set()  # held by workers, for /metrics
+        self.opened = Opened()  # connections opened, both transports, passthrough's too
         self._attempting = 0  # workers in the middle of an attempt (not idle, not pacing)
         self._clock = clock
         self._hostname = hostname or config.hostname or socket.gethostname()
-        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._lanes: dict[tuple[str, str], Lane] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._reloads = 0  # SIGHUPs so far: an attempt begun before one used the old files
         self._later: dict[str, QueueEntry] = {}  # what each timer will submit
         self._stopping = False
         # Within Exchange's per-mailbox limits (delivery.pacing); reads the settings live so a
         # reload applies.
-        self.pacer = Pacer(lambda: self.config.delivery.pacing, spool.directory, clock)
-        # Cleaning up after a delivery gets a thread of its own: in the shared pool it queued
-        # behind ingress fsyncs and argon2 checks, and the worker with it.
-        self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-records")
+        self.pacer = Pacer(lambda: self.config.delivery.pacing, config.spool.directory, clock)
+        self._bouncer = Bouncer(self, store, self.events, self.counters, clock=clock,
+                                hostname=self._hostname)
 
     # --- intake ------------------------------------------------------------------------
 
@@ -201,7 +170,17 @@ class Delivery:
             return None
         kind = GraphConnection if app.transport == "graph" else UpstreamConnection
         return kind(app_name=app_name, app=app, mailbox=mailbox, tokens=self.tokens,
-                    timeout=self.config.delivery.timeout, local_hostname=self._hostname)
+                    timeout=self.config.delivery.timeout, local_hostname=self._hostname,
+                    opened=self.opened)
+
+    def slot_limit(self) -> int:
+        """``delivery.connections_per_mailbox``, as it is after the last reload."""
+        return self.config.delivery.connections_per_mailbox
+
+    def delivered(self, mailbox: str, count: int) -> None:
+        """Count recipients a passthrough transaction got accepted, as a worker would."""
+        self.counters.delivered += count
+        self.pacer.sent(mailbox, count)
 
     @contextlib.asynccontextmanager
     async def borrow(self, app: str, mailbox: str, timeout: float) -> AsyncIterator[bool]:
@@ -242,14 +221,14 @@ class Delivery:
         self._later.pop(entry.id, None)
         self.submit(replace(entry, state=replace(entry.state, next_attempt_at=0.0)))
 
-    def _lane(self, envelope: Envelope) -> _Lane:
+    def _lane(self, envelope: Envelope) -> Lane:
         key = (envelope.app, envelope.mailbox.lower())
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(envelope.app, envelope.mailbox)
+            lane = self._lanes[key] = Lane(envelope.app, envelope.mailbox)
         return lane
 
-    def _kick(self, lane: _Lane) -> None:
+    def _kick(self, lane: Lane) -> None:
         if lane.blocked_until > self._clock():
             return
         # A path that just failed gets one probe after its pause, not a worker per message.
@@ -261,7 +240,7 @@ class Delivery:
             lane.workers.add(task)
             task.add_done_callback(lambda t: self._worker_done(lane, t))
 
-    def _worker_done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+    def _worker_done(self, lane: Lane, task: asyncio.Task[None]) -> None:
         lane.workers.discard(task)
         lane.freed.set()
         if not task.cancelled() and task.exception() is not None:
@@ -271,7 +250,7 @@ class Delivery:
 
     # --- workers -------------------------------------------------------------------------
 
-    async def _worker(self, lane: _Lane) -> None:
+    async def _worker(self, lane: Lane) -> None:
         settings = self.config.delivery
         app = self.config.apps.get(lane.app)
         if app is None:
@@ -284,7 +263,8 @@ class Delivery:
             return
         upstream = GraphConnection if app.transport == "graph" else UpstreamConnection
         conn = upstream(app_name=lane.app, app=app, mailbox=lane.mailbox, tokens=self.tokens,
-                        timeout=settings.timeout, local_hostname=self._hostname)
+                        timeout=settings.timeout, local_hostname=self._hostname,
+                        opened=self.opened)
         epoch = lane.epoch
         self.connections.add(conn)
         try:
@@ -324,7 +304,7 @@ class Delivery:
             await conn.close()
 
     @staticmethod
-    async def _idle(lane: _Lane, timeout: float) -> bool:
+    async def _idle(lane: Lane, timeout: float) -> bool:
         """Wait for work (a kick, or the end of the lane's pause); False after ``timeout``."""
         lane.idle += 1
         lane.wake.clear()
@@ -336,55 +316,28 @@ class Delivery:
             lane.idle -= 1
         return True
 
-    async def _attempt(self, lane: _Lane, conn: Upstream, entry: QueueEntry) -> None:
-        """One attempt under the message's spool claim, so ``m365relay queue`` never acts on
-        it at the same moment."""
-        out = await asyncio.to_thread(self._check_out, entry.id)
+    async def _attempt(self, lane: Lane, conn: Upstream, entry: QueueEntry) -> None:
+        """One attempt under the message's claim, so ``m365relay queue`` never acts on it at
+        the same moment."""
+        out = await self.store.checkout(entry.id)
         if out.lock_error is not None:
             # e.g. no locks on this filesystem: delivering unlocked beats not delivering.
             log.warning("%s: cannot lock the queued message (%s); delivering anyway", entry.id,
                         out.lock_error)
-        elif out.claim is None:
+        elif out.missing:
             log.info("%s: no longer queued (delivered, held or deleted meanwhile); dropped from "
                      "the schedule", entry.id)
             return
         try:
-            # The state on disk has the operator's changes (bounce); the one in memory is newer
-            # only if saving it failed.
+            # The state in the store has the operator's changes (bounce); the one in memory is
+            # newer only if saving it failed.
             if out.claim is not None and out.claim.state.attempts >= entry.state.attempts:
                 entry = replace(entry, state=out.claim.state)
             await self._deliver(lane, conn, entry, out)
         finally:
-            out.close()  # already done in the thread when the message was removed
+            await self.store.checkin(out)  # a no-op when it was removed after delivery
 
-    def _check_out(self, queue_id: str) -> _CheckOut:
-        """Claim and read (or, when large, verify) a message: one thread hop for both."""
-        out = _CheckOut()
-        try:
-            out.claim = self.spool.claim(queue_id)
-        except OSError as exc:
-            out.lock_error = exc
-        else:
-            if out.claim is None:
-                return out
-        try:
-            out.message = self.spool.load(queue_id, claim=out.claim)
-        except OSError as exc:
-            out.error = exc
-        except BaseException:
-            out.close()
-            raise
-        return out
-
-    def _remove(self, queue_id: str, out: _CheckOut) -> None:
-        """After :meth:`Spool.forget`: the retry state, then the file itself, in a thread:
-        closing the last descriptor of an unlinked file frees it, which is disk work too."""
-        try:
-            self.spool.remove(queue_id)
-        finally:
-            out.close()
-
-    async def _deliver(self, lane: _Lane, conn: Upstream, entry: QueueEntry, out: _CheckOut
+    async def _deliver(self, lane: Lane, conn: Upstream, entry: QueueEntry, out: CheckOut
                        ) -> None:
         env, state = entry.envelope, entry.state
         rcpts = list(state.pending_rcpts if state.pending_rcpts is not None else env.rcpt_tos)
@@ -400,18 +353,14 @@ class Delivery:
             await self._defer(entry, rcpts, DeferError(f"spool read failed: {out.error}"))
             return
         data = out.message
-        if state.bounce_reason:  # `m365relay queue bounce`: handled like a 5xx
-            await self._bounce(entry, dict.fromkeys(rcpts, state.bounce_reason), rcpts, data)
-            return
-        if age > self.config.delivery.max_age:
-            reason = (f"5.4.7 message expired: not delivered in {age / 86400:.1f} days "
-                      f"(delivery.max_age); last error: {state.last_error or 'none'}")
-            await self._bounce(entry, dict.fromkeys(rcpts, reason), rcpts, data)
+        given_up = self._bouncer.given_up(entry, age)
+        if given_up is not None:  # an operator's bounce, or too old: handled like a 5xx
+            await self._bouncer.bounce(entry, dict.fromkeys(rcpts, given_up), data)
             return
         try:
             refused, reply = await conn.send(env.mail_from, rcpts, data)
         except BounceError as exc:
-            await self._bounce(entry, dict.fromkeys(rcpts, exc.describe()), rcpts, data)
+            await self._bouncer.bounce(entry, dict.fromkeys(rcpts, exc.outcome()), data)
             return
         except DeferError as exc:
             self.pacer.throttled((lane.app, lane.mailbox.lower()), exc)
@@ -434,47 +383,48 @@ class Delivery:
             await conn.close()
             await self._defer(entry, rcpts, DeferError(f"internal error: {exc!r}"))
             return
-        await self._delivered(lane, conn, entry, out, data=data, rcpts=rcpts, refused=refused,
-                              reply=reply)
+        await self._delivered(lane, conn, entry, out, rcpts=rcpts, refused=refused, reply=reply)
 
-    async def _delivered(self, lane: _Lane, conn: Upstream, entry: QueueEntry, out: _CheckOut,
-                         *, data: Message, rcpts: list[str], refused: dict[str, DeliveryError],
-                         reply: str) -> None:
+    async def _delivered(self, lane: Lane, conn: Upstream, entry: QueueEntry, out: CheckOut,
+                         *, rcpts: list[str], refused: dict[str, DeliveryError], reply: str
+                         ) -> None:
         """Exchange took the message: for every recipient, or refused some."""
-        removal = None
         if not refused:
             # Record it before anything else: until the record is written a crash means one
-            # more copy. So it is made here on the loop (an unlink, as quick as the log line
-            # below) rather than through a thread, where it waited behind ingress fsyncs and
-            # argon2 checks, for seconds under load.
-            self.spool.forget(entry.id)
-            removal = asyncio.get_running_loop().run_in_executor(
-                self._records, self._remove, entry.id, out)
+            # more copy (the file store unlinks at once, on the loop: see FileStore.checkin).
+            await self.store.checkin(out, remove=True)
         if lane.failures:
             lane.failures = 0
             for _ in range(len(lane.ready)):  # the path works again: back to full width
                 self._kick(lane)
-        accepted = [r for r in rcpts if r not in refused]
+        await self._sent(lane, conn, entry, out, rcpts=rcpts, refused=refused, reply=reply)
+
+    async def _sent(self, lane: Lane, conn: Upstream, entry: QueueEntry, out: CheckOut, *,
+                    rcpts: list[str], refused: dict[str, DeliveryError], reply: str) -> None:
+        """After Exchange took the message: count, log, and deal with refused recipients."""
+        assert out.message is not None  # noqa: S101 -- it was just sent
+        data = out.message
         age = self._clock() - entry.envelope.received_at
+        accepted = [r for r in rcpts if r not in refused]
+        sent = accepted_reply(reply)
         for rcpt in accepted:
             log.info("%s: to=<%s>, relay=%s, delay=%.1f, status=sent (%s)", entry.id, rcpt,
-                     conn.relay, age, reply)
-            self.events.record("sent", entry, rcpt, reply)
+                     conn.relay, age, reply, extra=log_extra(sent))
+            self.events.record("sent", entry, rcpt, sent)
         self.counters.delivered += len(accepted)
         self.pacer.sent(lane.mailbox, len(accepted))
-        bounced = {r: e.describe() for r, e in refused.items() if isinstance(e, BounceError)}
+        bounced = {r: e.outcome() for r, e in refused.items() if isinstance(e, BounceError)}
         later = [r for r, e in refused.items() if not isinstance(e, BounceError)]
         if bounced:
-            await self._bounce(entry, bounced, rcpts, data, keep=later)
+            await self._bouncer.bounce(entry, bounced, data, keep=later)
         if later:
             first = refused[later[0]]
             self.pacer.throttled((lane.app, lane.mailbox.lower()), first)
             await self._defer(entry, later, first, partly_sent=bool(accepted))
-        if removal is not None:
-            await removal
+        if not refused:
             log.info("%s: removed", entry.id)
 
-    def _block(self, lane: _Lane, exc: DeliveryError) -> None:
+    def _block(self, lane: Lane, exc: DeliveryError) -> None:
         if lane.blocked_until > self._clock():
             return  # a sibling worker's attempt already paused the lane for this outage
         lane.failures += 1
@@ -485,7 +435,7 @@ class Delivery:
         log.warning("lane %s paused for %ds: %s", lane.mailbox, wait, exc.describe())
         asyncio.get_running_loop().call_later(wait, self._unblock, lane, lane.pauses)
 
-    def _unblock(self, lane: _Lane, pause: int) -> None:
+    def _unblock(self, lane: Lane, pause: int) -> None:
         if pause != lane.pauses:
             return
         lane.blocked_until = 0.0
@@ -509,73 +459,21 @@ class Delivery:
         state = DeliveryState(attempts=attempts, next_attempt_at=self._clock() + wait,
                               pending_rcpts=tuple(rcpts), last_error=exc.describe()[:2000])
         self.counters.deferred += 1
+        outcome = exc.outcome()
         for rcpt in rcpts:
             log.warning("%s: to=<%s>, %s, status=deferred (%s), retry in %ds", entry.id, rcpt,
-                        self._trail(entry), exc.describe(), wait)
-            self.events.record("deferred", entry, rcpt, exc.describe(), exc.code)
+                        self._bouncer.trail(entry), outcome.text, wait, extra=log_extra(outcome))
+            self.events.record("deferred", entry, rcpt, outcome)
         try:
-            if partly_sent:  # not behind ingress in the shared pool (an fsync: not the loop)
-                await asyncio.get_running_loop().run_in_executor(
-                    self._records, self.spool.save_state, entry.id, state)
-            else:
-                await asyncio.to_thread(self.spool.save_state, entry.id, state)
+            # partly_sent: not behind other work (the file store: on its own thread, not
+            # behind ingress's fsyncs in the shared pool).
+            await self.store.save_state(entry.id, state, urgent=partly_sent)
         except OSError as exc2:
             # The message itself is safe; only its retry schedule is lost (it retries sooner).
             log.error("%s: cannot save retry state: %s", entry.id, exc2)
         if reloads is not None and reloads != self._reloads and reload_may_fix(exc):
             state = replace(state, next_attempt_at=0.0)  # reloaded while the state was saved
         self.submit(replace(entry, state=state))
-
-    def _trail(self, entry: QueueEntry) -> str:
-        """relay= and delay= of a maillog line, as Postfix writes them."""
-        app = self.config.apps.get(entry.envelope.app)
-        relay = f"{app.smtp_host}:{app.smtp_port}" if app is not None else "none"
-        if app is not None and app.transport == "graph":
-            relay = app.graph_endpoint.removeprefix("https://")
-        return f"relay={relay}, delay={self._clock() - entry.envelope.received_at:.1f}"
-
-    async def _bounce(self, entry: QueueEntry, failed: dict[str, str], rcpts: list[str],
-                      data: Message, keep: list[str] | None = None) -> None:
-        env = entry.envelope
-        self.counters.bounced += len(failed)
-        for rcpt, why in failed.items():
-            log.error("%s: to=<%s>, %s, status=bounced (%s)", entry.id, rcpt,
-                      self._trail(entry), why)
-            self.events.record("bounced", entry, rcpt, why)
-        if env.bounce_to:
-            await self._send_dsn(entry, failed, data)
-        if not keep:
-            reason = "\n".join(f"<{r}>: {why}" for r, why in failed.items())
-            try:
-                path = await asyncio.to_thread(self.spool.fail, entry.id, reason)
-            except OSError as exc:
-                # The DSN is out; the copy stays in queue/ and is bounced again on the next
-                # start, which is better than losing the evidence.
-                log.error("%s: cannot move to failed/: %s", entry.id, exc)
-            else:
-                log.info("%s: kept in %s", entry.id, path)
-
-    async def _send_dsn(self, entry: QueueEntry, failed: dict[str, str], message: Message
-                        ) -> None:
-        env = entry.envelope
-        # Bounces are rare: reading a large message whole for its DSN is fine.
-        data = message.data if message.data is not None else await asyncio.to_thread(
-            message.read_all)
-        dsn = build_dsn(queue_id=entry.id, envelope=env, failed=failed, original=data,
-                        reporting_mta=self._hostname, from_addr=env.mailbox,
-                        arrival=env.received_at, now=self._clock())
-        # The DSN goes out through the same mailbox (Exchange only lets us send as it); its own
-        # bounce_to is empty so a failing DSN never produces another DSN.
-        dsn_env = Envelope(mail_from=env.mailbox, rcpt_tos=(env.bounce_to,), account=env.account,
-                           app=env.app, mailbox=env.mailbox, bounce_to="", client="local",
-                           received_at=self._clock(), original_from="", is_dsn=True)
-        try:
-            dsn_id = await asyncio.to_thread(self.spool.commit, dsn_env, dsn)
-        except OSError as exc:
-            log.error("%s: cannot spool the DSN for <%s>: %s", entry.id, env.bounce_to, exc)
-            return
-        log.info("%s: sender non-delivery notification: %s", entry.id, dsn_id)
-        self.submit(QueueEntry(dsn_id, dsn_env, DeliveryState(), len(dsn)))
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -593,12 +491,8 @@ class Delivery:
         for lane in self._lanes.values():
             lane.wake.set()
         await self.pacer.close()  # wakes workers waiting for their pace; saves the counts
-        try:
-            if workers:
-                await self._finish(workers, timeout)
-        finally:
-            # A removal already in its thread still completes (the interpreter joins it).
-            self._records.shutdown(wait=False)
+        if workers:
+            await self._finish(workers, timeout)
 
     async def _finish(self, workers: list[asyncio.Task[None]], timeout: float) -> None:
         started = time.monotonic()

@@ -1,8 +1,7 @@
 """Microsoft Graph errors (``{"error": {"code", "message"}}`` plus the HTTP status) explained
-with the same verdicts and advice style as SMTP replies in :mod:`relay.diagnosis.explain`.
-
-Kept beside explain.py rather than in it so that file stays readable; the rendering helpers
-are shared, so placeholders and redaction behave exactly as for SMTP.
+with the same verdicts and advice style as SMTP replies in :mod:`relay.diagnosis.smtp`; the
+rendering helpers of :mod:`relay.diagnosis.advice` are shared, so placeholders and redaction
+behave exactly as for SMTP.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relay.diagnosis.explain import (
+from relay.diagnosis.advice import (
     _ADMIN,
     _BOUNCE,
     _NEW_TOKEN,

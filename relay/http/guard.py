@@ -16,7 +16,8 @@ import ssl
 from pathlib import Path
 
 from relay.config.files import Stamp, stat_stamps
-from relay.config.records import AuthLimits, HttpSettings, HttpTls, IPNetwork
+from relay.config.records import AuthLimits, HttpSettings, HttpTls
+from relay.config.values import IPNetwork
 from relay.ingress.limits import AuthGuard
 from relay.ingress.tls import serve_current, server_context
 from relay.policy import passwords

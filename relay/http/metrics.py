@@ -25,7 +25,6 @@ from prometheus_client.registry import Collector
 from relay import __version__
 from relay.http.certinfo import CertificateDates
 from relay.http.queueview import AGE_CLASSES, QueueSummary, read_queue
-from relay.upstream.smtp import UpstreamConnection
 
 __all__ = ["QueueSummary", "RelayCollector", "new_registry", "read_queue"]
 
@@ -156,8 +155,8 @@ class RelayCollector(Collector):
         delivery = self.relay.delivery
         yield CounterMetricFamily(
             "m365relay_upstream_connections_opened",
-            "Connections to Exchange Online opened (attempts, by this process)",
-            value=UpstreamConnection.opened_total)
+            "Connections to Exchange Online opened (attempts, SMTP and Graph, by this relay)",
+            value=delivery.opened.total)
         yield GaugeMetricFamily(
             "m365relay_upstream_connections_open", "Connections to Exchange Online open now",
             value=sum(1 for conn in list(delivery.connections) if conn.connected))
@@ -176,9 +175,9 @@ class RelayCollector(Collector):
                                    "Failed device logins (AUTH PLAIN/LOGIN)", labels=["listener"])
         sessions = GaugeMetricFamily("m365relay_smtp_sessions", "Device SMTP sessions open now",
                                      labels=["listener"])
-        for handler in self.relay.handlers:
-            auth.add_metric([handler.listener.name], handler.auth_failures)
-            sessions.add_metric([handler.listener.name], len(handler.sessions))
+        for listener in self.relay.listener_snapshots():
+            auth.add_metric([listener.name], listener.auth_failures)
+            sessions.add_metric([listener.name], listener.sessions)
         yield auth
         yield sessions
         yield from self._logins()
@@ -206,9 +205,8 @@ class RelayCollector(Collector):
             "m365relay_smtp_ack_seconds",
             "From the end of DATA to the relay's reply (250 once the message is fsynced)",
             labels=["listener"])
-        for handler in self.relay.handlers:
-            hist = handler.ack_latency
-            latency.add_metric([handler.listener.name], hist.cumulative(), hist.sum)
+        for listener in self.relay.listener_snapshots():
+            latency.add_metric([listener.name], list(listener.ack_buckets), listener.ack_sum)
         yield latency
 
     def _certs(self) -> Iterator[Metric]:

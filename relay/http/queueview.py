@@ -1,19 +1,16 @@
 """The queue as an admin looks at it: counts, ages and what waits for a retry, and why.
 
-Read from the spool directory at each scrape or page view (one scan in a worker thread), for
+Read from the store at each scrape or page view (for files, a directory scan in a thread), for
 ``/metrics``, the status page and its JSON API, so all three show the same numbers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from relay.message import QueueEntry
-from relay.spool.store import Spool
+from relay.spool.base import Store
 
 # Upper bounds in seconds of the age classes the status page's chart and
 # m365relay_queue_messages_by_age use; the last class is everything older.
@@ -92,18 +89,10 @@ def summarize(entries: list[QueueEntry], held: int = 0, *, now: float | None = N
                         waiting, free_bytes)
 
 
-def _free(directory: Path) -> int | None:
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return None
-
-
-async def read_queue(spool: Spool, now: float | None = None) -> QueueSummary:
-    """The queue as on disk (which includes messages waiting for a retry): a directory scan,
-    so it runs in a thread. Looking must not change the spool, so nothing is quarantined."""
-    def scan() -> QueueSummary:
-        return summarize(spool.entries(quarantine=False), len(spool.held_entries()),
-                         now=time.time() if now is None else now,
-                         free_bytes=_free(spool.directory))
-    return await asyncio.to_thread(scan)
+async def read_queue(store: Store, now: float | None = None) -> QueueSummary:
+    """The queue as the store has it (which includes messages waiting for a retry). Looking
+    must not change it, so nothing is quarantined."""
+    entries = await store.entries(quarantine=False)
+    held = await store.held_entries()
+    return summarize(entries, len(held), now=time.time() if now is None else now,
+                     free_bytes=await store.free_space())

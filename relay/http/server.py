@@ -16,16 +16,13 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
-import secrets
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from prometheus_client.exposition import choose_encoder
 
-from relay.config.records import HttpSettings, IPNetwork
+from relay.config.records import HttpSettings
+from relay.config.values import IPNetwork
 from relay.http import statuspage
 from relay.http.guard import (
     BasicAuth,
@@ -204,16 +201,16 @@ class WebServer:
             else:
                 await _respond(writer, method, 200, "ready\n")
         elif path == "/metrics":
-            self.collector.queue = await read_queue(self.relay.spool)
+            self.collector.queue = await read_queue(self.relay.store)
             encoder, content_type = choose_encoder(headers.get("accept", ""))
             await _respond(writer, method, 200, encoder(self.registry),
                            content_type=content_type)
         elif path == "/":
-            page = statuspage.render(self.relay, await read_queue(self.relay.spool))
+            page = statuspage.render(self.relay, await read_queue(self.relay.store))
             await _respond(writer, method, 200, page,
                            content_type="text/html; charset=utf-8", extra=_PAGE_HEADERS)
         elif path == "/api/status":
-            data = statuspage.status_data(self.relay, await read_queue(self.relay.spool))
+            data = statuspage.status_data(self.relay, await read_queue(self.relay.store))
             await _respond(writer, method, 200, json.dumps(data),
                            content_type="application/json", extra=_PAGE_HEADERS)
         elif path in statuspage.ASSETS:
@@ -259,47 +256,18 @@ def _ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 async def readiness(relay: RelayView) -> list[str]:
     """Why the relay cannot take mail right now; empty when it can."""
     problems = []
-    if any(handler.closing for handler in relay.handlers):
+    listeners = relay.listener_snapshots()
+    if any(lis.closing for lis in listeners):
         problems.append("shutting down: no new connections are accepted")
     else:
-        serving = {h.listener.name for h, s in zip(relay.handlers, relay.servers, strict=False)
-                   if s.is_serving()}
+        serving = {lis.name for lis in listeners if lis.serving}
         problems += [f"listener {lis.name} ({lis.bind}) is not accepting connections"
                      for lis in relay.config.listeners if lis.name not in serving]
-    spool = relay.config.spool
     try:
-        problem = await asyncio.wait_for(
-            asyncio.to_thread(probe_spool, spool.directory, spool.min_free_space),
-            _PROBE_TIMEOUT)
+        problem = await asyncio.wait_for(relay.store.probe(), _PROBE_TIMEOUT)
     except TimeoutError:
-        problem = (f"spool {spool.directory} did not complete a write within "
+        problem = (f"spool {relay.store.location} did not complete a write within "
                    f"{_PROBE_TIMEOUT:.0f}s; check the disk or network filesystem under it")
     if problem:
         problems.append(problem)
     return problems
-
-
-def probe_spool(directory: Path, min_free: int) -> str | None:
-    """Write, fsync and remove a file in the spool's tmp/, as accepting a message would."""
-    path = directory / "tmp" / f".readyz-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, b"m365relay readiness probe\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        path.unlink()
-    except OSError as exc:
-        return (f"spool not writable: cannot write {path}: {exc.strerror or exc}; new mail "
-                "would get 451. Check that spool.directory is a writable local directory owned "
-                "by the relay's user")
-    try:
-        free = shutil.disk_usage(directory).free
-    except OSError:
-        return None  # the write worked; the space check is only a warning sign
-    if free < min_free:
-        return (f"spool low on space: {free // 2**20} MB free, below spool.min_free_space "
-                f"({min_free // 2**20} MB), so new mail gets 452; free disk space under "
-                f"{directory}")
-    return None

@@ -42,7 +42,7 @@ from relay.ingress.session import RelaySMTP, in_networks, safe
 from relay.message import DeliveryState, QueueEntry
 from relay.message import Envelope as SpoolEnvelope
 from relay.policy import identity, rewrite
-from relay.spool.store import Spool, SpoolFullError
+from relay.spool.base import SpoolFullError, Store
 
 __all__ = ["RelayHandler", "RelaySMTP", "start_listener"]
 
@@ -52,18 +52,18 @@ log = logging.getLogger("m365relay.listener")
 class RelayHandler:
     """aiosmtpd hooks shared by all sessions of one listener."""
 
-    def __init__(self, listener: Listener, config: Config, spool: Spool,
+    def __init__(self, listener: Listener, config: Config, store: Store,
                  submit: Callable[[QueueEntry], None], hostname: str, *,
-                 guard: AuthGuard | None = None) -> None:
+                 guard: AuthGuard | None = None, passthrough: Passthrough | None = None) -> None:
         self.listener = listener
         self.config = config
-        self.spool = spool
+        self.store = store
         self.submit = submit
         self.hostname = hostname
         self.sessions: set[RelaySMTP] = set()
         self.changed = asyncio.Event()  # a session ended or finished a transaction
         self.closing = False
-        self.auth_failures = 0  # for /metrics
+        self.auth_failures = 0  # for /metrics (read through the snapshot)
         # End of DATA to the 250 (or 4xx): what a device waits for after its final dot.
         self.ack_latency = Latency()
         # One guard for all listeners (the service passes it), or more listeners would give
@@ -71,7 +71,13 @@ class RelayHandler:
         self.guard = guard or AuthGuard()
         self.slots = ConnectionSlots()
         self.quiet = LogThrottle()
-        self.passthrough: Passthrough | None = None  # set by the service (delivery: passthrough)
+        self.passthrough = passthrough  # for accounts and listeners with delivery: passthrough
+
+    def session_changed(self) -> None:
+        self.changed.set()
+
+    def login_failed(self) -> None:
+        self.auth_failures += 1
 
     # -- admission -----------------------------------------------------------------------
 
@@ -216,7 +222,7 @@ class RelayHandler:
         if mode == "passthrough" and self.passthrough is not None:
             return await self.passthrough.transact(server.client, spooled, data)
         try:
-            queue_id = await asyncio.to_thread(self.spool.commit, spooled, data)
+            queue_id = await self.store.commit(spooled, data)
         except SpoolFullError as exc:
             log.error("%s: message refused, spool full: %s", server.client, exc)
             return "452 4.3.1 Insufficient system storage, try again later"

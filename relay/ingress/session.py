@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword, syntax
 
-from relay.config.records import Account, IPNetwork
+from relay.config.records import Account
+from relay.config.values import IPNetwork
 from relay.ingress.compat import CompatSMTP
 from relay.ingress.data import DataAssembler
 from relay.policy import passwords as auth
@@ -62,13 +63,18 @@ class SessionHost(Protocol):
     config: Config
     hostname: str
     sessions: set[RelaySMTP]
-    changed: asyncio.Event  # set when a session ends or finishes a transaction
     slots: ConnectionSlots
     guard: AuthGuard
     quiet: LogThrottle
-    auth_failures: int  # for /metrics
 
     def admit(self, session: RelaySMTP, address: Any) -> str | None: ...
+    def session_changed(self) -> None:
+        """A session ended or finished a transaction (a draining shutdown waits for that)."""
+        ...
+
+    def login_failed(self) -> None:
+        """A login was refused (counted for /metrics)."""
+        ...
 
 
 def safe(text: str, limit: int = 200) -> str:
@@ -104,8 +110,9 @@ class RelaySMTP(CompatSMTP):
         # Read by FastSMTP.__init__ to size the stream buffer, so it must be set first: the longest
         # line, its CRLF and a dot-stuffing dot.
         self.line_length_limit = listener.max_line_length + 3
-        super().__init__(handler, **self.session_options(handler, tls_context))
+        # Before aiosmtpd's __init__, which already resets the transaction state (below).
         self.relay_handler = handler
+        super().__init__(handler, **self.session_options(handler, tls_context))
         self.implicit_tls = implicit_tls
         self.account: Account | None = None       # authenticated account
         self.mail_account: Account | None = None  # account of the current transaction
@@ -216,7 +223,7 @@ class RelaySMTP(CompatSMTP):
         super().connection_lost(error)
         self.release_slot()
         self.relay_handler.sessions.discard(self)
-        self.relay_handler.changed.set()
+        self.relay_handler.session_changed()
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.loop.time()
@@ -433,8 +440,7 @@ class RelaySMTP(CompatSMTP):
         self.mail_account = None
         # aiosmtpd calls this right before pushing the DATA reply; a draining shutdown waits
         # for it so a client mid-DATA still gets its answer.
-        if hasattr(self, "relay_handler"):
-            self.relay_handler.changed.set()
+        self.relay_handler.session_changed()
 
     # -- AUTH ----------------------------------------------------------------------------
 
@@ -540,7 +546,7 @@ class RelaySMTP(CompatSMTP):
                         key_name)
         if not verdict.ok or account is None:
             log.warning("%s: AUTH %s failed for user %r", self.client, mechanism, user)
-            handler.auth_failures += 1
+            handler.login_failed()
             return self._failed("535 5.7.8 Authentication credentials invalid")
         log.info("%s: AUTH %s ok user=%r account=%s%s", self.client, mechanism, user,
                  account.name, " (cached)" if verdict.cached else "")

@@ -8,13 +8,14 @@ be read; 2 usage; 75 a message was still being delivered when ``--wait`` ran out
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ from relay.config.env import DEFAULT_SPOOL, PREFIX
 from relay.config.records import DEFAULT_PATH, SpoolSettings
 from relay.queue import view
 from relay.queue.ops import Outcome, QueueOps
-from relay.service import control
-from relay.spool.store import Spool, SpoolError
+from relay.spool.base import Change, SpoolError, Store
+from relay.spool.filestore import FileStore
 
 __all__ = ["add_parser"]
 
+Command = Callable[[argparse.Namespace, Store], Coroutine[Any, Any, int]]
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 # Where the systemd unit and the container image keep it.
@@ -65,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                               "up on that message (default 60)")
     actions = q.add_subparsers(dest="queue_action", required=True, metavar="ACTION")
 
-    def action(name: str, run: Callable[[argparse.Namespace, Path], int], text: str,
+    def action(name: str, run: Command, text: str,
                *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p = actions.add_parser(name, parents=[common, *parents], help=text, description=text)
         p.set_defaults(func=_main, queue_run=run)
@@ -124,8 +126,8 @@ def _common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
 def _main(args: argparse.Namespace) -> int:
     try:
         directory = _spool_dir(args)
-        run: Callable[[argparse.Namespace, Path], int] = args.queue_run
-        return run(args, directory)
+        run: Command = args.queue_run
+        return asyncio.run(run(args, _open(directory)))
     except _Usage as exc:
         print(f"m365relay queue: {exc}", file=sys.stderr)
         return exc.code
@@ -184,14 +186,14 @@ def _from_config(path: Path) -> Path:
     return settings.directory
 
 
-def _open(directory: Path) -> Spool:
+def _open(directory: Path) -> Store:
     owner = None
     st = directory.stat()
     if os.geteuid() == 0 and st.st_uid != 0:
         owner = (st.st_uid, st.st_gid)
-    # Never Spool.open(): that cleans tmp/, which would destroy a running relay's messages in
-    # the middle of being received.
-    return Spool(directory, owner=owner)
+    # Never Store.open(): for files that cleans tmp/, which would destroy a running relay's
+    # messages in the middle of being received. And only the relay listens for changes.
+    return FileStore(directory, owner=owner, listen=False)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -204,24 +206,23 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 # ---------------------------------------------------------------------- reading
 
 
-def _items(spool: Spool, *, queued: bool = True, held: bool = True) -> list[view.Item]:
+async def _items(store: Store, *, queued: bool = True, held: bool = True) -> list[view.Item]:
     items = []
     if queued:
-        items += [view.Item(e, False, spool.is_claimed(e.id))
-                  for e in spool.entries(quarantine=False)]
+        items += [view.Item(e, False, await store.is_claimed(e.id))
+                  for e in await store.entries(quarantine=False)]
     if held:
-        items += [view.Item(e, True, False) for e in spool.held_entries()]
+        items += [view.Item(e, True, False) for e in await store.held_entries()]
     items.sort(key=lambda it: (it.entry.envelope.received_at, it.entry.id))
     return items
 
 
-def _list(args: argparse.Namespace, directory: Path) -> int:
-    spool = _open(directory)
+async def _list(args: argparse.Namespace, store: Store) -> int:
     now = time.time()
-    items = _items(spool)
-    running = control.relay_running(directory)
-    failed = _count(directory / "failed")
-    corrupt = _count(directory / "corrupt")
+    items = await _items(store)
+    running = await store.relay_running()
+    aside = await store.kept_aside()
+    failed, corrupt = aside["failed"], aside["corrupt"]
     held = sum(it.held for it in items)
     data = {"relay_running": running, "messages": [view.item_json(it, now) for it in items],
             "count": len(items), "held": held, "failed": failed, "corrupt": corrupt}
@@ -238,31 +239,24 @@ def _list(args: argparse.Namespace, directory: Path) -> int:
     return 0
 
 
-def _count(folder: Path) -> int:
-    try:
-        return sum(1 for p in folder.iterdir() if p.is_file() and p.suffix != ".reason")
-    except FileNotFoundError:
-        return 0
-
-
-def _show(args: argparse.Namespace, directory: Path) -> int:
-    spool = _open(directory)
+async def _show(args: argparse.Namespace, store: Store) -> int:
+    directory = Path(store.location)
     queue_id = args.id.strip().upper()
-    where = spool.locate(queue_id)
+    where = await store.locate(queue_id)
     if where not in ("queue", "hold"):
         raise _Usage(f"{queue_id} is not queued" + (f"; it is in {where}/ ({directory / where})"
                                                    if where else
                                                    " (already delivered or deleted?)"))
     held = where == "hold"
-    entry = spool.entry(queue_id, held=held)
-    data = spool.read(queue_id, held=held) if entry is not None else None
+    entry = await store.entry(queue_id, held=held)
+    data = await store.read(queue_id, held=held) if entry is not None else None
     if entry is None or data is None:
         raise _Usage(f"{queue_id} vanished or could not be read; try `queue list`")
     if args.raw:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return 0
-    item = view.Item(entry, held, not held and spool.is_claimed(queue_id))
+    item = view.Item(entry, held, not held and await store.is_claimed(queue_id))
     headers = view.header_fields(data)
     now = time.time()
     record = {**view.item_json(item, now), "path": str(directory / where / queue_id),
@@ -271,9 +265,9 @@ def _show(args: argparse.Namespace, directory: Path) -> int:
     return 0
 
 
-def _summary(args: argparse.Namespace, directory: Path) -> int:
-    spool = _open(directory)
-    entries = spool.held_entries() if args.held else spool.entries(quarantine=False)
+async def _summary(args: argparse.Namespace, store: Store) -> int:
+    entries = (await store.held_entries() if args.held
+               else await store.entries(quarantine=False))
     result = view.shape(entries, time.time(), args.by)
     _emit(args, view.shape_json(result, args.by), view.format_summary(result, args.by))
     return 0
@@ -282,44 +276,42 @@ def _summary(args: argparse.Namespace, directory: Path) -> int:
 # ---------------------------------------------------------------------- changing
 
 
-def _retry(args: argparse.Namespace, directory: Path) -> int:
+async def _retry(args: argparse.Namespace, store: Store) -> int:
     if args.all == bool(args.ids):
         raise _Usage("give queue ids or --all, not both and not neither", 2)
-    spool = _open(directory)
-    ops = _ops(args, spool)
+    ops = _ops(args, store)
     if not args.all:
-        return _report(args, directory, [ops.retry(i.upper()) for i in args.ids])
+        return await _report(args, store, [await ops.retry(i.upper()) for i in args.ids])
     # A message in flight is being tried already; waiting for it would only slow this down.
-    outcomes = [ops.retry(e.id, wait=0) for e in spool.entries(quarantine=False)]
-    return _report(args, directory, outcomes, notices=["retry *"])
+    outcomes = [await ops.retry(e.id, wait=0) for e in await store.entries(quarantine=False)]
+    return await _report(args, store, outcomes, notices=[Change("retry", "*")])
 
 
-def _change(args: argparse.Namespace, directory: Path) -> int:
-    spool = _open(directory)
-    ops = _ops(args, spool)
+async def _change(args: argparse.Namespace, store: Store) -> int:
+    ops = _ops(args, store)
     ids = [i.upper() for i in args.ids]
     if getattr(args, "all", False):
         if ids:
             raise _Usage("give queue ids or --all, not both", 2)
-        ids = [e.id for e in spool.held_entries()]
+        ids = [e.id for e in await store.held_entries()]
     elif not ids:
         raise _Usage("give queue ids, or --all", 2)
-    def bounce(queue_id: str) -> Outcome:
-        return ops.bounce(queue_id, args.reason)
+    async def bounce(queue_id: str) -> Outcome:
+        return await ops.bounce(queue_id, args.reason)
 
-    acts: dict[str, Callable[[str], Outcome]] = {
+    acts: dict[str, Callable[[str], Awaitable[Outcome]]] = {
         "hold": ops.hold, "release": ops.release, "delete": ops.delete, "bounce": bounce}
     act = acts[args.queue_action]
-    return _report(args, directory, [act(i) for i in ids])
+    return await _report(args, store, [await act(i) for i in ids])
 
 
 _ALL_DONE = {"retry": "due for delivery now", "release": "released, due for delivery now"}
 
 
-def _ops(args: argparse.Namespace, spool: Spool) -> QueueOps:
+def _ops(args: argparse.Namespace, store: Store) -> QueueOps:
     def waiting(text: str) -> None:
         print(f"m365relay queue: {text}", file=sys.stderr)
-    return QueueOps(spool, wait=args.wait, on_wait=waiting, selector=_selector(args))
+    return QueueOps(store, wait=args.wait, on_wait=waiting, selector=_selector(args))
 
 
 def _selector(args: argparse.Namespace) -> str:
@@ -331,12 +323,12 @@ def _selector(args: argparse.Namespace) -> str:
     return ""
 
 
-def _report(args: argparse.Namespace, directory: Path, outcomes: list[Outcome],
-            notices: list[str] | None = None) -> int:
+async def _report(args: argparse.Namespace, store: Store, outcomes: list[Outcome],
+                  notices: list[Change] | None = None) -> int:
     if notices is None:
-        notices = [f"{o.action} {o.id}" for o in outcomes if o.result == "ok"]
-    told = bool(notices) and control.notify(directory, notices)
-    running = told or control.relay_running(directory)
+        notices = [Change(o.action, o.id) for o in outcomes if o.result == "ok"]
+    told = bool(notices) and await store.announce(notices)
+    running = told or await store.relay_running()
     if not outcomes:
         after = "Nothing to do."
     elif not any(o.result == "ok" for o in outcomes):

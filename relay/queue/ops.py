@@ -9,12 +9,12 @@ and re-checks that the file is still queued before it reads a byte.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from relay.config import progname
 from relay.config.commands import command
-from relay.spool.store import Claim, Spool, SpoolBusyError, SpoolError
+from relay.spool.base import Claim, SpoolBusyError, SpoolError, Store
 
 __all__ = ["Outcome", "QueueOps"]
 
@@ -43,10 +43,10 @@ class QueueOps:
     ``on_wait`` is called once per message that has to wait, so the command can say why it
     pauses."""
 
-    def __init__(self, spool: Spool, *, wait: float = 60.0,
+    def __init__(self, store: Store, *, wait: float = 60.0,
                  on_wait: Callable[[str], None] | None = None, selector: str = "") -> None:
         """``selector``: how the admin named the spool (``--config FILE``), for hints."""
-        self.spool = spool
+        self.store = store
         self._selector = selector
         self.wait = wait
         self._on_wait = on_wait
@@ -56,69 +56,70 @@ class QueueOps:
         return command("queue", "release", queue_id, selector=self._selector,
                        program=progname.command())
 
-    def hold(self, queue_id: str) -> Outcome:
-        def act(claim: Claim, held: bool) -> Outcome:
+    async def hold(self, queue_id: str) -> Outcome:
+        async def act(claim: Claim, held: bool) -> Outcome:
             if held:
                 return self._out(claim.id, "hold", "wrong-state", "is already on hold")
-            self.spool.hold(claim.id)
+            await self.store.hold(claim.id)
             return self._out(claim.id, "hold", "ok", "put on hold; it will not be delivered "
                              f"until `{self._release(claim.id)}`")
-        return self._claimed("hold", queue_id, act)
+        return await self._claimed("hold", queue_id, act)
 
-    def release(self, queue_id: str) -> Outcome:
-        def act(claim: Claim, held: bool) -> Outcome:
+    async def release(self, queue_id: str) -> Outcome:
+        async def act(claim: Claim, held: bool) -> Outcome:
             if not held:
                 return self._out(claim.id, "release", "wrong-state", "is not on hold")
-            self.spool.release(claim.id)
+            await self.store.release(claim.id)
             return self._out(claim.id, "release", "ok", "released; due for delivery now")
-        return self._claimed("release", queue_id, act)
+        return await self._claimed("release", queue_id, act)
 
-    def delete(self, queue_id: str) -> Outcome:
-        def act(claim: Claim, held: bool) -> Outcome:
-            self.spool.delete(claim.id, held=held)
+    async def delete(self, queue_id: str) -> Outcome:
+        async def act(claim: Claim, held: bool) -> Outcome:
+            await self.store.delete(claim.id, held=held)
             return self._out(claim.id, "delete", "ok", "deleted; it will not be delivered and "
                              "no one is notified")
-        return self._claimed("delete", queue_id, act)
+        return await self._claimed("delete", queue_id, act)
 
-    def retry(self, queue_id: str, *, wait: float | None = None) -> Outcome:
-        def act(claim: Claim, held: bool) -> Outcome:
+    async def retry(self, queue_id: str, *, wait: float | None = None) -> Outcome:
+        async def act(claim: Claim, held: bool) -> Outcome:
             if held:
                 return self._out(claim.id, "retry", "wrong-state", f"is on hold; use "
                                  f"`{self._release(claim.id)}` to deliver it")
             if claim.state.next_attempt_at > 0:
-                self.spool.save_state(claim.id, replace(claim.state, next_attempt_at=0.0))
+                await self.store.save_state(claim.id, replace(claim.state, next_attempt_at=0.0))
             return self._out(claim.id, "retry", "ok", "due for delivery now")
-        return self._claimed("retry", queue_id, act, wait=wait)
+        return await self._claimed("retry", queue_id, act, wait=wait)
 
-    def bounce(self, queue_id: str, reason: str = "") -> Outcome:
-        def act(claim: Claim, held: bool) -> Outcome:
+    async def bounce(self, queue_id: str, reason: str = "") -> Outcome:
+        async def act(claim: Claim, held: bool) -> Outcome:
             if held:
                 # Only the relay bounces (it sends the DSN through the normal path), and it
                 # only looks at queue/.
-                self.spool.release(claim.id)
-            entry = self.spool.entry(claim.id)
+                await self.store.release(claim.id)
+            entry = await self.store.entry(claim.id)
             if entry is None:
                 return self._out(claim.id, "bounce", "error", "could not be read; it is left "
                                  "as it was")
             why = reason or DEFAULT_BOUNCE
             if not reason and entry.state.last_error:
                 why += f"; last delivery error: {entry.state.last_error}"
-            self.spool.save_state(claim.id, replace(entry.state, next_attempt_at=0.0,
+            await self.store.save_state(claim.id, replace(entry.state, next_attempt_at=0.0,
                                                     bounce_reason=why))
             dsn = (f"a non-delivery report goes to <{entry.envelope.bounce_to}>"
                    if entry.envelope.bounce_to else "no report is sent (it has no sender to "
                    "return it to)")
             return self._out(claim.id, "bounce", "ok", f"marked for bounce: the relay moves it "
                              f"to failed/ and {dsn}")
-        return self._claimed("bounce", queue_id, act)
+        return await self._claimed("bounce", queue_id, act)
 
     # ------------------------------------------------------------------ claim handling
 
-    def _claimed(self, action: str, queue_id: str, act: Callable[[Claim, bool], Outcome],
-                 *, wait: float | None = None) -> Outcome:
+    async def _claimed(self, action: str, queue_id: str,
+                       act: Callable[[Claim, bool], Awaitable[Outcome]],
+                       *, wait: float | None = None) -> Outcome:
         wait = self.wait if wait is None else wait
         try:
-            where = self.spool.locate(queue_id)
+            where = await self.store.locate(queue_id)
         except SpoolError as exc:
             return self._out(queue_id, action, "not-found", str(exc))
         seen = where in ("queue", "hold")
@@ -127,7 +128,7 @@ class QueueOps:
                 break
             held = where == "hold"
             try:
-                claim = self._claim(queue_id, held, wait)
+                claim = await self._claim(queue_id, held, wait)
             except SpoolBusyError as exc:
                 if wait == 0:
                     return self._out(queue_id, action, "in-flight",
@@ -136,25 +137,26 @@ class QueueOps:
             except OSError as exc:
                 return self._out(queue_id, action, "error", f"cannot lock it: {exc}")
             if claim is not None:
-                with claim:
-                    try:
-                        return act(claim, held)
-                    except OSError as exc:
-                        return self._out(queue_id, action, "error", str(exc))
-            where = self.spool.locate(queue_id)
+                try:
+                    return await act(claim, held)
+                except OSError as exc:
+                    return self._out(queue_id, action, "error", str(exc))
+                finally:
+                    await self.store.unclaim(claim)
+            where = await self.store.locate(queue_id)
         return self._out(queue_id, action, "gone" if seen else "not-found",
                          _whereabouts(where, seen))
 
-    def _claim(self, queue_id: str, held: bool, wait: float) -> Claim | None:
+    async def _claim(self, queue_id: str, held: bool, wait: float) -> Claim | None:
         try:
-            return self.spool.claim(queue_id, held=held, wait=0)
+            return await self.store.claim(queue_id, held=held, wait=0)
         except SpoolBusyError:
             if wait <= 0:
                 raise
         if self._on_wait is not None:
             self._on_wait(f"{queue_id} is being delivered right now; waiting up to {wait:.0f}s "
                           "for that attempt to end")
-        return self.spool.claim(queue_id, held=held, wait=wait)
+        return await self.store.claim(queue_id, held=held, wait=wait)
 
     @staticmethod
     def _out(queue_id: str, action: str, result: str, detail: str) -> Outcome:

@@ -26,14 +26,17 @@ from typing import TYPE_CHECKING
 from relay import logsafe
 from relay.config import records as config_mod
 from relay.config.records import Config, Listener
+from relay.delivery.changes import follow
 from relay.delivery.passthrough import Passthrough
 from relay.delivery.scheduler import Delivery
+from relay.http.view import ListenerSnapshot
 from relay.ingress.limits import AuthGuard
 from relay.ingress.listener import RelayHandler, start_listener
 from relay.ingress.tls import ServerTLS, legacy_warning
 from relay.message import QueueEntry
-from relay.service.control import QueueControl
 from relay.service.notify import Notifier
+from relay.spool.base import Store
+from relay.spool.filestore import FileStore
 from relay.spool.store import Spool
 from relay.tokens.provider import TokenProvider
 from relay.upstream.smtp import reset_tls_contexts
@@ -49,17 +52,22 @@ class StartupError(Exception):
 
 
 class Relay:
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, *, config_path: Path | None = None,
+                 store: Store | None = None) -> None:
+        """``store``: the queue, if not the file store of ``spool.directory`` (another
+        implementation of :class:`~relay.spool.base.Store`)."""
         logsafe.install()  # also when embedded: the host application owns logging
         logsafe.register_config_secrets(config)
         self.config = config
         self.config_path = config_path
         self.hostname = config.hostname or socket.gethostname()
-        self.spool = Spool(config.spool.directory, min_free_bytes=config.spool.min_free_space)
+        if store is None:
+            store = FileStore(config.spool.directory, min_free_bytes=config.spool.min_free_space)
+        self.store: Store = store  # what every stage uses
         self.tokens = TokenProvider(config.apps, margin=config.delivery.token_refresh_margin)
         self.tokens.use_delegated(config, config_path)
-        self.delivery = Delivery(config, self.spool, self.tokens, hostname=self.hostname)
-        self.control = QueueControl(self.spool, self.delivery)  # `m365relay queue` notices
+        self.delivery = Delivery(config, self.store, self.tokens, hostname=self.hostname)
+        self._follower: asyncio.Task[None] | None = None  # applies the store's change notices
         self.handlers: list[RelayHandler] = []
         self.auth_guard = AuthGuard()  # failed logins count across all listeners
         self.servers: list[asyncio.Server] = []
@@ -70,14 +78,29 @@ class Relay:
         self._stop = asyncio.Event()
         self.notifier = Notifier()
 
+    @property
+    def spool(self) -> Spool:
+        """The file store's blocking API, for tests and the benchmark; the relay's own code
+        goes through :attr:`store`."""
+        if not isinstance(self.store, FileStore):
+            raise TypeError("this relay's store is not the file store")
+        return self.store.spool
+
+    def listener_snapshots(self) -> list[ListenerSnapshot]:
+        """The listeners as /metrics, /readyz and the status page see them now."""
+        return [ListenerSnapshot(name=h.listener.name, serving=s.is_serving(),
+                                 closing=h.closing, sessions=len(h.sessions),
+                                 auth_failures=h.auth_failures,
+                                 ack_buckets=tuple(h.ack_latency.cumulative()),
+                                 ack_sum=h.ack_latency.sum)
+                for h, s in zip(self.handlers, self.servers, strict=False)]
+
     async def start(self) -> None:
         try:
-            # The queue control FIFO opens before the spool scan, so a `m365relay queue`
-            # notice sent meanwhile waits in the pipe instead of being missed.
-            await asyncio.to_thread(self.control.open)
-            entries = await asyncio.to_thread(self.spool.open)
+            # Also starts listening for changes, before the scan, so a `m365relay queue`
+            # notice sent meanwhile is not missed.
+            entries = await self.store.open()
         except OSError as exc:
-            await self.control.close()
             raise StartupError(f"cannot open the spool {self.config.spool.directory}: "
                                f"{exc.strerror or exc}; check `spool.directory` and that the "
                                "relay's user owns it") from None
@@ -85,12 +108,12 @@ class Relay:
             self.delivery.submit(entry)
         if entries:
             log.info("spool: %d message(s) queued from before the start", len(entries))
-        self.control.start()
+        self._follower = asyncio.create_task(follow(self.delivery), name="queue changes")
+        passthrough = Passthrough(self.delivery, self.store)
         for listener in self.config.listeners:
-            handler = RelayHandler(listener, self.config, self.spool,
+            handler = RelayHandler(listener, self.config, self.store,
                                    functools.partial(self._accepted, listener.name),
-                                   self.hostname, guard=self.auth_guard)
-            handler.passthrough = Passthrough(self.delivery, self.spool)
+                                   self.hostname, guard=self.auth_guard, passthrough=passthrough)
             context = await self._server_tls(listener)
             try:
                 server = await start_listener(listener, handler, context)
@@ -227,9 +250,14 @@ class Relay:
             server.close()
         for handler in self.handlers:
             handler.closing = True
-        await self.control.close()
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
         await self._drain_sessions(deadline)
         await self.delivery.drain(max(deadline - time.monotonic(), 0.0))
+        await self.store.close()
         self.tokens.close()
         if self.web is not None:  # last, so /readyz says "shutting down" while draining
             await self.web.close()

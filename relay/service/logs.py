@@ -11,11 +11,19 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
 
 from relay import logsafe
+
+# Maillog lines ("ID: to=<a@b>, relay=h:587, ... status=sent (250 ok)") as key=value fields for
+# JSON collectors. Delivery also passes its outcomes' typed fields (code, enhanced_status, ...)
+# as `extra=`, which take precedence: the codes are never read back from our own text.
+_QUEUE_ID = re.compile(r"([0-9A-HJKMNP-TV-Z]{15}): ")
+_KEY = re.compile(r"([a-z_]+)=")
+_CODE = re.compile(r"(?:\banswered|>:) ([2-5]\d\d)\b")
 
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName", logsafe.MARK}
@@ -59,9 +67,6 @@ class _JsonFormatter(logging.Formatter):
         return moment.isoformat(timespec="milliseconds")
 
     def format(self, record: logging.LogRecord) -> str:
-        # Loaded on first use: the delivery stage is not for `healthcheck`'s quick start.
-        from relay.delivery.events import log_fields
-
         message = record.getMessage()
         # Fields of maillog lines (queue_id, to, status, ...) and any `extra=`, for collectors.
         out: dict[str, object] = {**_typed(log_fields(message)), **{
@@ -113,3 +118,59 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     for name in ("aiosmtplib", "msal", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+def reply_code(text: str) -> str:
+    """The SMTP reply code a log line quotes, for lines that carry no ``code`` field (an
+    operator's tools reading old logs); the relay itself counts by its outcomes' fields."""
+    if text[:3].isdigit() and text[:1] in "2345" and text[3:4] in {"", " ", "-"}:
+        return text[:3]
+    match = _CODE.search(text)
+    return match.group(1) if match else "none"
+
+
+def log_fields(message: str) -> dict[str, str]:
+    """Structured fields of a maillog-style line, for JSON logs.
+
+    ``"3F2A...: to=<a@b>, relay=h:587, delay=0.4, status=sent (250 ok)"`` gives queue_id, to,
+    relay, delay, status and detail. Parsing stops at the first part that is not ``key=value``,
+    so free text after the fields never turns into bogus keys.
+    """
+    match = _QUEUE_ID.match(message)
+    if match is None:
+        return {}
+    fields = {"queue_id": match.group(1)}
+    pos = match.end()
+    while (key := _KEY.match(message, pos)) is not None:
+        pos = key.end()
+        if message.startswith("<", pos):
+            close = message.find(">", pos)
+            end = len(message) if close < 0 else close + 1
+            value = message[pos + 1:end if close < 0 else close]
+        else:
+            end = pos
+            while end < len(message) and message[end] not in ", ":
+                end += 1
+            value = message[pos:end]
+        fields[key.group(1)] = value
+        pos = end
+        if message.startswith(" (", pos):
+            close = _matching_paren(message, pos + 1)
+            fields["detail"] = message[pos + 2:close]
+            pos = close + 1
+        if not message.startswith(", ", pos):
+            break
+        pos += 2
+    return fields
+
+
+def _matching_paren(text: str, start: int) -> int:
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(text)

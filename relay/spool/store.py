@@ -6,8 +6,8 @@ one message at once (see ``relay/queue``).
 
 A message is acknowledged to the client (250) only after :meth:`Spool.commit` returns, and by
 then the envelope and content sit together in one fsynced file whose directory entry is also
-fsynced. Everything here is blocking I/O; the async callers run it through
-``asyncio.to_thread``.
+fsynced. Everything here is blocking I/O; :class:`relay.spool.filestore.FileStore` puts it
+behind the async :class:`relay.spool.base.Store` interface that the rest of the relay uses.
 
 Layout under the spool directory::
 
@@ -21,25 +21,17 @@ Layout under the spool directory::
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
-import secrets
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from relay.message import (
-    READ_CHUNK,
-    BodyCheck,
-    Chunk,
     Content,
     DeliveryState,
     Envelope,
@@ -47,6 +39,31 @@ from relay.message import (
     QueueEntry,
     content_parts,
 )
+from relay.spool.base import (
+    SpoolBusyError,
+    SpoolCorruptError,
+    SpoolError,
+    SpoolFullError,
+    SpoolMissingError,
+    SpoolWriteError,
+)
+from relay.spool.fileformat import (
+    INLINE_LIMIT,
+    _BadFile,
+    _check_id,
+    _encode_header,
+    _verified,
+)
+from relay.spool.fsutil import (
+    _discard,
+    _fsync_dir,
+    _listdir,
+    _lock,
+    _make_dir,
+    _open_error,
+    _write_parts,
+)
+from relay.spool.layout import SpoolLayout
 
 __all__ = [
     "INLINE_LIMIT",
@@ -61,57 +78,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("m365relay.spool")
-
-MAGIC = b"M365RELAY-SPOOL 1\n"
-# Bounds how much a garbage file (e.g. one with no newline) can make us read while parsing
-# the header; a real envelope with thousands of recipients stays well below this.
-MAX_HEADER_BYTES = 4 * 1024 * 1024
-
-DIR_MODE = 0o700
-FILE_MODE = 0o600
-
-# Crockford base32: ASCII-ordered, so fixed-width ids sort by time; no I/L/O/U to misread.
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_TIME_CHARS = 11  # 55 bits of microseconds since the epoch: good until the year 3111
-_RANDOM_CHARS = 4  # 20 random bits keep ids from two processes on one spool apart
-ID_LENGTH = _TIME_CHARS + _RANDOM_CHARS
-_ID_RE = re.compile(rf"[{_ALPHABET}]{{{ID_LENGTH}}}")
-
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-Opener = Callable[[str, int, int], int]
-# Messages up to this size are read whole for delivery; larger ones are verified and sent in
-# READ_CHUNK pieces straight from the spool file, so a 30 MB scan costs no 30 MB of memory.
-INLINE_LIMIT = 1024 * 1024
-_IOV_MAX = 1024  # the smallest IOV_MAX (POSIX minimum is 16, Linux and BSDs have 1024)
-
-
-class SpoolError(OSError):
-    """Base class for spool failures.
-
-    An OSError, like the failures it wraps, so callers that guard disk I/O with
-    ``except OSError`` also catch these (the aiosmtplib habit of inheriting the builtin kind).
-    """
-
-
-class SpoolFullError(SpoolError):
-    """The spool filesystem is out of space or quota; the client should retry later (452)."""
-
-
-class SpoolWriteError(SpoolError):
-    """Any other failure to store a message durably; the client should retry later (451)."""
-
-
-class SpoolMissingError(SpoolError):
-    """The message is no longer in queue/ (delivered, failed or moved aside): stop scheduling it."""
-
-
-class SpoolCorruptError(SpoolMissingError):
-    """A queued file no longer matches what was committed; it has been moved to corrupt/."""
-
-
-class SpoolBusyError(SpoolError):
-    """Another process (a delivery attempt) held the message's lock for longer than we waited."""
 
 
 class Claim:
@@ -137,40 +103,10 @@ class Claim:
         self.release()
 
 
-class _BadFile(Exception):
-    """A queue or state file that cannot be trusted; the text says why."""
-
-
-class Spool:
-    """The on-disk queue. Safe to call from several threads at once.
-
-    ``opener`` replaces :func:`os.open` for the files this class writes (queue files in tmp/,
-    state and reason files). It exists so tests can inject real write failures, e.g. by
-    returning a descriptor for ``/dev/full``; production code never passes it.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        *,
-        min_free_bytes: int = 0,
-        opener: Opener | None = None,
-        owner: tuple[int, int] | None = None,
-    ) -> None:
-        self.directory = Path(directory)
-        self.min_free_bytes = min_free_bytes
-        self._opener: Opener = opener if opener is not None else os.open
-        # (uid, gid) for files this process creates: root running `m365relay queue` on the
-        # relay's spool must not leave files the relay's own user cannot read.
-        self._owner = owner
-        self._tmp = self.directory / "tmp"
-        self._queue = self.directory / "queue"
-        self._state = self.directory / "state"
-        self._failed = self.directory / "failed"
-        self._corrupt = self.directory / "corrupt"
-        self._hold = self.directory / "hold"
-        self._id_lock = threading.Lock()
-        self._last_id_us = 0
+class Spool(SpoolLayout):
+    """The on-disk queue. Safe to call from several threads at once. Constructed as
+    :class:`~relay.spool.layout.SpoolLayout` is (directory, ``min_free_bytes``, ``opener``,
+    ``owner``)."""
 
     # ------------------------------------------------------------------ startup
 
@@ -189,29 +125,6 @@ class Spool:
         self._clean_orphan_states({e.id for e in entries} | held)
         return entries
 
-    def _clean_tmp(self) -> None:
-        for path in _listdir(self._tmp):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("could not remove leftover spool file %s: %s", path, exc)
-                continue
-            # The client never got a 250 for these, so it still holds the message.
-            log.info("removed unfinished spool file %s (never acknowledged to a client)", path)
-
-    def _clean_orphan_states(self, live_ids: set[str]) -> None:
-        for path in _listdir(self._state):
-            if path.name.endswith(".json") and path.name[:-5] in live_ids:
-                continue
-            try:
-                path.unlink()
-                log.info("removed retry state %s: its message is no longer queued", path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("could not remove stale retry state %s: %s", path, exc)
 
     # ------------------------------------------------------------------ accepting mail
 
@@ -253,48 +166,6 @@ class Spool:
                   len(envelope.rcpt_tos))
         return queue_id
 
-    def _check_free_space(self, needed: int) -> None:
-        if self.min_free_bytes <= 0:
-            return
-        try:
-            st = os.statvfs(self._tmp)
-        except OSError as exc:
-            raise SpoolWriteError(
-                f"cannot check free space in {self.directory}: {exc}. Check that "
-                "spool.directory exists and is readable by the relay's user."
-            ) from exc
-        free = st.f_bavail * st.f_frsize
-        if free - needed < self.min_free_bytes:
-            raise SpoolFullError(
-                f"spool filesystem at {self.directory} has {free} bytes free; storing this "
-                f"{needed}-byte message would leave less than the {self.min_free_bytes}-byte "
-                "reserve (spool.min_free_space). Free space there, or point spool.directory "
-                "at a larger filesystem."
-            )
-
-    def _new_id(self) -> str:
-        with self._id_lock:
-            # Strictly increasing within the process even if the clock stalls or steps back.
-            now_us = max(time.time_ns() // 1000, self._last_id_us + 1)
-            self._last_id_us = now_us
-        while True:
-            queue_id = _b32(now_us, _TIME_CHARS) + _b32(secrets.randbits(20), _RANDOM_CHARS)
-            # A collision needs the same microsecond and the same 20 random bits in another
-            # process; cheap to rule out, and rename() would otherwise overwrite silently.
-            if not (self._queue / queue_id).exists():
-                return queue_id
-
-    def _write_error(self, what: str, exc: OSError) -> SpoolError:
-        if exc.errno in _FULL_ERRNOS:
-            return SpoolFullError(
-                f"{what}: the spool filesystem at {self.directory} is full or over quota "
-                f"({exc.strerror}). Free space there, or point spool.directory at a larger "
-                "filesystem."
-            )
-        return SpoolWriteError(
-            f"{what} in {self.directory}: {exc}. Check that spool.directory is on a healthy, "
-            "writable local filesystem owned by the relay's user."
-        )
 
     # ------------------------------------------------------------------ delivery side
 
@@ -522,348 +393,4 @@ class Spool:
 
     # ------------------------------------------------------------------ internals
 
-    def _scan(self, folder: Path, *, quarantine: bool = True) -> list[QueueEntry]:
-        entries: list[QueueEntry] = []
-        for path in _listdir(folder):
-            try:
-                entry = self._load(path)
-            except FileNotFoundError:
-                continue  # delivered or failed by another thread while we were listing
-            except _BadFile as exc:
-                if quarantine:
-                    self._quarantine(path, str(exc))
-                else:
-                    log.warning("queue file %s is damaged (%s); skipped", path, exc)
-                continue
-            except OSError:
-                log.exception("cannot read queue file %s, skipping it for now", path)
-                continue
-            entries.append(entry)
-        entries.sort(key=lambda e: (e.envelope.received_at, e.id))
-        return entries
 
-    def _load(self, path: Path) -> QueueEntry:
-        if not _ID_RE.fullmatch(path.name):
-            raise _BadFile("file name is not a queue id")
-        with path.open("rb") as f:
-            meta = _read_header(f, os.fstat(f.fileno()).st_size)
-        return QueueEntry(
-            id=path.name,
-            envelope=_envelope_from(meta),
-            state=self._load_state(path.name),
-            size=meta["size"],
-        )
-
-    def _load_state(self, queue_id: str) -> DeliveryState:
-        path = self._state / f"{queue_id}.json"
-        try:
-            raw = json.loads(path.read_bytes())
-            return _state_from(raw)
-        except FileNotFoundError:
-            return DeliveryState()
-        except (OSError, ValueError, _BadFile) as exc:
-            # The state only schedules retries; the message itself is intact, so deliver now
-            # rather than hold mail hostage to a damaged bookkeeping file.
-            log.warning("retry state %s is unreadable (%s); will try delivery now", path, exc)
-            return DeliveryState()
-
-    def _quarantine(self, path: Path, why: str) -> None:
-        dest = self._corrupt / path.name
-        n = 1
-        while dest.exists():
-            dest = self._corrupt / f"{path.name}.{n}"
-            n += 1
-        try:
-            path.rename(dest)
-            _fsync_dir(self._corrupt)
-            _fsync_dir(self._queue)
-        except FileNotFoundError:
-            return
-        except OSError:
-            log.exception("queue file %s is damaged (%s) and could not be moved to %s; "
-                          "it is left in place and will not be delivered", path, why, dest)
-            return
-        try:
-            self._write_atomic(dest.with_name(dest.name + ".reason"), f"{why}\n".encode())
-        except OSError as exc:
-            log.warning("could not write reason file next to %s: %s", dest, exc)
-        log.warning("queue file %s is damaged (%s); moved to %s for inspection", path, why, dest)
-
-    def _open_new(self, path: Path) -> int:
-        fd = self._opener(str(path), _CREATE_FLAGS, FILE_MODE)
-        try:
-            # open()'s mode is filtered by the umask; set it exactly. By path rather than fchmod
-            # because a test opener may hand back a descriptor for another file (/dev/full).
-            path.chmod(FILE_MODE)
-            self._own(path)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _own(self, path: Path) -> None:
-        if self._owner is not None:
-            os.chown(path, *self._owner)
-
-    def _write_atomic(self, dest: Path, data: bytes) -> None:
-        # Staged in tmp/ (same filesystem) so open() sweeps up any leftover from a crash.
-        tmp_path = self._tmp / f"{dest.name}.{secrets.token_hex(4)}"
-        try:
-            fd = self._open_new(tmp_path)
-            try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            tmp_path.rename(dest)
-            _fsync_dir(dest.parent)
-        except OSError:
-            _discard(tmp_path)
-            raise
-
-
-# ---------------------------------------------------------------------- file helpers
-
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-
-
-def _lock(f: BinaryIO, queue_id: str, wait: float | None) -> None:
-    if wait is None:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        return
-    # flock has no timeout; a short poll is fine for an operator's command.
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise SpoolBusyError(
-                    f"message {queue_id} is still being delivered after {wait:.0f}s; try "
-                    "again later, or give --wait more seconds") from None
-            time.sleep(0.05)
-
-
-def _make_dir(path: Path) -> None:
-    path.mkdir(mode=DIR_MODE, exist_ok=True)
-    # mkdir's mode is filtered by the umask, and an existing directory keeps its old mode.
-    # Only its owner may change it; a directory of another user is checked by _open_error.
-    if path.stat().st_uid == os.geteuid():
-        path.chmod(DIR_MODE)
-    elif not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "not writable", str(path))
-
-
-def _open_error(directory: Path, exc: OSError) -> str:
-    """Why the spool cannot be set up, and the command that fixes it."""
-    uid = os.geteuid()
-    where = Path(exc.filename) if isinstance(exc.filename, str) else directory
-    try:
-        owner = where.stat().st_uid
-    except OSError:
-        owner = None
-    if isinstance(exc, PermissionError) and owner is not None and owner != uid:
-        return (f"the spool directory {where} exists but is owned by uid {owner} and is not "
-                f"writable by uid {uid}, the relay's user. Give it to that user: `chown -R "
-                f"{uid}:{os.getegid()} DIR` on the directory (for a bind mount: the host's "
-                "directory mounted there); or run the relay as its owner (`docker run --user "
-                f"{owner}`, Kubernetes `runAsUser`); or use a named volume, which Docker fills "
-                "with the image's owner")
-    return (f"cannot create the spool directory {directory}: {exc}. Check that "
-            "spool.directory points to a writable local directory owned by the relay's user")
-
-
-def _listdir(directory: Path) -> list[Path]:
-    try:
-        return sorted(p for p in directory.iterdir() if p.is_file())
-    except FileNotFoundError:
-        return []
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _write_parts(fd: int, parts: Sequence[Chunk]) -> None:
-    """All parts in order, in one writev where the kernel takes them all (it usually does)."""
-    views = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
-    while views:
-        written = os.writev(fd, views[:_IOV_MAX])
-        while views and written >= views[0].nbytes:
-            written -= views.pop(0).nbytes
-        if written:
-            views[0] = views[0][written:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _discard(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("could not remove %s after a failed write: %s", path, exc)
-
-
-def _check_id(queue_id: str) -> str:
-    # Ids become file names; refusing anything else keeps "../x" from escaping the spool.
-    if not _ID_RE.fullmatch(queue_id):
-        raise SpoolError(f"{queue_id!r} is not a valid queue id")
-    return queue_id
-
-
-def _b32(value: int, width: int) -> str:
-    chars = []
-    for _ in range(width):
-        value, digit = divmod(value, 32)
-        chars.append(_ALPHABET[digit])
-    return "".join(reversed(chars))
-
-
-# ---------------------------------------------------------------------- file format
-
-
-def _encode_header(envelope: Envelope, size: int, sha256: str) -> bytes:
-    meta = {
-        "mail_from": envelope.mail_from,
-        "rcpt_tos": list(envelope.rcpt_tos),
-        "account": envelope.account,
-        "app": envelope.app,
-        "mailbox": envelope.mailbox,
-        "bounce_to": envelope.bounce_to,
-        "client": envelope.client,
-        "received_at": envelope.received_at,
-        "original_from": envelope.original_from,
-        "is_dsn": envelope.is_dsn,
-        "size": size,
-        # ~20 ms for 30 MB; lets load() refuse to send silently damaged mail upstream.
-        "sha256": sha256,
-    }
-    # ensure_ascii keeps the line free of raw newlines whatever the addresses contain.
-    return MAGIC + json.dumps(meta, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
-
-
-def _read_header(f: BinaryIO, file_size: int) -> dict[str, Any]:
-    """Parse the header and leave ``f`` positioned at the first byte of the message."""
-    if f.read(len(MAGIC)) != MAGIC:
-        raise _BadFile("missing or unknown spool header")
-    line = f.readline(MAX_HEADER_BYTES)
-    if not line.endswith(b"\n"):
-        raise _BadFile("envelope line is truncated")
-    try:
-        meta = json.loads(line)
-    except ValueError as exc:
-        raise _BadFile(f"envelope is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise _BadFile("envelope is not a JSON object")
-    size = meta.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise _BadFile("envelope has no valid message size")
-    actual = file_size - f.tell()
-    if actual != size:
-        raise _BadFile(f"message is {actual} bytes but {size} were queued")
-    digest = meta.get("sha256")
-    if digest is not None and not isinstance(digest, str):
-        raise _BadFile("envelope checksum is not a string")
-    return meta
-
-
-def _verified(f: BinaryIO, file_size: int, inline_limit: int, owns_file: bool) -> Message:
-    f.seek(0)
-    meta = _read_header(f, file_size)
-    size: int = meta["size"]
-    digest = hashlib.sha256()
-    check = BodyCheck()
-    data: bytes | None = None
-    offset = f.tell()
-    if size <= inline_limit:
-        data = f.read(size)
-        digest.update(data)
-        check.update(data)
-        seen = len(data)
-    else:
-        # One pass in pieces: memory stays at one piece whatever the message's size.
-        buffer = bytearray(READ_CHUNK)
-        seen = 0
-        while n := os.preadv(f.fileno(), [buffer], offset + seen):
-            piece = buffer if n == len(buffer) else buffer[:n]
-            digest.update(piece)
-            check.update(piece)
-            seen += n
-    expected = meta.get("sha256")
-    if seen != size or (expected is not None and digest.hexdigest() != expected):
-        raise _BadFile("content does not match the size and checksum recorded when it was "
-                       "queued")
-    if data is not None and owns_file:
-        f.close()  # all in memory: nothing more to read
-    if data is not None:
-        return Message(size, check, data)
-    return Message(size, check, None, reader=_reader(f, offset),
-                   closer=f.close if owns_file else None)
-
-
-def _reader(f: BinaryIO, offset: int) -> Callable[[int, int], bytes]:
-    """Reads a large message's bytes from its spool file, ``offset`` being where it starts."""
-    def read(start: int, length: int) -> bytes:
-        # pread: no shared file position, so the lock holder's file object is left alone.
-        piece = os.pread(f.fileno(), length, offset + start)
-        if len(piece) != length:
-            raise SpoolError(f"spool file {f.name} shrank while being sent")
-        return piece
-    return read
-
-
-def _field(
-    meta: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...
-) -> Any:
-    if key not in meta:
-        if default is ...:
-            raise _BadFile(f"envelope field {key!r} is missing")
-        return default
-    value = meta[key]
-    # bool is an int subclass; a flag where a number belongs means the file is wrong.
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise _BadFile(f"envelope field {key!r} has the wrong type")
-    return value
-
-
-def _envelope_from(meta: dict[str, Any]) -> Envelope:
-    rcpts = _field(meta, "rcpt_tos", list)
-    if not all(isinstance(r, str) for r in rcpts):
-        raise _BadFile("envelope field 'rcpt_tos' has the wrong type")
-    return Envelope(
-        mail_from=_field(meta, "mail_from", str),
-        rcpt_tos=tuple(rcpts),
-        account=_field(meta, "account", str),
-        app=_field(meta, "app", str),
-        mailbox=_field(meta, "mailbox", str),
-        bounce_to=_field(meta, "bounce_to", str),
-        client=_field(meta, "client", str),
-        received_at=float(_field(meta, "received_at", (int, float))),
-        original_from=_field(meta, "original_from", str, ""),
-        is_dsn=_field(meta, "is_dsn", bool, False),
-    )
-
-
-def _state_from(raw: object) -> DeliveryState:
-    if not isinstance(raw, dict):
-        raise _BadFile("not a JSON object")
-    pending = _field(raw, "pending_rcpts", (list, type(None)), None)
-    if pending is not None and not all(isinstance(r, str) for r in pending):
-        raise _BadFile("pending_rcpts is not a list of addresses")
-    return DeliveryState(
-        attempts=_field(raw, "attempts", int, 0),
-        next_attempt_at=float(_field(raw, "next_attempt_at", (int, float), 0.0)),
-        pending_rcpts=None if pending is None else tuple(pending),
-        last_error=_field(raw, "last_error", str, ""),
-        bounce_reason=_field(raw, "bounce_reason", str, ""),
-    )

@@ -26,7 +26,7 @@ import requests
 from relay import logsafe
 from relay.config.commands import command
 from relay.config.records import App, Config
-from relay.diagnosis.errors import TokenError
+from relay.diagnosis.errors import TokenError, aadsts_code
 from relay.diagnosis.explain import (
     Context,
     Explanation,
@@ -220,7 +220,8 @@ class DelegatedTokens:
             return self._fail(name, state, TokenError(
                 f"Entra ID refused to refresh the sign-in of account {name!r} "
                 f"({account.mailbox}): {code}: {description}. Mail waits in the queue; "
-                f"run `{command}` to sign in again", explanation=explanation))
+                f"run `{command}` to sign in again", aadsts=aadsts_code(description),
+                explanation=explanation))
         if state.cache is not None and state.cache.has_state_changed:
             # Refresh tokens rotate: persist the new one before using the access token.
             try:

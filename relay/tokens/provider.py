@@ -29,7 +29,7 @@ from relay import logsafe
 from relay.config import clouds
 from relay.config.files import content_digest
 from relay.config.records import App, Config
-from relay.diagnosis.errors import TokenError
+from relay.diagnosis.errors import TokenError, aadsts_code
 from relay.diagnosis.explain import Context, explain_connection_error, explain_token_error
 from relay.tokens.credentials import build_credential
 
@@ -225,7 +225,7 @@ class TokenProvider:
             explanation = explain_token_error(code, description, status=None, ctx=ctx)
             error = TokenError(f"Entra ID refused a token for app {app_name!r} "
                                f"(client_id {app.client_id}): {code}: {description}",
-                               explanation=explanation)
+                               aadsts=aadsts_code(description), explanation=explanation)
             state.error = error.describe()
             state.failed = error
             log.error("token app=%s refused: %s", app_name, error.describe())

@@ -26,6 +26,7 @@ from relay.diagnosis.explain import Context, Explanation, Verdict, explain_conne
 from relay.diagnosis.graph import DRAFT_REQUEST, explain_graph
 from relay.message import Body, Message, content_parts
 from relay.tokens.provider import TokenProvider
+from relay.upstream.counts import Opened
 from relay.upstream.graph_api import GraphClient, GraphHTTPError, with_envelope_recipients
 from relay.upstream.smtp import LaneError
 
@@ -42,11 +43,11 @@ _Action = Callable[[GraphClient], str | None]
 class GraphConnection:
     """Sends through Graph as one mailbox; keeps one HTTPS session (connection reuse)."""
 
-    opened_total = 0
-
     def __init__(self, *, app_name: str, app: App, mailbox: str, tokens: TokenProvider,
-                 timeout: float = 60.0, local_hostname: str | None = None) -> None:
+                 timeout: float = 60.0, local_hostname: str | None = None,
+                 opened: Opened | None = None) -> None:
         del local_hostname  # SMTP's EHLO name; HTTP has no equivalent
+        self.opened = opened if opened is not None else Opened()  # the relay's, for /metrics
         self.app_name = app_name
         self.app = app
         self.mailbox = mailbox
@@ -81,7 +82,7 @@ class GraphConnection:
             # tokens' session: verification always on, `ca_file` honoured, REQUESTS_CA_BUNDLE
             # cannot override it, default timeout.
             self._session = self._tokens.http_session(self.app_name)
-            GraphConnection.opened_total += 1
+            self.opened.total += 1
         return self._session
 
     async def login(self) -> None:
@@ -140,16 +141,19 @@ class GraphConnection:
 
     def _error(self, exc: GraphHTTPError, explanation: Explanation) -> DeliveryError:
         text = f"Microsoft Graph: {exc}"
+        reply = f"{exc.status} {exc.code}: {exc.message}"
         if explanation.verdict is Verdict.BOUNCE:
-            return BounceError(text, code=exc.status, explanation=explanation)
+            return BounceError(text, code=exc.status, graph_code=exc.code, reply=reply,
+                               explanation=explanation)
         if explanation.verdict is Verdict.RETRY_NEW_TOKEN:
-            return AuthRejected(text, code=exc.status, explanation=explanation)
+            return AuthRejected(text, code=exc.status, graph_code=exc.code, reply=reply,
+                                explanation=explanation)
         # A draft refused for want of Mail.ReadWrite concerns large messages only: small ones
         # still go through sendMail, so only this message waits, not the mailbox's lane.
         draft_denied = exc.status == 403 and re.search(DRAFT_REQUEST, exc.request)
         kind = LaneError if exc.status in _PATH_STATUSES and not draft_denied else DeferError
-        return kind(text, code=exc.status, explanation=explanation,
-                    retry_after=exc.retry_after)
+        return kind(text, code=exc.status, graph_code=exc.code, reply=reply,
+                    explanation=explanation, retry_after=exc.retry_after)
 
 
 

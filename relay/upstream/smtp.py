@@ -16,10 +16,17 @@ import aiosmtplib
 
 from relay.config.files import Stamp, stat_stamps
 from relay.config.records import App
-from relay.diagnosis.errors import AuthRejected, DeferError, DeliveryError, error_for
+from relay.diagnosis.errors import (
+    AuthRejected,
+    DeferError,
+    DeliveryError,
+    enhanced_status,
+    error_for,
+)
 from relay.diagnosis.explain import Context, Verdict, explain_connection_error, explain_smtp
 from relay.message import Body
 from relay.tokens.provider import TokenProvider
+from relay.upstream.counts import Opened
 from relay.upstream.smtpwire import send_mail
 
 # Exchange Online takes 500 recipients per message by default (admins may set 1 to 1,000;
@@ -68,11 +75,10 @@ class LaneError(DeferError):
 class UpstreamConnection:
     """A reusable connection; ``send`` connects and logs in on first use or after a drop."""
 
-    opened_total = 0  # connections opened by this process; shown in metrics and the benchmark
-
     def __init__(self, *, app_name: str, app: App, mailbox: str, tokens: TokenProvider,
                  timeout: float = 60.0, local_hostname: str | None = None,
-                 context: ssl.SSLContext | None = None) -> None:
+                 context: ssl.SSLContext | None = None, opened: Opened | None = None) -> None:
+        self.opened = opened if opened is not None else Opened()  # the relay's, for /metrics
         self.app_name = app_name
         self.app = app
         self.mailbox = mailbox
@@ -124,7 +130,7 @@ class UpstreamConnection:
                                local_hostname=self._local_hostname)
         stage = "connect"
         try:
-            UpstreamConnection.opened_total += 1
+            self.opened.total += 1
             await smtp.connect()
             stage = "ehlo"
             # aiosmtplib forgets the extensions after STARTTLS until we EHLO again.
@@ -159,6 +165,8 @@ class UpstreamConnection:
                 smtp.close()
                 raise AuthRejected(f"{self.relay} rejected XOAUTH2 for {self.mailbox}: "
                                    f"{exc.code} {exc.message}", code=exc.code,
+                                   status=enhanced_status(exc.message),
+                                   reply=f"{exc.code} {exc.message}",
                                    explanation=explanation) from None
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 smtp.close()
@@ -170,8 +178,9 @@ class UpstreamConnection:
         explanation = explain_smtp(code, message, stage=stage, ctx=self._ctx())
         text = f"{self.relay} answered {code} {message} at {stage.upper()}"
         if explanation.verdict is Verdict.BOUNCE:
-            return error_for(text, explanation, code=code, stage=stage)
-        return LaneError(text, code=code, explanation=explanation)
+            return error_for(text, explanation, code=code, reply=message, stage=stage)
+        return LaneError(text, code=code, status=enhanced_status(message),
+                         reply=f"{code} {message}", explanation=explanation)
 
     async def send(self, mail_from: str, rcpts: list[str], body: Body
                    ) -> tuple[dict[str, DeliveryError], str]:
@@ -239,9 +248,9 @@ class UpstreamConnection:
             self._smtp = None
         explanation = explain_smtp(code, message, stage=stage, ctx=ctx)
         return error_for(f"{self.relay} answered {code} {message} at {stage.upper()}",
-                         explanation, code=code, stage=stage)
+                         explanation, code=code, reply=message, stage=stage)
 
     def _rcpt_error(self, exc: aiosmtplib.SMTPRecipientRefused, ctx: Context) -> DeliveryError:
         explanation = explain_smtp(exc.code, exc.message, stage="rcpt", ctx=ctx)
         return error_for(f"{self.relay} refused <{exc.recipient}>: {exc.code} {exc.message}",
-                         explanation, code=exc.code, stage="rcpt")
+                         explanation, code=exc.code, reply=exc.message, stage="rcpt")

@@ -1,4 +1,4 @@
-"""How ``m365relay queue`` tells a running relay that it changed a message in the spool.
+"""How ``m365relay queue`` tells a relay running on a file spool that it changed a message.
 
 The command changes the spool itself, holding each message's claim, so it works the same
 whether the relay runs or not: a stopped relay finds the change when it next starts. A running
@@ -9,17 +9,17 @@ one now). For that it reads one-line notices from a FIFO in the spool directory:
     hold ID | delete ID                  forget it
     retry *                              re-read the whole queue and try everything now
 
-A FIFO rather than a signal: no pid file, the notice says which message changed, it works for
-a relay embedded in another process (the tests), and opening it for writing fails with ENXIO
-exactly when no relay is reading it, which is how the command knows whether one runs. Notices
-are only hints: delivery re-checks each message under its claim, so a lost notice can delay a
-message but never deliver a held or deleted one.
+This is the file store's change notification (:meth:`relay.spool.base.Store.changes`); a
+shared store has its own (LISTEN/NOTIFY). A FIFO rather than a signal: no pid file, the notice
+says which message changed, it works for a relay embedded in another process (the tests), and
+opening it for writing fails with ENXIO exactly when no relay is reading it, which is how the
+command knows whether one runs. Notices are only hints: delivery re-checks each message under
+its claim, so a lost notice can delay a message but never deliver a held or deleted one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -28,14 +28,10 @@ import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from relay.spool.store import Spool, SpoolError
+from relay.spool.base import Change
 
-if TYPE_CHECKING:  # the command side must not pull in delivery and its upstream stack
-    from relay.delivery.scheduler import Delivery
-
-__all__ = ["FIFO_NAME", "QueueControl", "notify", "relay_running"]
+__all__ = ["FIFO_NAME", "FifoReader", "notify", "relay_running"]
 
 log = logging.getLogger("m365relay.queue")
 
@@ -44,24 +40,23 @@ _MAX_NOTICE = 200  # a verb and a queue id; anything longer is not ours
 _FLAGS = os.O_NONBLOCK | os.O_CLOEXEC
 
 
-class QueueControl:
-    """The relay's end of the FIFO: applies notices to :class:`Delivery`'s schedule."""
+class FifoReader:
+    """The relay's end of the FIFO: turns notices into :class:`Change` records, in order."""
 
-    def __init__(self, spool: Spool, delivery: Delivery) -> None:
-        self._spool = spool
-        self._delivery = delivery
-        self.path = spool.directory / FIFO_NAME
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / FIFO_NAME
         self._rfd = -1
         self._wfd = -1
         self._buffer = b""
-        self._notices: asyncio.Queue[str] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self.changes: asyncio.Queue[Change] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def open(self) -> None:
-        """Create and open the FIFO (blocking I/O). Call it before the spool's startup scan:
+        """Create and open the FIFO (blocking I/O). Called before the spool's startup scan:
         notices sent in between then wait in the pipe instead of being lost."""
         # Raises like Spool.open would when the spool cannot exist; the rest only warns.
-        self._spool.directory.mkdir(mode=0o700, exist_ok=True)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
         try:
             _make_fifo(self.path)
             self._rfd = os.open(self.path, os.O_RDONLY | _FLAGS)
@@ -73,21 +68,16 @@ class QueueControl:
             log.warning("no queue control channel at %s (%s): `m365relay queue` changes reach "
                         "this relay only at its next start", self.path, exc)
 
-    def start(self) -> None:
-        """Apply notices from now on (after the startup scan's messages are scheduled)."""
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._rfd < 0:
             return
-        asyncio.get_running_loop().add_reader(self._rfd, self._readable)
-        self._task = asyncio.create_task(self._run(), name="queue control")
+        self._loop = loop
+        loop.add_reader(self._rfd, self._readable)
 
-    async def close(self) -> None:
-        if self._rfd >= 0 and self._task is not None:
-            asyncio.get_running_loop().remove_reader(self._rfd)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def close(self) -> None:
+        if self._rfd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._rfd)
+        self._loop = None
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -107,43 +97,8 @@ class QueueControl:
                         len(self._buffer))
             self._buffer = b""
         for line in lines:
-            self._notices.put_nowait(line.decode("ascii", "replace").strip())
-
-    async def _run(self) -> None:
-        # One at a time and in order: "hold X" then "release X" must not swap.
-        while True:
-            notice = await self._notices.get()
-            try:
-                await self._apply(notice)
-            except Exception:
-                log.exception("queue control: could not apply %r", notice[:_MAX_NOTICE])
-
-    async def _apply(self, notice: str) -> None:
-        verb, _, arg = notice.partition(" ")
-        if verb == "retry" and arg == "*":
-            entries = await asyncio.to_thread(self._spool.entries)
-            log.info("queue: every queued message (%d) to be tried now, as an operator asked",
-                     len(entries))
-            self._delivery.expedite(entries)
-            return
-        if verb not in ("retry", "release", "bounce", "hold", "delete"):
-            log.warning("queue control: ignored unknown notice %r", notice[:_MAX_NOTICE])
-            return
-        try:
-            entry = (None if verb in ("hold", "delete")
-                     else await asyncio.to_thread(self._spool.entry, arg))
-        except SpoolError as exc:
-            log.warning("queue control: ignored %r: %s", notice[:_MAX_NOTICE], exc)
-            return
-        log.info("%s: %s by an operator (m365relay queue)", arg, _DONE[verb])
-        if entry is None:
-            self._delivery.forget({arg})
-        else:
-            self._delivery.expedite([entry])
-
-
-_DONE = {"retry": "retry now", "release": "released", "bounce": "bounce requested",
-         "hold": "put on hold", "delete": "deleted"}
+            verb, _, arg = line.decode("ascii", "replace").strip().partition(" ")
+            self.changes.put_nowait(Change(verb, arg))
 
 
 def _make_fifo(path: Path) -> None:
