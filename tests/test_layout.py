@@ -118,10 +118,6 @@ NOT_YET_SPLIT = {
     "relay/sandbox/entra.py": 565,
     "relay/sandbox/exchange.py": 633,
     "relay/sandbox/graph.py": 533,
-    "relay/cli.py:build_parser": 82,
-    "relay/config/env.py:build": 81,
-    "relay/doctor/claims.py:check_claims": 76,
-    "relay/doctor/credential.py:_check_certificate": 80,
 }
 
 
