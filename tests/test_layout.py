@@ -114,7 +114,6 @@ TABLES = {
 NOT_YET_SPLIT = {
     "relay/delivery/scheduler.py": 518,
     "relay/sandbox/entra.py": 565,
-    "relay/sandbox/exchange.py": 633,
     "relay/sandbox/graph.py": 533,
 }
 
