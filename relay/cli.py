@@ -186,36 +186,31 @@ def _command(argv: Sequence[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole CLI; given the ``command`` about to run, the other modules' commands are left
-    out unless it is one of them (they cost imports, and argparse only needs the one)."""
-    parser = argparse.ArgumentParser(
-        prog="m365relay",
-        description="SMTP relay for legacy devices: plain SMTP in, Exchange Online (OAuth 2.0, "
-                    "XOAUTH2) out.")
-    parser.add_argument("--version", action="version", version=f"m365relay {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("config", nargs="?" if default else None, type=Path, default=default,
+                   metavar="CONFIG", help=f"YAML config file (default {default})")
 
-    def add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
-        p.add_argument("config", nargs="?" if default else None, type=Path, default=default,
-                       metavar="CONFIG", help=f"YAML config file (default {default})")
 
-    def add_log(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"],
-                       help="least severe log lines shown, on stderr (default info)")
+def _add_log(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"],
+                   help="least severe log lines shown, on stderr (default info)")
 
-    def add_source(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", type=Path,
-                       help=f"YAML config file (default {config_mod.DEFAULT_PATH}, unless "
-                            "--config-from-env is given alone)")
-        p.add_argument("--config-from-env", action="store_true",
-                       help="build the config from M365RELAY_* variables (one app and mailbox); "
-                            "with --config too, only when that file does not exist")
 
+def _add_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path,
+                   help=f"YAML config file (default {config_mod.DEFAULT_PATH}, unless "
+                        "--config-from-env is given alone)")
+    p.add_argument("--config-from-env", action="store_true",
+                   help="build the config from M365RELAY_* variables (one app and mailbox); "
+                        "with --config too, only when that file does not exist")
+
+
+def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``serve`` and its ``healthcheck``."""
     p = sub.add_parser("serve", help="run the relay")
-    add_source(p)
-    add_log(p)
+    _add_source(p)
+    _add_log(p)
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="json: one object per line, for log collectors (default text)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -225,15 +220,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("healthcheck", help="exit 0 if every listener answers with an SMTP "
                                            "greeting, else 1 (Docker HEALTHCHECK, monitoring)")
-    add_source(p)
+    _add_source(p)
     p.add_argument("--address", action="append", metavar="HOST:PORT",
                    help="check this address instead of the config's listeners (repeatable)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="per listener (default 5)")
     p.set_defaults(func=cmd_healthcheck)
 
+
+def _add_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``check-config`` and ``hash-password``: writing a config."""
     p = sub.add_parser("check-config", help="validate a config file and list every problem")
-    add_config(p, default=str(config_mod.DEFAULT_PATH))
+    _add_config(p, default=str(config_mod.DEFAULT_PATH))
     p.add_argument("--config", "-c", type=Path, dest="config_option", metavar="CONFIG",
                    help="the same, spelled as the other commands spell it")
     p.set_defaults(func=cmd_check_config)
@@ -246,6 +244,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="read the password from standard input (one line), e.g. in scripts")
     p.set_defaults(func=cmd_hash_password)
 
+
+def _add_sandbox_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sandbox`` and ``demo``: trying the relay with nothing leaving the machine."""
     p = sub.add_parser("sandbox", help="run a local imitation of Exchange Online and Entra ID",
                        description="A local imitation of Exchange Online and its Entra ID token "
                                    "endpoint, with a throwaway CA; nothing leaves this machine. "
@@ -258,14 +259,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--smtp-port", type=int, default=12587, metavar="PORT",
                    help="port of the Exchange Online SMTP server, STARTTLS on localhost "
                         "(default 12587)")
-    add_log(p)
+    _add_log(p)
     p.set_defaults(func=cmd_sandbox)
 
     p = sub.add_parser("demo", help="start the sandbox and the relay, send one message through")
-    add_config(p, default="config/demo.yaml")
-    add_log(p)
+    _add_config(p, default="config/demo.yaml")
+    _add_log(p)
     p.set_defaults(func=cmd_demo)
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; given the ``command`` about to run, the other modules' commands are left
+    out unless it is one of them (they cost imports, and argparse only needs the one)."""
+    parser = argparse.ArgumentParser(
+        prog="m365relay",
+        description="SMTP relay for legacy devices: plain SMTP in, Exchange Online (OAuth 2.0, "
+                    "XOAUTH2) out.")
+    parser.add_argument("--version", action="version", version=f"m365relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_daemon_commands(sub)
+    _add_config_commands(sub)
+    _add_sandbox_commands(sub)
     if command is None or command not in sub.choices:
         for module in _MORE_COMMANDS.values():
             importlib.import_module(module).add_parser(sub)

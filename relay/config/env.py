@@ -63,6 +63,11 @@ def _items(value: str) -> list[str]:
     return [item for item in re.split(r"[\s,]+", value) if item]
 
 
+def _plain(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return value.strip() if value is not None else None
+
+
 def build(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str], dict[str, str]]:
     """The config data, the problems found on the way, and key path -> variable."""
     env = {k: v for k, v in environ.items() if k.startswith(PREFIX) and v.strip()}
@@ -73,24 +78,39 @@ def build(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str], dict[s
                         + (f" (did you mean {guess[0]}?)" if guess else ""))
     sources = {key: var for var, key in KEYS.items()} | _ALSO
 
-    def plain(name: str) -> str | None:
-        value = env.get(name)
-        return value.strip() if value is not None else None
-
     app: dict[str, Any] = {}
     for name, key in (("M365RELAY_TENANT", "tenant"), ("M365RELAY_CLIENT_ID", "client_id"),
                       ("M365RELAY_AUTHORITY", "authority"), ("M365RELAY_SMTP_HOST", "smtp_host"),
                       ("M365RELAY_SMTP_PORT", "smtp_port"), ("M365RELAY_CA_FILE", "ca_file")):
-        if (value := plain(name)) is not None:
+        if (value := _plain(env, name)) is not None:
             app[key] = value
     problems += _credential(env, app, sources)
 
     networks = _items(env.get("M365RELAY_NETWORKS", ""))
+    account, logs_in = _account(env, networks, problems)
+    data: dict[str, Any] = {
+        "listeners": _listeners(env, networks, logs_in, problems),
+        "apps": {APP: app},
+        "accounts": [account],
+        "spool": {"directory": _plain(env, "M365RELAY_SPOOL") or DEFAULT_SPOOL},
+    }
+    if (hostname := _plain(env, "M365RELAY_HOSTNAME")) is not None:
+        data["hostname"] = hostname
+    if not networks:
+        problems.append("M365RELAY_NETWORKS is not set: list who may connect, e.g. "
+                        "172.16.0.0/12 for containers on Docker's networks, or 192.168.1.0/24 "
+                        "for a LAN (comma-separated)")
+    return data, problems, sources
+
+
+def _account(env: Mapping[str, str], networks: list[str], problems: list[str]
+             ) -> tuple[dict[str, Any], bool]:
+    """The one account, and whether its devices log in (else they are known by network)."""
     account: dict[str, Any] = {"name": ACCOUNT, "app": APP}
     for name, key in (("M365RELAY_MAILBOX", "mailbox"), ("M365RELAY_FROM", "from"),
                       ("M365RELAY_USERNAME", "username"),
                       ("M365RELAY_PASSWORD_HASH", "password_hash")):
-        if (value := plain(name)) is not None:
+        if (value := _plain(env, name)) is not None:
             account[key] = value
     logs_in = "username" in account or "password_hash" in account
     if logs_in and not ("username" in account and "password_hash" in account):
@@ -99,21 +119,27 @@ def build(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str], dict[s
     if not logs_in:
         # Devices on these networks send without logging in, as with Postfix's mynetworks.
         account["networks"] = networks
+    return account, logs_in
 
-    tls_files = {key: plain(name) for name, key in (("M365RELAY_TLS_CERTIFICATE", "certificate"),
-                                                    ("M365RELAY_TLS_PRIVATE_KEY", "private_key"))}
+
+def _listeners(env: Mapping[str, str], networks: list[str], logs_in: bool,
+               problems: list[str]) -> list[dict[str, Any]]:
+    """One listener per M365RELAY_LISTEN address, all with the same TLS settings."""
+    tls_files = {key: _plain(env, name)
+                 for name, key in (("M365RELAY_TLS_CERTIFICATE", "certificate"),
+                                   ("M365RELAY_TLS_PRIVATE_KEY", "private_key"))}
     tls: dict[str, Any] = {k: v for k, v in tls_files.items() if v is not None}
     # TLS with the files given, or M365RELAY_TLS=starttls with none: a self-signed certificate
     # kept in the spool volume (relay/ingress/selfsigned.py).
-    mode = plain("M365RELAY_TLS") or ("starttls" if tls else "none")
+    mode = _plain(env, "M365RELAY_TLS") or ("starttls" if tls else "none")
     ignored = [n for n in ("M365RELAY_TLS_CERTIFICATE", "M365RELAY_TLS_PRIVATE_KEY",
-                           "M365RELAY_MIN_TLS_VERSION") if mode == "none" and plain(n)]
+                           "M365RELAY_MIN_TLS_VERSION") if mode == "none" and _plain(env, n)]
     if ignored:
         problems.append(f"{', '.join(ignored)} set with M365RELAY_TLS=none; unset them, or "
                         "set M365RELAY_TLS=starttls")
     if mode != "none":
         tls["tls"] = mode
-        if (version := plain("M365RELAY_MIN_TLS_VERSION")) is not None:
+        if (version := _plain(env, "M365RELAY_MIN_TLS_VERSION")) is not None:
             tls["min_tls_version"] = version
     listeners = []
     for i, bind in enumerate(_items(env.get("M365RELAY_LISTEN", "")) or DEFAULT_LISTEN):
@@ -130,20 +156,7 @@ def build(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str], dict[s
             # No certificate: allow the login in clear, but only from the listed networks.
             listener["cleartext_auth_networks"] = networks
         listeners.append(listener)
-
-    data: dict[str, Any] = {
-        "listeners": listeners,
-        "apps": {APP: app},
-        "accounts": [account],
-        "spool": {"directory": plain("M365RELAY_SPOOL") or DEFAULT_SPOOL},
-    }
-    if (hostname := plain("M365RELAY_HOSTNAME")) is not None:
-        data["hostname"] = hostname
-    if not networks:
-        problems.append("M365RELAY_NETWORKS is not set: list who may connect, e.g. "
-                        "172.16.0.0/12 for containers on Docker's networks, or 192.168.1.0/24 "
-                        "for a LAN (comma-separated)")
-    return data, problems, sources
+    return listeners
 
 
 def _credential(env: Mapping[str, str], app: dict[str, Any], sources: dict[str, str]

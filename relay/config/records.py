@@ -1,25 +1,20 @@
-"""Configuration: YAML parsed once into frozen, typed records (the sections; their value
-types are in :mod:`relay.config.values`).
-
-Every problem is reported together, each with its key path
-(``accounts[2].mailbox: not an email address``), so an admin fixes a config in one pass.
-Only the CLI turns a :class:`ConfigError` into an exit code.
+"""Configuration: the frozen, typed records the YAML is parsed into, one ``spec()`` line per
+key (a declarative table: what can be configured, with its check and default). Their value
+types are in :mod:`relay.config.values`; reading a file and collecting every problem by key
+path (``accounts[2].mailbox: not an email address``) is :mod:`relay.config.loading`, so an
+admin fixes a config in one pass. Only the CLI turns a :class:`ConfigError` into an exit code.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from relay.config import clouds
+from relay.config import clouds, loading
 from relay.config.check import (
-    Failed,
     Record,
-    Run,
     boolean,
     choice,
     integer,
@@ -31,9 +26,11 @@ from relay.config.check import (
     record,
     spec,
     text,
-    validate,
 )
 from relay.config.clouds import CloudName
+
+# Re-exported (the alias marks it for mypy): every command catches config_mod.ConfigError.
+from relay.config.loading import ConfigError as ConfigError  # noqa: PLC0414
 from relay.config.values import (  # the value types; re-exported for the stages
     _GRAPH_CLOUDS,
     CONSUMER_SMTP_HOST,
@@ -62,23 +59,12 @@ from relay.config.values import (  # the value types; re-exported for the stages
     _known_app,
     _split_bind,
     _tls_version,
+    _web_users,
 )
 
 # Where every command looks without --config: the path of the README, the systemd unit and
 # the container image (ConfigurationDirectory=m365relay).
 DEFAULT_PATH = Path("/etc/m365relay/m365relay.yaml")
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; ``problems`` lists every one by key path."""
-
-    def __init__(self, source: str, problems: Sequence[str]) -> None:
-        self.source = source
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        count = len(self.problems)
-        super().__init__(f"{source}: {count} problem(s) in the configuration:\n{lines}")
-
 
 
 class _Bindable(Record):
@@ -318,23 +304,6 @@ class DeliverySettings(Record):
     pacing: PacingSettings = spec(nested(PacingSettings), default=PacingSettings())
 
 
-def _web_password_hash(raw: Any, run: Run) -> str:
-    # The devices' kind of hash (one hash-password for both), not an exporter's bcrypt.
-    return _argon2(raw, run, " (bcrypt hashes from a Prometheus exporter's web config are not "
-                             "accepted)")
-
-
-def _web_users(raw: Any, run: Run) -> dict[str, str]:
-    bad = [name for name in raw if isinstance(name, str) and (":" in name or not name)
-           ] if isinstance(raw, Mapping) else []
-    for name in bad:
-        run.at(name).report("a user name must be non-empty and without `:` (HTTP Basic)")
-    users: dict[str, str] = mapping(_web_password_hash, min_length=1)(raw, run)
-    if bad:
-        raise Failed
-    return users
-
-
 @record
 class HttpTls(Record):
     """TLS for the HTTP endpoint, as an exporter's ``tls_server_config``. The files are read
@@ -422,66 +391,14 @@ class Config(Record):
         return next((a for a in self.accounts if a.username == username), None)
 
 
-# --- loading -------------------------------------------------------------------------------
-
-
-def _duplicates(data: Mapping[str, Any]) -> list[str]:
-    """Checks across list items, run on the raw data so they are reported with the rest."""
-    problems = []
-    for section, key in (("listeners", "name"), ("accounts", "name"), ("accounts", "username"),
-                         ("listeners", "bind")):
-        items = data.get(section)
-        if not isinstance(items, list):
-            continue
-        seen: dict[str, int] = {}
-        for i, item in enumerate(items):
-            value = item.get(key) if isinstance(item, Mapping) else None
-            if not isinstance(value, str) or value.endswith(":0"):
-                continue
-            if value in seen:
-                problems.append(f"{section}[{i}].{key}: {value!r} is already used by "
-                                f"{section}[{seen[value]}]; it must be unique")
-            seen.setdefault(value, i)
-    return problems
+# --- loading (relay/config/loading.py reads and checks; these name the Config it builds) -------
 
 
 def parse(data: Any, *, source: str = "config", base_dir: Path | None = None) -> Config:
     """Validate already-parsed YAML data; raises ConfigError listing every problem."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(source, ["(top level): expected a mapping with listeners, apps, "
-                                   "accounts and spool"])
-    apps = data.get("apps")
-    context = {
-        "base_dir": str(base_dir or Path.cwd()),
-        "apps": set(apps) if isinstance(apps, Mapping) else set(),
-    }
-    problems = _duplicates(data)
-    run = Run(context)
-    try:
-        config = validate(Config, data, run)
-    except Failed:
-        raise ConfigError(source, problems + run.problems) from None
-    if problems:
-        raise ConfigError(source, problems)
-    return config
+    return loading.parse_as(Config, data, source=source, base_dir=base_dir)
 
 
 def load(path: Path) -> Config:
     """Read and validate a config file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        hint = ""
-        if isinstance(exc, FileNotFoundError):
-            hint = ("; name the config file on the command line (start from "
-                    "config/m365relay.example.yaml of the source, or try config/demo.yaml "
-                    "with the sandbox)")
-        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}{hint}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(str(path), [f"{where}not valid YAML ({problem})"]) from None
-    return parse(data, source=str(path), base_dir=path.resolve().parent)
+    return loading.load_as(Config, path)

@@ -16,8 +16,10 @@ from typing import Any
 from relay.config import progname
 from relay.config.check import (
     Check,
+    Failed,
     Run,
     integer,
+    mapping,
     plain,
     text,
     then,
@@ -297,3 +299,20 @@ Patterns: Check = plain(_patterns)
 
 def Size(ge: int | None = None) -> Check:  # named as a type, like the checks above
     return then(plain(_size), integer(ge))
+
+
+def _web_password_hash(raw: Any, run: Run) -> str:
+    # The devices' kind of hash (one hash-password for both), not an exporter's bcrypt.
+    return _argon2(raw, run, " (bcrypt hashes from a Prometheus exporter's web config are not "
+                             "accepted)")
+
+
+def _web_users(raw: Any, run: Run) -> dict[str, str]:
+    bad = [name for name in raw if isinstance(name, str) and (":" in name or not name)
+           ] if isinstance(raw, Mapping) else []
+    for name in bad:
+        run.at(name).report("a user name must be non-empty and without `:` (HTTP Basic)")
+    users: dict[str, str] = mapping(_web_password_hash, min_length=1)(raw, run)
+    if bad:
+        raise Failed
+    return users

@@ -1,71 +1,38 @@
 """Walk the chain from config to Exchange Online for each account; stop at the first broken link.
 
 The app's links (credential, token endpoint, token, claims, upstream, STARTTLS) are walked once
-per app and shared by its accounts; XOAUTH2 and the test message are per mailbox. The token and
+per app by :mod:`relay.doctor.applinks` and shared by its accounts; XOAUTH2 and the test
+message are per mailbox, here. The token and
 the XOAUTH2 login go through the relay's own TokenProvider and UpstreamConnection, and every
 upstream failure is explained by relay.diagnosis.explain, so doctor says what the relay would log.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
-import ssl
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
-
-import aiosmtplib
-import requests
-import requests.utils
 
 from relay.config import progname
 from relay.config.commands import command
-from relay.config.records import Account, App, Config
-from relay.diagnosis.errors import DeliveryError, TokenError
-from relay.diagnosis.explain import (
-    Context,
-    Explanation,
-    Verdict,
-    explain_connection_error,
-    explain_smtp,
-    explain_token_error,
-)
-from relay.doctor.claims import SEND_ROLE, check_claims, role_fix
-from relay.doctor.credential import CertificateFacts, check_credential
+from relay.config.records import Account, Config
+from relay.diagnosis.errors import DeliveryError
+from relay.diagnosis.explain import Explanation, Verdict
+from relay.doctor.applinks import AppLinks, AppResult, failed
+from relay.doctor.claims import SEND_ROLE, role_fix
 from relay.doctor.graphlink import graph_checks
 from relay.doctor.report import AccountReport, Check, Status
 from relay.doctor.signin import signin_checks
 from relay.tokens.provider import TokenProvider
-from relay.upstream.smtp import UpstreamConnection, tls_context
+from relay.upstream.smtp import UpstreamConnection
 
-_AADSTS = re.compile(r"AADSTS\d+")
 _ENHANCED = re.compile(r"(?<![\w.])[245]\.\d{1,3}\.\d{1,3}(?![\w.])")
 # relay.diagnosis.explain writes these where it cannot know the id; doctor knows it from the token.
 _OBJECT_ID_PLACEHOLDERS = ("<enterprise app object id>", "<service principal id>")
-
-
-def _failed(link: str, explanation: Explanation, *, detail: str = "", code: str = "") -> Check:
-    return Check(link, Status.FAIL, detail=detail, summary=explanation.summary,
-                 fix=explanation.fix, code=code)
-
-
-@dataclass
-class _AppResult:
-    checks: list[Check] = field(default_factory=list)
-    object_id: str = ""
-    role_missing: bool = False
-    claims: dict[str, Any] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(c.status is not Status.FAIL for c in self.checks)
 
 
 class Doctor:
@@ -78,7 +45,7 @@ class Doctor:
                                     timeout=timeout)
         self.tokens.use_delegated(config, config_path)
         self.config_path = config_path
-        self._apps: dict[str, _AppResult] = {}
+        self._apps: dict[str, AppResult] = {}
         self._accepted: dict[str, list[str]] = {}  # app -> mailboxes Exchange let it use
 
     async def run(self, accounts: list[Account]) -> list[AccountReport]:
@@ -104,11 +71,12 @@ class Doctor:
             report.checks = await signin_checks(self.tokens, self.config.apps[account.app],
                                                 account)
             if all(c.status is not Status.FAIL for c in report.checks):
-                await self._mailbox(account, _AppResult(), report)
+                await self._mailbox(account, AppResult(), report)
             report.complete(send_asked=self.send_to is not None)
             return report
         if account.app not in self._apps:
-            self._apps[account.app] = await self._app(account.app)
+            self._apps[account.app] = await AppLinks(self.config, self.tokens,
+                                                     timeout=self.timeout).walk(account.app)
         result = self._apps[account.app]
         report.checks = list(result.checks)
         report.claims = result.claims
@@ -117,7 +85,7 @@ class Doctor:
         report.complete(send_asked=self.send_to is not None)
         return report
 
-    async def _mailbox(self, account: Account, result: _AppResult, report: AccountReport) -> None:
+    async def _mailbox(self, account: Account, result: AppResult, report: AccountReport) -> None:
         app = self.config.apps[account.app]
         if app.transport == "graph":
             report.checks += await graph_checks(
@@ -137,7 +105,7 @@ class Doctor:
         finally:
             await conn.close()
 
-    async def _login(self, conn: UpstreamConnection, result: _AppResult) -> Check:
+    async def _login(self, conn: UpstreamConnection, result: AppResult) -> Check:
         try:
             await conn.login()
         except DeliveryError as exc:
@@ -156,7 +124,7 @@ class Doctor:
         return Check("xoauth2", Status.OK,
                      detail=f"signed in as {conn.mailbox} at {conn.relay}")
 
-    def _resolve_role(self, account: Account, result: _AppResult, report: AccountReport,
+    def _resolve_role(self, account: Account, result: AppResult, report: AccountReport,
                       login: Check) -> None:
         """A token without SMTP.SendAsApp is broken unless RBAC for Applications grants SMTP;
         only Exchange's answer tells the two apart."""
@@ -223,202 +191,19 @@ class Doctor:
         try:
             refused, reply = await conn.send(account.mailbox, [self.send_to], data)
         except DeliveryError as exc:
-            return _failed("send", exc.explanation or Explanation(Verdict.RETRY, str(exc), ""),
+            return failed("send", exc.explanation or Explanation(Verdict.RETRY, str(exc), ""),
                            detail=str(exc), code=str(exc.code or ""))
         if refused:
             error = refused[self.send_to]
-            return _failed("send", error.explanation or Explanation(Verdict.BOUNCE, str(error),
+            return failed("send", error.explanation or Explanation(Verdict.BOUNCE, str(error),
                                                                      ""),
                            detail=str(error), code=str(error.code or ""))
         return Check("send", Status.OK, detail=f"to {self.send_to}: {reply}")
-
-    # -- per app ----------------------------------------------------------------------------
-
-    async def _app(self, name: str) -> _AppResult:
-        app = self.config.apps[name]
-        result = _AppResult()
-        credential, facts = check_credential(name, app)
-        result.checks.append(credential)
-        if credential.status is Status.FAIL:
-            return result
-        discovery = await self._token_endpoint(name, app, result)
-        if discovery is None:
-            return result
-        token = await self._token(name, app, discovery, facts, result)
-        if token is None:
-            return result
-        largest = max((lst.max_message_size for lst in self.config.listeners), default=0)
-        claims = check_claims(name, app, token, largest_message=largest)
-        result.checks.append(claims.check)
-        result.claims, result.object_id = claims.claims, claims.object_id
-        result.role_missing = claims.role_missing
-        if claims.check.status is Status.FAIL or app.transport == "graph":
-            return result  # Graph: no SMTP links; graphlink checks the mailbox
-        if await self._tcp(name, app, result):
-            await self._starttls(name, app, result)
-        return result
-
-    def _ctx(self, name: str) -> Context:
-        return self.tokens.context(name)
-
-    async def _token_endpoint(self, name: str, app: App, result: _AppResult
-                              ) -> requests.Response | None:
-        """GET the tenant's OpenID configuration, as msal does first: this proves DNS, TCP
-        and TLS with the very trust settings msal uses, through any configured proxy."""
-        url = f"{app.authority_url}/v2.0/.well-known/openid-configuration"
-        host = urlsplit(url).netloc
-        session = self.tokens.http_session(name)
-        try:
-            response = await asyncio.to_thread(session.get, url)
-        except (requests.RequestException, OSError, ValueError) as exc:
-            result.checks.append(_failed("token_endpoint", explain_connection_error(
-                exc, stage="token", ctx=self._ctx(name)), detail=f"https://{host}"))
-            return None
-        finally:
-            session.close()
-        proxy = requests.utils.get_environ_proxies(url).get("https")
-        via = f" via proxy {urlsplit(proxy).netloc}" if proxy else ""
-        result.checks.append(Check("token_endpoint", Status.OK,
-                                   detail=f"https://{host}{via}: DNS, TCP and TLS ok"))
-        return response
-
-    async def _token(self, name: str, app: App, discovery: requests.Response,
-                     facts: CertificateFacts | None, result: _AppResult) -> str | None:
-        ctx = self._ctx(name)
-        refusal = _entra_error(discovery)
-        if refusal is not None:
-            # msal reports a refused discovery only as "Unable to get authority
-            # configuration"; Entra's own answer names the cause (AADSTS90002).
-            error, description = refusal
-            explanation = explain_token_error(error, description, status=discovery.status_code,
-                                              ctx=ctx)
-            result.checks.append(_failed("token", explanation, code=_aadsts(description),
-                                         detail=f"{app.authority_url}: HTTP "
-                                                f"{discovery.status_code}"))
-            return None
-        try:
-            token = await self.tokens.token(name)
-        except TokenError as exc:
-            explanation = exc.explanation or Explanation(Verdict.DEFER_ADMIN, str(exc), "")
-            code = _aadsts(str(exc))
-            fix = explanation.fix
-            credential = result.checks[0]
-            if code == "AADSTS700027" and facts is not None:
-                fix = (f"m365relay signs with the certificate from {facts.source}, SHA-1 "
-                       f"thumbprint {facts.sha1}. {_uploaded_list(app)} must list that "
-                       f"thumbprint; if it does not, upload that certificate there.\n\n{fix}")
-            elif code == "AADSTS7000215" and credential.status is Status.WARN:
-                fix = f"{credential.summary}\n\n{fix}"
-            result.checks.append(Check("token", Status.FAIL, detail=f"from {app.authority_url}",
-                                       summary=explanation.summary, fix=fix, code=code))
-            return None
-        kind = ("certificate" if app.certificate is not None else "federated assertion"
-                if app.client_assertion is not None else "client secret")
-        result.checks.append(Check("token", Status.OK,
-                                   detail=f"from {app.authority_url} with the {kind}"))
-        return token
-
-    async def _tcp(self, name: str, app: App, result: _AppResult) -> bool:
-        where = f"{app.smtp_host}:{app.smtp_port}"
-        try:
-            async with asyncio.timeout(self.timeout):
-                _, writer = await asyncio.open_connection(app.smtp_host, app.smtp_port)
-        except (OSError, TimeoutError) as exc:
-            result.checks.append(_failed("upstream", explain_connection_error(
-                exc, stage="connect", ctx=self._ctx(name)), detail=where))
-            return False
-        peer = writer.get_extra_info("peername")
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        address = f" ({peer[0]})" if peer else ""
-        result.checks.append(Check("upstream", Status.OK, detail=f"{where}{address}: TCP ok"))
-        return True
-
-    async def _starttls(self, name: str, app: App, result: _AppResult) -> None:
-        """Banner, EHLO, STARTTLS and EHLO again, one by one, so a failure names its step.
-        The relay's own connection (next link) then does the same in one go."""
-        ctx = self._ctx(name)
-        smtp = aiosmtplib.SMTP(hostname=app.smtp_host, port=app.smtp_port, start_tls=False,
-                               timeout=self.timeout, local_hostname=self.config.hostname)
-        stage = "connect"
-        try:
-            await smtp.connect()
-            stage = "ehlo"
-            await smtp.ehlo()
-            if not smtp.supports_extension("starttls"):
-                result.checks.append(_no_starttls(name, app))
-                return
-            stage = "starttls"
-            await smtp.starttls(tls_context=tls_context(app))
-            stage = "ehlo"
-            await smtp.ehlo()
-            tls: ssl.SSLObject | None = smtp.get_transport_info("ssl_object")
-            # Read now: QUIT forgets what the server offered.
-            xoauth2 = "offered" if "xoauth2" in smtp.server_auth_methods else "NOT offered"
-        except aiosmtplib.SMTPResponseException as exc:
-            result.checks.append(_failed("starttls", explain_smtp(
-                exc.code, exc.message, stage=stage, ctx=ctx), code=str(exc.code)))
-            return
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            result.checks.append(_failed("starttls", explain_connection_error(
-                exc, stage=stage, ctx=ctx)))
-            return
-        finally:
-            if smtp.is_connected:
-                try:
-                    await smtp.quit(timeout=5)
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    smtp.close()
-        version = tls.version() if tls else None
-        if version not in ("TLSv1.2", "TLSv1.3"):
-            result.checks.append(Check(
-                "starttls", Status.FAIL, detail=f"negotiated {version}",
-                summary=f"TLS with {app.smtp_host} ended up as {version}; Exchange Online "
-                        "needs TLS 1.2 or newer.",
-                fix="Check the system OpenSSL policy (MinProtocol in /etc/ssl/openssl.cnf) and "
-                    "any TLS-inspecting proxy on the way."))
-            return
-        result.checks.append(Check("starttls", Status.OK,
-                                   detail=f"{version}, certificate verified for {app.smtp_host}, "
-                                          f"AUTH XOAUTH2 {xoauth2}"))
-
 
 def _token_refused(login: Check) -> bool:
     """Exchange refused the token itself (535 5.7.3 or a bare 535), not a policy (5.7.139)."""
     return login.status is Status.FAIL and login.code.startswith("535") \
         and "5.7.139" not in login.code and "5.7.139" not in login.detail
-
-
-def _entra_error(response: requests.Response) -> tuple[str, str] | None:
-    if not 400 <= response.status_code < 500:
-        return None
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    if not isinstance(body, dict) or "error" not in body:
-        return None
-    return str(body["error"]), str(body.get("error_description", ""))
-
-
-def _aadsts(text: str) -> str:
-    found = _AADSTS.search(text)
-    return found.group(0) if found else ""
-
-
-def _uploaded_list(app: App) -> str:
-    return (f"Entra admin center > App registrations > {app.client_id} > Certificates & "
-            "secrets > Certificates")
-
-
-def _no_starttls(name: str, app: App) -> Check:
-    return Check("starttls", Status.FAIL, detail=f"{app.smtp_host}:{app.smtp_port}",
-                 summary=f"{app.smtp_host}:{app.smtp_port} does not offer STARTTLS, and "
-                         "m365relay never sends a token without TLS.",
-                 fix=f"Set `apps.{name}.smtp_host` to smtp.office365.com and "
-                     f"`apps.{name}.smtp_port` to 587 (Exchange Online's STARTTLS submission "
-                     "port). Also check that no firewall or proxy strips STARTTLS.")
 
 
 def _test_message(account: Account, to: str, hostname: str | None) -> bytes:

@@ -101,6 +101,68 @@ def role_fix(app_name: str, app: App, mailbox: str = "<mailbox>") -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Claims:
+    """The claims doctor compares with the config, read leniently (a missing one is empty)."""
+
+    tid: str
+    appid: str
+    oid: str
+    aud: str
+    roles: list[str]
+    exp: float | None
+    nbf: float | None
+
+    @classmethod
+    def read(cls, claims: dict[str, Any]) -> _Claims:
+        raw_roles = claims.get("roles")
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        return cls(tid=str(claims.get("tid", "")),
+                   appid=str(claims.get("appid") or claims.get("azp") or ""),
+                   oid=str(claims.get("oid", "")), aud=str(claims.get("aud", "")),
+                   roles=[str(r) for r in raw_roles] if isinstance(raw_roles, list) else [],
+                   exp=exp if isinstance(exp, int | float) else None,
+                   nbf=nbf if isinstance(nbf, int | float) else None)
+
+    def describe(self, now: float) -> str:
+        lifetime = f"expires in {int((self.exp - now) // 60)} min" if self.exp else "no expiry"
+        return (f"tenant {self.tid or '?'}, app {self.appid or '?'}, roles "
+                f"{', '.join(self.roles) or 'none'}, audience {self.aud or '?'}, {lifetime}, "
+                f"service principal object id {self.oid or '?'}")
+
+
+def _wrong_claim(app_name: str, app: App, c: _Claims, now: float) -> tuple[str, str] | None:
+    """(summary, fix) for a token from the wrong tenant, app or audience, or one outside its
+    lifetime by this host's clock; None when those claims fit the config."""
+    tenant = expected_tenant(app)
+    if tenant and c.tid and c.tid.casefold() != tenant.casefold():
+        return (f"The token is from tenant {c.tid}, but `apps.{app_name}` asks tenant {tenant}.",
+                f"Set `apps.{app_name}.tenant` to the Directory (tenant) ID of the tenant "
+                f"that holds the mailboxes, and check `apps.{app_name}.authority` (it "
+                "overrides the tenant when set).")
+    if c.appid and c.appid.casefold() != app.client_id.casefold():
+        return (f"The token belongs to app {c.appid}, not to `apps.{app_name}.client_id` "
+                f"({app.client_id}).",
+                f"Check `apps.{app_name}.authority`: something other than Entra ID answers "
+                "there. Remove the key to use login.microsoftonline.com.")
+    if c.aud and c.aud not in expected_audiences(app):
+        return (f"The token is for {c.aud}, but Exchange Online SMTP takes only tokens for "
+                "https://outlook.office365.com.",
+                f"Set `apps.{app_name}.scope` to https://outlook.office365.com/.default "
+                "(or remove it: that is the default).")
+    if c.exp is not None and c.exp <= now:
+        stamp = datetime.fromtimestamp(c.exp, UTC)
+        return (f"The token Entra just issued expired at {stamp:%Y-%m-%d %H:%M:%S} UTC by "
+                "this host's clock, so this host's clock is ahead.",
+                "Sync the clock: `timedatectl status`, and enable NTP "
+                "(`timedatectl set-ntp true`).")
+    if c.nbf is not None and c.nbf > now + CLOCK_SKEW:
+        return ("The token is not valid yet by this host's clock, so this host's clock is "
+                "behind.", "Sync the clock: `timedatectl status`, and enable NTP "
+                           "(`timedatectl set-ntp true`).")
+    return None
+
+
 def check_claims(app_name: str, app: App, token: str, now: float | None = None, *,
                  largest_message: int = 0) -> ClaimsResult:
     """``largest_message``: the largest message a listener accepts (for a Graph app, whether
@@ -116,47 +178,14 @@ def check_claims(app_name: str, app: App, token: str, now: float | None = None, 
                               "tenant, role and audience; Exchange's answer below decides.")
         return ClaimsResult(check, {}, "", role_missing=False)
     shown = {k: claims[k] for k in SHOWN if k in claims}
-    tid, appid = str(claims.get("tid", "")), str(claims.get("appid") or claims.get("azp") or "")
-    oid, aud = str(claims.get("oid", "")), str(claims.get("aud", ""))
-    raw_roles = claims.get("roles")
-    roles = [str(r) for r in raw_roles] if isinstance(raw_roles, list) else []
-    exp = claims.get("exp") if isinstance(claims.get("exp"), int | float) else None
-    nbf = claims.get("nbf") if isinstance(claims.get("nbf"), int | float) else None
-    lifetime = f"expires in {int((exp - now) // 60)} min" if exp else "no expiry"
-    detail = (f"tenant {tid or '?'}, app {appid or '?'}, roles "
-              f"{', '.join(roles) or 'none'}, audience {aud or '?'}, {lifetime}, "
-              f"service principal object id {oid or '?'}")
-
-    def fail(summary: str, fix: str) -> ClaimsResult:
+    token_claims = _Claims.read(claims)
+    oid, roles = token_claims.oid, token_claims.roles
+    detail = token_claims.describe(now)
+    wrong = _wrong_claim(app_name, app, token_claims, now)
+    if wrong is not None:
+        summary, fix = wrong
         return ClaimsResult(Check("claims", Status.FAIL, detail=detail, summary=summary, fix=fix),
                             shown, oid, role_missing=role not in roles)
-
-    tenant = expected_tenant(app)
-    if tenant and tid and tid.casefold() != tenant.casefold():
-        return fail(f"The token is from tenant {tid}, but `apps.{app_name}` asks tenant {tenant}.",
-                    f"Set `apps.{app_name}.tenant` to the Directory (tenant) ID of the tenant "
-                    f"that holds the mailboxes, and check `apps.{app_name}.authority` (it "
-                    "overrides the tenant when set).")
-    if appid and appid.casefold() != app.client_id.casefold():
-        return fail(f"The token belongs to app {appid}, not to `apps.{app_name}.client_id` "
-                    f"({app.client_id}).",
-                    f"Check `apps.{app_name}.authority`: something other than Entra ID answers "
-                    "there. Remove the key to use login.microsoftonline.com.")
-    if aud and aud not in expected_audiences(app):
-        return fail(f"The token is for {aud}, but Exchange Online SMTP takes only tokens for "
-                    "https://outlook.office365.com.",
-                    f"Set `apps.{app_name}.scope` to https://outlook.office365.com/.default "
-                    "(or remove it: that is the default).")
-    if exp is not None and exp <= now:
-        stamp = datetime.fromtimestamp(exp, UTC)
-        return fail(f"The token Entra just issued expired at {stamp:%Y-%m-%d %H:%M:%S} UTC by "
-                    "this host's clock, so this host's clock is ahead.",
-                    "Sync the clock: `timedatectl status`, and enable NTP "
-                    "(`timedatectl set-ntp true`).")
-    if nbf is not None and nbf > now + CLOCK_SKEW:
-        return fail("The token is not valid yet by this host's clock, so this host's clock is "
-                    "behind.", "Sync the clock: `timedatectl status`, and enable NTP "
-                               "(`timedatectl set-ntp true`).")
     if role not in roles:
         # Not yet a failure: RBAC for Applications grants SMTP in Exchange, with no role in
         # the token. Exchange's answer at XOAUTH2 decides (see chain.resolve_role).

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from relay.config.records import App, CertificateCredential
 from relay.doctor.claims import NotAJwt, decode_claims
@@ -130,27 +131,10 @@ def _check_certificate(app_name: str, app: App, cred: CertificateCredential, now
     if cred.pfx is not None:
         key_key = cert_key = f"`apps.{app_name}.certificate.pfx`"
     password = passphrase.encode() if passphrase is not None else None
-    try:
-        key = serialization.load_pem_private_key(key_pem.encode(), password)
-    except TypeError as exc:
-        if password is None:  # "Password was not given but private key is encrypted"
-            return _fail(f"The private key in {key_key} ({key_src}) is "
-                         "encrypted, but no passphrase is configured.",
-                         f"Set {pass_key} (a secret: inline, {{env: VAR}} or {{file: PATH}}).")
-        return _fail(f"The private key in {key_key} is not encrypted, but {pass_key} is set "
-                     f"({exc}).", f"Remove {pass_key}.")
-    except (ValueError, UnsupportedAlgorithm):
-        if password is not None and "ENCRYPTED" in key_pem:
-            return _fail(f"{pass_key} does not open the private key in {key_key}.",
-                         f"Put the key's passphrase into {pass_key}.")
-        if "PRIVATE KEY" not in key_pem and "CERTIFICATE" in key_pem:
-            return _fail(f"{key_key} ({key_src}) holds a certificate, not a "
-                         "private key.", f"Point {key_key} at the PEM private key and "
-                         f"{cert_key} at the certificate.")
-        return _fail(f"{key_key} ({key_src}) is not a PEM private key.",
-                     "m365relay reads PEM (-----BEGIN PRIVATE KEY-----). From a .pfx file: "
-                     "`openssl pkcs12 -in app.pfx -nocerts -nodes -out m365relay.key` and "
-                     "`openssl pkcs12 -in app.pfx -clcerts -nokeys -out m365relay.crt`.")
+    key = _load_key(key_pem, password, key_key=key_key, cert_key=cert_key, pass_key=pass_key,
+                    key_src=key_src)
+    if isinstance(key, tuple):
+        return key
     try:
         cert = x509.load_pem_x509_certificates(cert_pem.encode())[0]
     except ValueError:
@@ -172,24 +156,56 @@ def _check_certificate(app_name: str, app: App, cred: CertificateCredential, now
                      "Use the key the certificate was made with. To compare, both commands "
                      "must print the same: `openssl x509 -noout -pubkey -in CERT | openssl "
                      "sha256` and `openssl pkey -pubout -in KEY | openssl sha256`.")
-    until = cert.not_valid_after_utc
     detail = (f"certificate {subject}, RSA {key.key_size}-bit key matches, thumbprint {sha1}, "
-              f"valid until {until:%Y-%m-%d}")
+              f"valid until {cert.not_valid_after_utc:%Y-%m-%d}")
     renew = (f"Make a new certificate ({_MAKE_CERT}), upload its public part in "
              f"{_uploaded(app)}, point {key_key} and {cert_key} at the new files, then reload "
              "m365relay and delete the old certificate in Entra.")
+    return _lifetime(cert, now, detail=detail, renew=renew, cert_key=cert_key), facts
+
+
+def _load_key(key_pem: str, password: bytes | None, *, key_key: str, cert_key: str,
+              pass_key: str, key_src: str) -> PrivateKeyTypes | tuple[Check, None]:
+    """The private key, or the failed check saying why it does not load."""
+    try:
+        return serialization.load_pem_private_key(key_pem.encode(), password)
+    except TypeError as exc:
+        if password is None:  # "Password was not given but private key is encrypted"
+            return _fail(f"The private key in {key_key} ({key_src}) is "
+                         "encrypted, but no passphrase is configured.",
+                         f"Set {pass_key} (a secret: inline, {{env: VAR}} or {{file: PATH}}).")
+        return _fail(f"The private key in {key_key} is not encrypted, but {pass_key} is set "
+                     f"({exc}).", f"Remove {pass_key}.")
+    except (ValueError, UnsupportedAlgorithm):
+        if password is not None and "ENCRYPTED" in key_pem:
+            return _fail(f"{pass_key} does not open the private key in {key_key}.",
+                         f"Put the key's passphrase into {pass_key}.")
+        if "PRIVATE KEY" not in key_pem and "CERTIFICATE" in key_pem:
+            return _fail(f"{key_key} ({key_src}) holds a certificate, not a "
+                         "private key.", f"Point {key_key} at the PEM private key and "
+                         f"{cert_key} at the certificate.")
+        return _fail(f"{key_key} ({key_src}) is not a PEM private key.",
+                     "m365relay reads PEM (-----BEGIN PRIVATE KEY-----). From a .pfx file: "
+                     "`openssl pkcs12 -in app.pfx -nocerts -nodes -out m365relay.key` and "
+                     "`openssl pkcs12 -in app.pfx -clcerts -nokeys -out m365relay.crt`.")
+
+
+def _lifetime(cert: x509.Certificate, now: datetime, *, detail: str, renew: str,
+              cert_key: str) -> Check:
+    """Expired, not valid yet, due for renewal soon, or fine."""
+    until = cert.not_valid_after_utc
     if until <= now:
         return Check("credential", Status.FAIL, detail=detail, fix=renew,
                      summary=f"The certificate in {cert_key} expired on {until:%Y-%m-%d %H:%M} "
-                             "UTC; Entra ID refuses expired certificates."), facts
+                             "UTC; Entra ID refuses expired certificates.")
     if cert.not_valid_before_utc > now:
         return Check("credential", Status.FAIL, detail=detail,
                      summary="The certificate is not valid until "
                              f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC.",
                      fix="If it was just made, check this host's clock (`timedatectl status`); "
-                         "otherwise use a certificate that is valid now."), facts
+                         "otherwise use a certificate that is valid now.")
     if until - now < RENEW_WARNING:
         return Check("credential", Status.WARN, detail=detail,
                      summary=f"The certificate expires in {(until - now).days} day(s); "
-                             "then every token request fails.", fix=renew), facts
-    return Check("credential", Status.OK, detail=detail), facts
+                             "then every token request fails.", fix=renew)
+    return Check("credential", Status.OK, detail=detail)

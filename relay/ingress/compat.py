@@ -17,6 +17,10 @@ transcript in ``tests/test_devices.py``.
   it and closes: aiosmtpd cancelled the session at EOF and dropped what was still buffered, a
   complete message included. Now the session reads its input to the end first, as Postfix
   does: a message whose final dot arrived is taken and delivered; one cut short is not.
+* More ``RCPT`` than ``max_recipients``: each extra one is answered ``452 4.5.3`` and sent
+  again by the client in another transaction (RFC 5321 4.5.3.1.10); as with Postfix's
+  ``smtpd_recipient_overshoot_limit``, they do not count toward ``max_errors``, or a
+  600-recipient list mail would be cut off with 421 after 20 of its extra recipients.
 * A failed STARTTLS handshake (a printer offering only TLS 1.0 to a TLS 1.2 listener) is one
   warning line naming the cause, as Postfix logs it, instead of aiosmtpd's traceback labelled
   "SMTP session exception"; any other unexpected error answers ``451 4.3.0`` (the device keeps
@@ -35,6 +39,7 @@ from typing import Any
 from aiosmtpd.smtp import TLSSetupException, syntax
 
 from relay.ingress.smtpbase import DataReader, FastSMTP
+from relay.ingress.tls import version_hint
 
 # The AUTH parameter of MAIL, after the address (the address itself has no white space).
 _MAIL_AUTH_PARAM = re.compile(r"(?i)[ \t]+AUTH=\S*")
@@ -42,6 +47,8 @@ _MAIL_AUTH_PARAM = re.compile(r"(?i)[ \t]+AUTH=\S*")
 _VERSION_REASONS = frozenset({"UNSUPPORTED_PROTOCOL", "WRONG_VERSION_NUMBER", "VERSION_TOO_LOW",
                               "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE"})
 UNEXPECTED_REPLY = "451 4.3.0 Error: local error in processing, try again later"
+_OVER_RECIPIENTS = "452 4.5.3 Too many recipients"
+_RECIPIENT_OVERSHOOT = 1000  # Postfix's smtpd_recipient_overshoot_limit default
 
 log = logging.getLogger("m365relay.listener")
 
@@ -67,6 +74,7 @@ class CompatSMTP(FastSMTP):
 
     reader_class = DrainingReader
     _gone = False  # the connection is lost; its buffered input is still being read
+    _overshoot = 0  # recipients answered 452 for max_recipients in this session
 
     async def push(self, status: Any) -> None:
         try:
@@ -82,9 +90,12 @@ class CompatSMTP(FastSMTP):
     async def check_helo_needed(self, helo: str = "HELO") -> bool:
         return False  # smtpd_helo_required = no
 
-    def tls_version_hint(self) -> str:
-        """What to change when a device and the listener share no TLS version."""
-        return ""
+    def counts_as_error(self, reply: str) -> bool:
+        """Whether this reply counts toward the session's error limit."""
+        if reply.startswith(_OVER_RECIPIENTS) and self._overshoot < _RECIPIENT_OVERSHOOT:
+            self._overshoot += 1
+            return False
+        return reply[:1] in ("4", "5") and not reply.startswith("421")
 
     async def handle_exception(self, error: Exception) -> str:
         peer = self.session.peer if self.session is not None else None
@@ -92,7 +103,9 @@ class CompatSMTP(FastSMTP):
         if isinstance(error, TLSSetupException):
             cause = error.__cause__
             reason = getattr(cause, "reason", None) or str(cause or error) or "handshake failed"
-            hint = self.tls_version_hint() if reason in _VERSION_REASONS else ""
+            host = getattr(self, "relay_handler", None)  # RelaySMTP's: names the listener
+            hint = (version_hint(host.listener) if host is not None
+                    and reason in _VERSION_REASONS else "")
             log.warning("%s: STARTTLS handshake failed: %s%s", client, reason, hint)
             return "454 4.7.0 TLS not available"  # not sent: aiosmtpd hangs up after it
         if isinstance(error, ssl.SSLError | ConnectionError):

@@ -38,7 +38,8 @@ from relay.delivery.events import Latency
 from relay.delivery.passthrough import Passthrough
 from relay.ingress.data import SMTP_LINE_LIMIT, fold_long_lines
 from relay.ingress.limits import AuthGuard, ConnectionSlots, LogThrottle, raise_open_files_limit
-from relay.ingress.session import RelaySMTP, in_networks, safe
+from relay.ingress.peers import in_networks, safe
+from relay.ingress.session import RelaySMTP
 from relay.message import DeliveryState, QueueEntry
 from relay.message import Envelope as SpoolEnvelope
 from relay.policy import identity, rewrite

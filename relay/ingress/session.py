@@ -11,7 +11,7 @@ commands pipelined after ``STARTTLS``), set up cheaply by :class:`relay.ingress.
 * junk-command and error limits (Postfix's ``smtpd_junk_command_limit`` and
   ``smtpd_hard_error_limit``), reset whenever a message is accepted;
 * AUTH PLAIN/LOGIN checked off the loop, a few at a time, with per-session, per-address and
-  per-user failure limits.
+  per-user failure limits: the base class, :class:`relay.ingress.smtpauth.AuthSMTP`.
 """
 
 from __future__ import annotations
@@ -22,21 +22,19 @@ import ipaddress
 import logging
 import math
 import ssl
-from base64 import b64decode
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, AnyStr, Protocol
 
-from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword, syntax
+from aiosmtpd.smtp import syntax
 
 from relay.config.records import Account
-from relay.config.values import IPNetwork
-from relay.ingress.compat import CompatSMTP
 from relay.ingress.data import DataAssembler
-from relay.policy import passwords as auth
+from relay.ingress.peers import in_networks, peer_ip
+from relay.ingress.smtpauth import AuthHost, AuthSMTP
 
 if TYPE_CHECKING:
-    from relay.config.records import Config, Listener
-    from relay.ingress.limits import AuthGuard, ConnectionSlots, LogThrottle
+    from relay.config.records import Listener
+    from relay.ingress.limits import ConnectionSlots
 
 log = logging.getLogger("m365relay.listener")
 
@@ -44,65 +42,31 @@ log = logging.getLogger("m365relay.listener")
 _JUNK = ("NOOP", "RSET", "VRFY", "EXPN", "HELP", "EHLO", "HELO")
 _SIZE_REFUSED = "552 Error: message size exceeds"  # aiosmtpd's reply to MAIL ... SIZE=
 _BOGUS_LIMIT = "502 5.5.1 Too many unrecognized commands"  # aiosmtpd hangs up after it
-# Recipients over max_recipients are answered 452 and sent again by the client in another
-# transaction (RFC 5321 4.5.3.1.10); as Postfix's smtpd_recipient_overshoot_limit, only
-# this many in a session count as errors toward max_errors, or a 600-recipient list mail
-# would be cut off with 421 after 20 of its extra recipients.
-_OVER_RECIPIENTS = "452 4.5.3 Too many recipients"
-_RECIPIENT_OVERSHOOT = 1000
 # A real client answers the banner within milliseconds. At a connection limit, one silent for
 # a second after it is a flood socket or a dead client, and gives its slot to a newcomer.
 _SILENT_GRACE = 1.0
 
 
-class SessionHost(Protocol):
+class SessionHost(AuthHost, Protocol):
     """What a session needs from the listener that accepted it (relay.ingress.listener's
-    RelayHandler): a protocol, so that the session does not import its listener back."""
+    RelayHandler): a protocol, so that the session does not import its listener back. AUTH's
+    part (config, guard, quiet, login_failed) is :class:`relay.ingress.smtpauth.AuthHost`."""
 
     listener: Listener
-    config: Config
     hostname: str
     sessions: set[RelaySMTP]
     slots: ConnectionSlots
-    guard: AuthGuard
-    quiet: LogThrottle
 
     def admit(self, session: RelaySMTP, address: Any) -> str | None: ...
     def session_changed(self) -> None:
         """A session ended or finished a transaction (a draining shutdown waits for that)."""
         ...
 
-    def login_failed(self) -> None:
-        """A login was refused (counted for /metrics)."""
-        ...
 
-
-def safe(text: str, limit: int = 200) -> str:
-    """Client-supplied text for a log line: printable, bounded."""
-    return text.encode("unicode_escape", errors="backslashreplace").decode("ascii")[:limit]
-
-
-def peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(peer[0])
-    except (TypeError, ValueError, IndexError):
-        return None
-    # An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d; match it as IPv4.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def in_networks(address: Any, networks: tuple[IPNetwork, ...]) -> bool:
-    return address is not None and any(address in net for net in networks)
-
-
-class RelaySMTP(CompatSMTP):
+class RelaySMTP(AuthSMTP):
     """One SMTP session."""
 
-    # aiosmtpd 1.4.6 sends "User Name\x00"; Xerox printers, Go and curl give up on the NUL.
-    AuthLoginUsernameChallenge = "Username:"
-    AuthLoginPasswordChallenge = "Password:"
+    relay_handler: SessionHost
 
     def __init__(self, handler: SessionHost, *, implicit_tls: bool = False,
                  tls_context: ssl.SSLContext | None = None) -> None:
@@ -129,7 +93,6 @@ class RelaySMTP(CompatSMTP):
         self._busy = False  # the DATA hook is spooling: let it answer before any timeout
         self._junk = 0
         self._errors = 0
-        self._overshoot = 0  # recipients answered 452 for max_recipients
         self._auth_failures = 0
         self._close_after_reply = False
         self._unlogged_connect = ""  # a loopback connection's listener, until its first command
@@ -206,13 +169,6 @@ class RelaySMTP(CompatSMTP):
             ".min_tls_version)")
         log.info("%s: TLS connection established: %s with cipher %s%s", self.client, version,
                  cipher, old)
-
-    def tls_version_hint(self) -> str:
-        listener = self.relay_handler.listener
-        if listener.min_tls_version not in ("1.2", "1.3"):
-            return ""
-        return (f" (the device may speak only TLS 1.0/1.1: allow it with "
-                f"listeners[{listener.name}].min_tls_version)")
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted:
@@ -316,9 +272,7 @@ class RelaySMTP(CompatSMTP):
             replaced = text = self._too_big()
         elif text.startswith(_BOGUS_LIMIT):  # every hang-up of ours says 421
             replaced = text = "421 4.7.0 Too many unrecognized commands, closing"
-        if text.startswith(_OVER_RECIPIENTS) and self._overshoot < _RECIPIENT_OVERSHOOT:
-            self._overshoot += 1
-        elif text[:1] in ("4", "5") and not text.startswith("421"):
+        if self.counts_as_error(text):
             self._errors += 1
             listener = self.relay_handler.listener
             if self._errors > listener.max_errors:
@@ -441,114 +395,3 @@ class RelaySMTP(CompatSMTP):
         # aiosmtpd calls this right before pushing the DATA reply; a draining shutdown waits
         # for it so a client mid-DATA still gets its answer.
         self.relay_handler.session_changed()
-
-    # -- AUTH ----------------------------------------------------------------------------
-
-    # AUTH PLAIN/LOGIN as in aiosmtpd, but the password check is awaited (argon2 runs in a
-    # thread) instead of aiosmtpd's synchronous authenticator callback.
-    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
-                             log_client_response: bool = False) -> Any:
-        """aiosmtpd's challenge, but an over-long answer is refused instead of crashing the
-        command with a ValueError (StreamReader.readline raises it past the buffer limit)."""
-        try:
-            return await super().challenge_auth(challenge, encode_to_b64)
-        except ValueError as exc:
-            # readline() has dropped what it buffered; when the line's LF had not arrived
-            # yet, the rest of that line is still to come: drop it up to its LF.
-            while "not found" in str(exc):
-                try:
-                    await self._reader.readuntil(b"\n")
-                    break
-                except asyncio.LimitOverrunError as more:
-                    await self._reader.read(more.consumed)
-            await self.push("501 5.5.2 Authentication answer too long")
-            return MISSING
-
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await self.challenge_auth("")
-            if blob is MISSING:
-                return self._aborted()
-        else:
-            try:
-                blob = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Can't decode base64")
-                return self._aborted()
-        parts = blob.split(b"\x00")
-        if len(parts) != 3:
-            await self.push("501 5.5.2 Can't split auth value")
-            return self._aborted()
-        return await self._check("PLAIN", parts[1], parts[2])
-
-    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return self._aborted()
-        else:
-            try:
-                login = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Can't decode base64")
-                return self._aborted()
-        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
-        if password is MISSING:
-            return self._aborted()
-        return await self._check("LOGIN", login, password)
-
-    @staticmethod
-    def _aborted() -> AuthResult:
-        # Malformed or cancelled (and already answered): no password was tried, so it is no
-        # guess; repeated, it meets the error limit.
-        return AuthResult(success=False, handled=True)
-
-    def _failed(self, reply: str) -> AuthResult:
-        """A refused password (or a refused attempt): the session gets a few of them."""
-        self._auth_failures += 1
-        if self._auth_failures >= self.relay_handler.config.auth_limits.failures_per_session:
-            log.warning("%s: %d failed AUTH attempts, closing the session "
-                        "(auth_limits.failures_per_session)", self.client, self._auth_failures)
-            reply += f"; {self._auth_failures} failures, closing"
-            self._close_after_reply = True
-        return AuthResult(success=False, handled=False, message=reply)
-
-    async def _check(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
-        handler = self.relay_handler
-        guard = handler.guard
-        limits = handler.config.auth_limits
-        name = login.decode("utf-8", errors="replace")
-        user = safe(name, 64)
-        account, password_hash = auth.password_hash_for(handler.config, login)
-        key = None if password_hash is None else guard.cache.key(login, password, password_hash)
-        self._busy = True  # a login waiting for its check is not idle (no timeout, no reclaim)
-        try:
-            verdict = await guard.check(limits, self.client, name, key,
-                                        lambda: auth.verify(password_hash, password))
-        finally:
-            self._busy = False
-        refusal = verdict.refusal
-        if refusal is not None:
-            quiet = handler.quiet.allow(f"auth-{refusal.cause} {self.client} {user}")
-            if quiet is not None:
-                more = f" ({quiet} more since the last report)" if quiet else ""
-                log.warning("%s: AUTH %s for user %r refused without checking the password, "
-                            "%s%s", self.client, mechanism, user, refusal.why, more)
-            if refusal.cause == "busy":  # not the client's fault: no failure counted
-                return AuthResult(success=False, handled=False, message=refusal.reply)
-            return self._failed(refusal.reply)
-        for what in verdict.blocked:
-            key_name = "failures_per_ip" if what == "address" else "failures_per_user"
-            # (Worded so the log redactor does not take "AUTH <word> <word>" for credentials.)
-            log.warning("AUTH: too many failed logins for %s %s; its logins are refused for "
-                        "%gs (auth_limits.%s, auth_limits.block)",
-                        what, self.client if what == "address" else repr(user), limits.block,
-                        key_name)
-        if not verdict.ok or account is None:
-            log.warning("%s: AUTH %s failed for user %r", self.client, mechanism, user)
-            handler.login_failed()
-            return self._failed("535 5.7.8 Authentication credentials invalid")
-        log.info("%s: AUTH %s ok user=%r account=%s%s", self.client, mechanism, user,
-                 account.name, " (cached)" if verdict.cached else "")
-        self.account = account
-        return AuthResult(success=True, auth_data=LoginPassword(login, b""))

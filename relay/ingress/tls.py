@@ -58,6 +58,14 @@ def server_context(version: str, certfile: Path, keyfile: Path | None) -> ssl.SS
     return context
 
 
+def version_hint(listener: Listener) -> str:
+    """For a handshake that failed for want of a common TLS version."""
+    if listener.min_tls_version in LEGACY_VERSIONS:
+        return ""
+    return (" (the device may speak only TLS 1.0/1.1: allow it with "
+            f"listeners[{listener.name}].min_tls_version)")
+
+
 def legacy_warning(listener: Listener) -> str | None:
     """The start-up warning for a listener that accepts TLS older than 1.2, else None."""
     if listener.tls == "none" or listener.min_tls_version not in LEGACY_VERSIONS:

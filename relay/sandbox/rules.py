@@ -1,4 +1,5 @@
-"""Exchange Online's per-mailbox limits, as the sandbox enforces them, and their replies.
+"""Exchange Online's per-mailbox limits, as the sandbox enforces them, and their replies;
+Microsoft Graph's request limits and the permission each of its endpoints wants.
 
 A fake that is more lenient than Microsoft hides relay bugs until a real tenant finds them, so
 every rule a fake can check is checked. relay/sandbox/RULES.md lists each rule with its source,
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+from relay.sandbox.apps import GRAPH_DRAFT_ROLE, GRAPH_READ_ROLES, GRAPH_SEND_ROLE
 
 # What smtp.office365.com advertises in EHLO (MS365 §4).
 ADVERTISED_SIZE = 157_286_400
@@ -80,3 +83,24 @@ class MailboxMeter:
     def accepted(self, mailbox: str, recipients: int, now: float) -> None:
         self._messages.setdefault(mailbox.casefold(), deque()).append(now)
         self._recipients.setdefault(mailbox.casefold(), deque()).append((now, recipients))
+
+
+# --- Microsoft Graph (MS365 §6) ---
+
+REQUEST_LIMIT = 4 * 1024 * 1024  # Graph's single-request limit for sendMail (§6)
+ATTACHMENT_LIMIT = 3 * 1024 * 1024  # larger attachments need an upload session
+UPLOAD_MAX = 150 * 1024 * 1024  # an upload session's largest attachment
+UPLOAD_RANGE_LIMIT = 4 * 1024 * 1024  # bytes one PUT to an upload session may carry
+
+
+def graph_permission(method: str, parts: list[str]) -> frozenset[str]:
+    """The application permissions any one of which lets a token make this request (Graph's
+    permission tables: user-sendmail, message-send, user-post-messages, message-post-
+    attachments, attachment-createuploadsession, message-delete, mailfolder-get)."""
+    if (method, parts) == ("POST", ["sendMail"]) or (
+            method == "POST" and len(parts) == 3 and parts[0] == "messages"
+            and parts[2] == "send"):
+        return frozenset({GRAPH_SEND_ROLE})
+    if method == "GET":
+        return GRAPH_READ_ROLES
+    return frozenset({GRAPH_DRAFT_ROLE})  # drafts, their attachments and upload sessions

@@ -11,6 +11,9 @@ import base64
 import hashlib
 import hmac
 import json
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
@@ -138,3 +141,19 @@ def verify_client_assertion(
     if not isinstance(exp, int | float) or not isinstance(nbf, int | float) \
             or exp + CLOCK_SKEW < now or nbf - CLOCK_SKEW > now:
         raise AssertionRejected(700024, "Client assertion is not within its valid time range.")
+
+
+def check_times(claims: Mapping[str, Any]) -> None:
+    """Expired, or not yet valid beyond Entra's clock skew: TokenError (Exchange and Graph)."""
+    now = time.time()
+    exp, nbf = claims.get("exp"), claims.get("nbf")
+    if not isinstance(exp, int) or exp <= now:
+        raise TokenError(f"token expired at {_iso(exp)}")
+    if not isinstance(nbf, int) or nbf > now + CLOCK_SKEW:
+        raise TokenError(f"token not valid before {_iso(nbf)}")
+
+
+def _iso(epoch: object) -> str:
+    if not isinstance(epoch, int | float):
+        return f"<missing: {epoch!r}>"
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
