@@ -118,7 +118,7 @@ def retry_waiting(config: config_mod.Config, app: str, mailbox: str) -> int:
     """Make the mailbox's deferred mail due now and tell a running relay, as `m365relay queue
     retry` does, so a new sign-in does not wait out the backoff (up to delivery.max_backoff)."""
     directory = config.spool.directory
-    if not directory.is_dir():
+    if directory is None or not directory.is_dir():
         return 0
     st = directory.stat()
     # Files we rewrite must stay the relay's when an admin runs this as root.

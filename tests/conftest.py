@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import os
 import smtplib
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,8 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pgserver
 import pytest
 import trustme
+from pgserver import PgServer
 
 from relay.config import records as config_mod
 from relay.policy.passwords import hash_password
@@ -192,3 +195,29 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
         if loop.time() > deadline:
             raise TimeoutError("condition not reached before the deadline")
         await asyncio.sleep(0.02)
+
+
+# --- PostgreSQL (cluster mode) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL server for the session (tests/pgserver.py). Missing PostgreSQL is a
+    skip locally and a failure under CI=true, where scripts/setup has installed it."""
+    problem = pgserver.available()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer) -> str:
+    """A DSN to an empty database of this test's own."""
+    return pg_server.dsn(pg_server.new_database())

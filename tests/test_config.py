@@ -92,7 +92,7 @@ def test_every_problem_reported_with_key_path(tmp_path: Path) -> None:
         "accounts[0].mailbox: 'scanner' is not an email address",
         "accounts[0].pasword_hash: unknown key (did you mean `password_hash`?)",
         "accounts[1].name: 'scanner' is already used by accounts[0]",
-        "spool.directory: required key is missing",
+        "spool: set exactly one of `directory` (the file spool on this machine) and `postgres`",
     ):
         assert expected in problems, f"missing {expected!r} in:\n{problems}"
 

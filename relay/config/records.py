@@ -8,6 +8,8 @@ admin fixes a config in one pass. Only the CLI turns a :class:`ConfigError` into
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +17,7 @@ from typing import Any, Literal
 from relay.config import clouds, loading
 from relay.config.check import (
     Record,
+    Run,
     boolean,
     choice,
     integer,
@@ -31,6 +34,7 @@ from relay.config.clouds import CloudName
 
 # Re-exported (the alias marks it for mypy): every command catches config_mod.ConfigError.
 from relay.config.loading import ConfigError as ConfigError  # noqa: PLC0414
+from relay.config.pgdsn import PgDsn, parse_dsn
 from relay.config.values import (  # the value types; re-exported for the stages
     _GRAPH_CLOUDS,
     CONSUMER_SMTP_HOST,
@@ -57,6 +61,7 @@ from relay.config.values import (  # the value types; re-exported for the stages
     _guid,
     _https,
     _known_app,
+    _secret,
     _split_bind,
     _tls_version,
     _web_users,
@@ -274,10 +279,55 @@ class Account(Record):
             raise ValueError("`from: allow` needs `allowed_from` (addresses or `*@domain`)")
 
 
+def _node(raw: Any, run: Run) -> str:
+    if isinstance(raw, Mapping):
+        raw = _secret(raw, run).value  # {env: POD_NAME}, as a Kubernetes Deployment gives it
+    if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", raw):
+        raise ValueError("a node name is 1-63 letters, digits, '.', '_' or '-' (a host or pod "
+                         "name), unique among the relays that share the database")
+    return raw
+
+
+def _dsn(raw: Any, run: Run) -> PgDsn:
+    secret = _secret(raw, run)  # a string, {env: NAME} or {file: PATH}: it may hold a password
+    return parse_dsn(secret.value)
+
+
 @record
 class SpoolSettings(Record):
-    directory: Path = spec(FilePath)
+    """Where accepted mail waits: a directory on this machine (the default), or a PostgreSQL
+    database that several relays share (cluster mode). Exactly one of the two."""
+
+    directory: Path | None = spec(optional(FilePath), default=None)
     min_free_space: int = spec(Size(), default=100 * 1024 * 1024)
+    postgres: PgDsn | None = spec(optional(_dsn), default=None)
+    # This relay's name in leases, logs and the queue view (default: the host name; in
+    # Kubernetes, the pod's name through {env: POD_NAME} or M365RELAY_NODE).
+    node: str = spec(_node, default="")
+    # How long a node's claim on a message outlives its last sign of life: after a crash,
+    # another node delivers the message that long after.
+    lease: float = spec(Duration, default=30.0)
+    # Create or migrate the database schema at start (off: `m365relay db upgrade` does it,
+    # e.g. from a Kubernetes init container, and the relay only checks the version).
+    upgrade_schema: bool = spec(boolean, default=True)
+
+    @staticmethod
+    def _prepare(data: Any) -> Any:
+        if isinstance(data, Mapping) and "node" not in data:
+            data = {**data, "node": socket.gethostname().split(".")[0] or "relay"}
+        return data
+
+    def _check(self) -> None:
+        if (self.directory is None) == (self.postgres is None):
+            raise ValueError("set exactly one of `directory` (the file spool on this machine) "
+                             "and `postgres` (a database shared by several relays)")
+        if not 5 <= self.lease <= 600:
+            raise ValueError("`lease` must be between 5s and 10m: shorter expires while a "
+                             "node is busy, longer delays takeover after a crash")
+
+    @property
+    def clustered(self) -> bool:
+        return self.postgres is not None
 
 
 @record
@@ -382,6 +432,14 @@ class Config(Record):
                                                   default=None)
 
     def _check(self) -> None:
+        if self.spool.clustered:
+            bare = [f"listeners[{i}]" for i, li in enumerate(self.listeners)
+                    if li.tls != "none" and li.certificate is None]
+            if bare:
+                raise ValueError(f"{', '.join(bare)}: cluster mode (spool.postgres) needs "
+                                 "`certificate` and `private_key` on TLS listeners: every node "
+                                 "behind the load balancer presents the same certificate, and "
+                                 "there is no local spool directory to keep a self-signed one")
         delegated = sorted(name for name, app in self.apps.items() if app.flow == "delegated")
         if delegated and self.token_store is None:
             raise ValueError(f"apps {', '.join(delegated)} use `flow: delegated`; set "

@@ -17,12 +17,15 @@ def listener_checks(config: Config) -> list[Check]:
             if listener.tls != "none"]
 
 
-def _check(listener: Listener, state_dir: Path) -> Check:
+def _check(listener: Listener, state_dir: Path | None) -> Check:
     from relay.ingress import selfsigned
 
     link = f"listener {listener.name} TLS"
     key = f"listeners[{listener.name}]"
     if listener.certificate is None:
+        if state_dir is None:  # cannot happen: cluster mode's config check requires one
+            return Check(link, Status.FAIL, summary="No certificate configured.",
+                         fix=f"Set `{key}.certificate` and `{key}.private_key`.")
         path = selfsigned.path_for(listener, state_dir)
         names = selfsigned.names_for(listener)
         why = selfsigned.stale(path, names)

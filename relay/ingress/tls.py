@@ -116,7 +116,7 @@ def serve_current(base: ssl.SSLContext, current: Callable[[], ssl.SSLContext | N
 class ServerTLS:
     """One listener's TLS: ``context`` for the server, certificates swapped under it."""
 
-    def __init__(self, listener: Listener, state_dir: Path) -> None:
+    def __init__(self, listener: Listener, state_dir: Path | None) -> None:
         self.listener = listener
         self.state_dir = state_dir  # spool directory: where a self-signed certificate lives
         self.served: Served | None = None
@@ -158,6 +158,9 @@ class ServerTLS:
             return listener.certificate, listener.private_key
         from relay.ingress import selfsigned
 
+        if self.state_dir is None:  # cluster mode: the config check requires certificate files
+            raise ValueError("a TLS listener without `certificate` needs spool.directory to "
+                             "keep a self-signed certificate in")
         return selfsigned.ensure(listener, self.state_dir), None
 
     def _build(self) -> Served:

@@ -183,6 +183,9 @@ def _from_config(path: Path) -> Path:
         settings = validate(SpoolSettings, section, run)
     except Failed:
         raise _Usage(f"{path}: {'; '.join(run.problems)}", EX_CONFIG) from None
+    if settings.directory is None:
+        raise _Usage(f"{path}: spool.postgres: the queue commands for the database are not "
+                     "built yet (issue 15)", EX_CONFIG)
     return settings.directory
 
 

@@ -37,6 +37,7 @@ from relay.message import QueueEntry
 from relay.service.notify import Notifier
 from relay.spool.base import Store
 from relay.spool.filestore import FileStore
+from relay.spool.open import open_store
 from relay.spool.store import Spool
 from relay.tokens.provider import TokenProvider
 from relay.upstream.smtp import reset_tls_contexts
@@ -62,7 +63,7 @@ class Relay:
         self.config_path = config_path
         self.hostname = config.hostname or socket.gethostname()
         if store is None:
-            store = FileStore(config.spool.directory, min_free_bytes=config.spool.min_free_space)
+            store = open_store(config.spool)
         self.store: Store = store  # what every stage uses
         self.tokens = TokenProvider(config.apps, margin=config.delivery.token_refresh_margin)
         self.tokens.use_delegated(config, config_path)
