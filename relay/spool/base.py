@@ -24,7 +24,9 @@ from relay.message import Content, DeliveryState, Envelope, Message, QueueEntry
 __all__ = [
     "Change",
     "CheckOut",
+    "ClusterView",
     "Claim",
+    "NodeInfo",
     "SpoolBusyError",
     "SpoolCorruptError",
     "SpoolError",
@@ -91,6 +93,22 @@ class CheckOut:
     error: OSError | None = None
     lock_error: OSError | None = None
     missing: bool = False  # the message was no longer queued when we came to claim it
+    # Another holder has it now (a shared store: an operator's command, or a lease that has not
+    # yet expired after a node died): not gone, so schedule it again after this many seconds.
+    busy_for: float | None = None
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One relay sharing a store (cluster mode), for the status page, /metrics and the queue
+    view. ``alive``: its lease (renewed every few seconds) has not run out."""
+
+    name: str
+    alive: bool
+    started_at: float  # unix time
+    seen_at: float
+    owned: int  # queued messages it schedules
+    claimed: int  # messages it holds a lease on now (attempts in flight)
 
 
 @dataclass(frozen=True)
@@ -209,4 +227,17 @@ class Store(Protocol):
 
     async def relay_running(self) -> bool:
         """Whether a relay follows this store's changes now."""
+        ...
+
+
+class ClusterView(Protocol):
+    """What a store shared by several relays adds (the PostgreSQL store): who shares it."""
+
+    @property
+    def node(self) -> str:
+        """This relay's name (``spool.node``)."""
+        ...
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Every node that has used the store recently, this one included."""
         ...
