@@ -24,8 +24,8 @@ from relay.message import Content, DeliveryState, Envelope, Message, QueueEntry
 __all__ = [
     "Change",
     "CheckOut",
-    "ClusterView",
     "Claim",
+    "ClusterView",
     "NodeInfo",
     "SpoolBusyError",
     "SpoolCorruptError",
