@@ -27,6 +27,7 @@ log = logging.getLogger("m365relay")
 # to list every command: `login` alone imports msal, requests and cryptography (~20 MB, ~0.3 s)
 # that `serve` would carry for its whole life and wait for before listening.
 _MORE_COMMANDS = {"doctor": "relay.doctor.command", "queue": "relay.queue.cli",
+                  "db": "relay.queue.db",
                   "login": "relay.login", "init": "relay.setup.command"}
 
 

@@ -43,12 +43,22 @@ def file_pair(tmp_path: Path) -> tuple[Store, Callable[[], Store]]:
     return FileStore(directory), lambda: FileStore(directory, listen=False)
 
 
-STORES = {"file": file_pair}
+def postgres_pair(dsn: str) -> tuple[Store, Callable[[], Store]]:
+    pytest.importorskip("asyncpg")
+    from relay.spool.postgres import PgStore
+
+    def settings(node: str) -> config_mod.SpoolSettings:
+        return config_mod.SpoolSettings.model_validate({"postgres": dsn, "node": node})
+    return PgStore(settings("a")), lambda: PgStore(settings("a"), listen=False)
+
+
+STORES = {"file": file_pair, "postgres": postgres_pair}
 
 
 @pytest.fixture(params=sorted(STORES))
 async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Pair]:
-    relay, other = STORES[request.param](tmp_path)
+    where = request.getfixturevalue("pg_dsn") if request.param == "postgres" else tmp_path
+    relay, other = STORES[request.param](where)
     assert await relay.open() == []
     second = other()
     try:

@@ -31,7 +31,7 @@ async def follow(delivery: Delivery) -> None:
 async def _apply(delivery: Delivery, change: Change) -> None:
     verb, queue_id = change.verb, change.queue_id
     if verb == "retry" and queue_id == "*":
-        entries = await delivery.store.entries()
+        entries = await delivery.store.entries(mine=True)
         qlog.info("queue: every queued message (%d) to be tried now, as an operator asked",
                   len(entries))
         delivery.expedite(entries)

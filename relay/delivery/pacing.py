@@ -28,12 +28,14 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from relay.config.records import PacingSettings
 from relay.diagnosis.errors import DeliveryError
+from relay.spool.base import SharedLimits
 
 log = logging.getLogger("m365relay.pacing")
 
@@ -71,6 +73,7 @@ class LanePace:
     reduced: float | None = None  # rate after a throttling reply, recovering
     reduced_at: float = 0.0
     throttles: int = 0
+    sends: deque[int | None] = field(default_factory=deque)  # cluster admissions in flight
     gate: asyncio.Lock = field(default_factory=asyncio.Lock)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -201,6 +204,9 @@ class Pacer:
         self._closed = False
         self._save_timer: asyncio.TimerHandle | None = None
         self._saving: asyncio.Task[None] | None = None
+        # Cluster mode: the same limits counted for every node (relay/spool/pglimits.py).
+        self.shared: SharedLimits | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _lane(self, key: tuple[str, str]) -> LanePace:
         pace = self.lanes.get(key)
@@ -230,12 +236,36 @@ class Pacer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pace.changed.wait(), wait)
             pace.start(base, now)
+            if self.shared is not None:
+                return await self._admit_shared(pace, key[1], base)
             return True
+
+    async def _admit_shared(self, pace: LanePace, mailbox: str, base: float) -> bool:
+        """The cluster's window too: every node's sends for the mailbox in the last minute.
+        Waited for under the lane's gate, so one worker per lane asks."""
+        assert self.shared is not None  # noqa: S101 -- the caller checked
+        while not self._closed:
+            wait, send_id = await self.shared.admit(mailbox, max(1, int(base)))
+            if wait <= 0:
+                pace.sends.append(send_id)
+                return True
+            pace.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pace.changed.wait(), wait)
+        pace.finish(self._monotonic())  # admitted locally, then stopped: not in flight
+        return False
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def done(self, key: tuple[str, str]) -> None:
         pace = self.lanes.get(key)
         if pace is not None:
             pace.finish(self._monotonic())
+            if self.shared is not None and pace.sends:
+                self._background(self.shared.sent(pace.sends.popleft()))
 
     def throttled(self, key: tuple[str, str], exc: DeliveryError) -> None:
         """Feedback from a failed attempt: slow the lane down if it was throttling."""
@@ -245,6 +275,8 @@ class Pacer:
         base = self._settings().messages_per_minute
         if base <= 0:
             return
+        if self.shared is not None:  # every node slows this mailbox down
+            self._background(self.shared.throttled(key[1], str(exc)))
         rate = self._lane(key).throttled(base, self._monotonic())
         if rate is not None:
             log.warning("mailbox %s is being throttled by Exchange Online (%s); pacing it at "
@@ -259,6 +291,18 @@ class Pacer:
         now = self._clock()
         total = self.ledger.add(mailbox, recipients, now)
         self._schedule_save()
+        if self.shared is not None:
+            self._background(self._shared_sent(mailbox, recipients))
+            return
+        self._warn(mailbox, total)
+
+    async def _shared_sent(self, mailbox: str, recipients: int) -> None:
+        assert self.shared is not None  # noqa: S101 -- the caller checked
+        total = await self.shared.recipients(mailbox, recipients)
+        if total is not None:  # the cluster's day, not only this node's
+            self._warn(mailbox, total)
+
+    def _warn(self, mailbox: str, total: int) -> None:
         threshold = self._settings().recipients_per_day_warning
         box = mailbox.lower()
         if threshold <= 0 or total < threshold:

@@ -48,13 +48,15 @@ from relay.diagnosis.errors import (
     log_extra,
 )
 from relay.message import DeliveryState, Envelope, QueueEntry
-from relay.spool.base import CheckOut, SpoolMissingError, Store
+from relay.spool.base import CheckOut, SharedLimits, SpoolMissingError, Store
 from relay.tokens.provider import TokenProvider
 from relay.upstream.counts import Opened
 from relay.upstream.graph import GraphConnection
 from relay.upstream.smtp import LaneError, UpstreamConnection
 
 log = logging.getLogger("m365relay.delivery")
+# Seconds before a lane asks again for a cluster connection slot that another node held.
+SLOT_RETRY = 0.5
 Upstream = UpstreamConnection | GraphConnection  # apps.<name>.transport: smtp | graph
 
 
@@ -83,6 +85,9 @@ class Delivery:
         # Within Exchange's per-mailbox limits (delivery.pacing); reads the settings live so a
         # reload applies.
         self.pacer = Pacer(lambda: self.config.delivery.pacing, config.spool.directory, clock)
+        # A store shared by several relays keeps Exchange's limits for all of them.
+        self.limits: SharedLimits | None = getattr(store, "limits", None)
+        self.pacer.shared = self.limits
         self._bouncer = Bouncer(self, store, self.events, self.counters, clock=clock,
                                 hostname=self._hostname)
 
@@ -251,6 +256,24 @@ class Delivery:
     # --- workers -------------------------------------------------------------------------
 
     async def _worker(self, lane: Lane) -> None:
+        """One upstream connection's life. In cluster mode it first leases one of the
+        mailbox's connection slots, shared with every node: none free means another node
+        holds them all, and the lane asks again in a moment."""
+        limits = self.limits
+        if limits is None:
+            await self._work(lane)
+            return
+        slot = await limits.acquire_slot(lane.mailbox, self.config.delivery.connections_per_mailbox)
+        if slot is None:
+            if not self._stopping:
+                asyncio.get_running_loop().call_later(SLOT_RETRY, self._kick, lane)
+            return
+        try:
+            await self._work(lane)
+        finally:
+            await limits.release_slot(lane.mailbox, slot)
+
+    async def _work(self, lane: Lane) -> None:
         settings = self.config.delivery
         app = self.config.apps.get(lane.app)
         if app is None:
@@ -324,6 +347,12 @@ class Delivery:
             # e.g. no locks on this filesystem: delivering unlocked beats not delivering.
             log.warning("%s: cannot lock the queued message (%s); delivering anyway", entry.id,
                         out.lock_error)
+        elif out.busy_for is not None:
+            # A shared store: another holder's claim (an operator's command, or the lease of a
+            # node that died mid-attempt) has not run out yet. Not gone: try again after it.
+            self.submit(replace(entry, state=replace(
+                entry.state, next_attempt_at=self._clock() + out.busy_for)))
+            return
         elif out.missing:
             log.info("%s: no longer queued (delivered, held or deleted meanwhile); dropped from "
                      "the schedule", entry.id)

@@ -56,6 +56,9 @@ async def diagnose(path: Path, *, account: str | None = None, send_to: str | Non
     from relay.doctor.listeners import listener_checks
 
     report.listeners = await asyncio.to_thread(listener_checks, config)
+    from relay.doctor.database import database_checks
+
+    report.listeners += await database_checks(config)
     report.accounts = await Doctor(config, timeout=timeout, send_to=send_to,
                                    config_path=loaded).run(accounts)
     return report

@@ -28,6 +28,7 @@ from relay.queue import view
 from relay.queue.ops import Outcome, QueueOps
 from relay.spool.base import Change, SpoolError, Store
 from relay.spool.filestore import FileStore
+from relay.spool.open import open_store
 
 __all__ = ["add_parser"]
 
@@ -125,9 +126,9 @@ def _common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        directory = _spool_dir(args)
+        where = _spool_dir(args)
         run: Command = args.queue_run
-        return asyncio.run(run(args, _open(directory)))
+        return asyncio.run(_run_on(run, args, where))
     except _Usage as exc:
         print(f"m365relay queue: {exc}", file=sys.stderr)
         return exc.code
@@ -142,12 +143,25 @@ def _main(args: argparse.Namespace) -> int:
         return 1
 
 
-def _spool_dir(args: argparse.Namespace) -> Path:
+async def _run_on(run: Command, args: argparse.Namespace, where: Path | SpoolSettings
+                  ) -> int:
+    if isinstance(where, Path):
+        return await run(args, _open(where))
+    # The cluster queue: every node's mail, under the same claims the nodes take.
+    store = open_store(where, listen=False)
+    try:
+        return await run(args, store)
+    finally:
+        await store.close()
+
+
+def _spool_dir(args: argparse.Namespace) -> Path | SpoolSettings:
     """--spool; else the config file; else the variables: as `serve --config FILE
     --config-from-env` chooses (the image's default), so `queue list` alone works there."""
     config = Path(args.config) if args.config is not None else None
     from_env = args.config_from_env or (
         config is None and any(k.startswith(PREFIX) for k in os.environ))
+    directory: Path | SpoolSettings
     if args.spool is not None:
         directory = Path(args.spool)
     elif config is not None and (config.exists() or not from_env):
@@ -160,13 +174,15 @@ def _spool_dir(args: argparse.Namespace) -> Path:
         raise _Usage(f"say which spool: --config FILE (the relay's config; {DEFAULT_CONFIG} "
                      "does not exist), --config-from-env (M365RELAY_* variables) or "
                      "--spool DIR", 2)
+    if isinstance(directory, SpoolSettings):
+        return directory
     if not (directory / "queue").is_dir():
         raise _Usage(f"no spool at {directory} (its queue/ folder is missing): check "
                      "spool.directory, and start the relay once so it creates the spool")
     return directory
 
 
-def _from_config(path: Path) -> Path:
+def _from_config(path: Path) -> Path | SpoolSettings:
     # Only the spool section: the queue commands need no secrets, and an admin may run them
     # where the app secrets are not readable.
     try:
@@ -183,10 +199,7 @@ def _from_config(path: Path) -> Path:
         settings = validate(SpoolSettings, section, run)
     except Failed:
         raise _Usage(f"{path}: {'; '.join(run.problems)}", EX_CONFIG) from None
-    if settings.directory is None:
-        raise _Usage(f"{path}: spool.postgres: the queue commands for the database are not "
-                     "built yet (issue 15)", EX_CONFIG)
-    return settings.directory
+    return settings.directory if settings.directory is not None else settings
 
 
 def _open(directory: Path) -> Store:

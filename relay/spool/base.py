@@ -27,6 +27,7 @@ __all__ = [
     "Claim",
     "ClusterView",
     "NodeInfo",
+    "SharedLimits",
     "SpoolBusyError",
     "SpoolCorruptError",
     "SpoolError",
@@ -191,9 +192,11 @@ class Store(Protocol):
     async def delete(self, queue_id: str, *, held: bool = False) -> None: ...
 
     # --- looking
-    async def entries(self, *, quarantine: bool = True) -> list[QueueEntry]:
+    async def entries(self, *, quarantine: bool = True, mine: bool = False
+                      ) -> list[QueueEntry]:
         """Queued messages, oldest first; ``quarantine=False`` for a look that must not move
-        damaged entries aside."""
+        damaged entries aside; ``mine``: only those this relay schedules (a shared store's
+        node; the file store has no others)."""
         ...
 
     async def held_entries(self) -> list[QueueEntry]: ...
@@ -241,3 +244,16 @@ class ClusterView(Protocol):
     async def nodes(self) -> list[NodeInfo]:
         """Every node that has used the store recently, this one included."""
         ...
+
+
+class SharedLimits(Protocol):
+    """Exchange's per-mailbox limits kept for every relay sharing a store
+    (:mod:`relay.spool.pglimits`); a store that has them offers them as ``limits``."""
+
+    async def acquire_slot(self, mailbox: str, limit: int) -> int | None: ...
+    async def release_slot(self, mailbox: str, slot: int) -> None: ...
+    async def admit(self, mailbox: str, per_minute: int, window: float = 60.0
+                    ) -> tuple[float, int | None]: ...
+    async def sent(self, send_id: int | None) -> None: ...
+    async def recipients(self, mailbox: str, count: int) -> int | None: ...
+    async def throttled(self, mailbox: str, reason: str) -> None: ...

@@ -165,7 +165,9 @@ class FileStore:
 
     # --- looking
 
-    async def entries(self, *, quarantine: bool = True) -> list[QueueEntry]:
+    async def entries(self, *, quarantine: bool = True, mine: bool = False
+                      ) -> list[QueueEntry]:
+        del mine  # one relay per spool: all of it is this relay's
         return await asyncio.to_thread(self.spool.entries, quarantine=quarantine)
 
     async def held_entries(self) -> list[QueueEntry]:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from relay.config.records import SpoolSettings
-from relay.spool.base import Store
+from relay.spool.base import SpoolError, Store
 from relay.spool.filestore import FileStore
 
 __all__ = ["open_store"]
@@ -16,4 +16,10 @@ def open_store(settings: SpoolSettings, *, listen: bool = True) -> Store:
     if settings.directory is not None:
         return FileStore(settings.directory, min_free_bytes=settings.min_free_space,
                          listen=listen)
-    raise NotImplementedError("spool.postgres: the PostgreSQL store is being built (issue 15)")
+    try:
+        from relay.spool.postgres import PgStore
+    except ImportError as exc:
+        raise SpoolError(f"spool.postgres needs the PostgreSQL driver ({exc}); install it with "
+                         "pip install 'm365relay[postgres]' (the container image has it)"
+                         ) from None
+    return PgStore(settings, listen=listen)

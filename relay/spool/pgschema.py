@@ -76,8 +76,9 @@ CREATE TABLE {SCHEMA}.mailbox_slots (
     PRIMARY KEY (mailbox, slot)
 );
 CREATE TABLE {SCHEMA}.mailbox_sends (
+    id bigserial PRIMARY KEY,
     mailbox text NOT NULL,
-    sent_at timestamptz NOT NULL,
+    sent_at timestamptz NOT NULL DEFAULT now(),
     recipients integer NOT NULL DEFAULT 0,
     node text NOT NULL
 );
@@ -85,9 +86,36 @@ CREATE INDEX mailbox_sends_time ON {SCHEMA}.mailbox_sends (mailbox, sent_at);
 CREATE TABLE {SCHEMA}.mailbox_throttle (
     mailbox text PRIMARY KEY,
     slow_until timestamptz NOT NULL,
-    interval_s double precision NOT NULL,
     reason text NOT NULL DEFAULT ''
 );
+-- One round trip per admission: under a per-mailbox transaction lock, count the mailbox's
+-- sends in the window (every node's) and either record this one or say how long to wait.
+-- While Exchange throttles the mailbox (any node saw it), half the rate.
+CREATE FUNCTION {SCHEMA}.admit_send(p_mailbox text, p_limit integer, p_window float8,
+                                    p_node text, OUT wait float8, OUT send_id bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+    oldest timestamptz;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('m365relay.sends:' || p_mailbox));
+    IF EXISTS (SELECT 1 FROM {SCHEMA}.mailbox_throttle
+               WHERE mailbox = p_mailbox AND slow_until > now()) THEN
+        p_limit := greatest(1, p_limit / 2);
+    END IF;
+    SELECT count(*), min(s.sent_at) INTO n, oldest FROM (
+        SELECT sent_at FROM {SCHEMA}.mailbox_sends
+        WHERE mailbox = p_mailbox AND sent_at > now() - make_interval(secs => p_window)
+        ORDER BY sent_at DESC LIMIT p_limit) s;
+    IF n >= p_limit THEN
+        wait := greatest(0.02, extract(epoch FROM oldest - now()) + p_window);
+        send_id := NULL;
+        RETURN;
+    END IF;
+    INSERT INTO {SCHEMA}.mailbox_sends (mailbox, node) VALUES (p_mailbox, p_node)
+    RETURNING id INTO send_id;
+    wait := 0;
+END $$;
 """
 
 # --- delegated sign-ins (relay/tokens/shared.py) ----------------------------------------------
@@ -137,7 +165,7 @@ async def status(conn: Any) -> SchemaStatus:
     if not exists:
         return SchemaStatus(0)
     version = await conn.fetchval(
-        f"SELECT coalesce(max(version), 0) FROM {SCHEMA}.schema_version")  # noqa: S608
+        f"SELECT coalesce(max(version), 0) FROM {SCHEMA}.schema_version")
     return SchemaStatus(int(version))
 
 
@@ -155,7 +183,7 @@ async def upgrade(conn: Any, *, node: str = "") -> list[int]:
         for version in sorted(v for v in STEPS if v > current):
             await conn.execute(STEPS[version])
             await conn.execute(
-                f"INSERT INTO {SCHEMA}.schema_version (version, applied_by) "  # noqa: S608
+                f"INSERT INTO {SCHEMA}.schema_version (version, applied_by) "
                 "VALUES ($1, $2)",
                 version, node)
             applied.append(version)
