@@ -1,0 +1,57 @@
+"""`m365relay db upgrade|status` and `queue list` against a real PostgreSQL, as real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pgserver import PgServer
+
+pytest.importorskip("asyncpg")
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *argv], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def _config(tmp_path: Path, dsn: str) -> Path:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"spool": {"postgres": dsn, "node": "n1"}}))
+    return path
+
+
+def test_upgrade_twice_then_status_and_queue_list(tmp_path: Path, pg_dsn: str) -> None:
+    config = str(_config(tmp_path, pg_dsn))
+    first = _run("db", "upgrade", "--config", config)
+    assert first.returncode == 0, first.stderr
+    assert "applied schema version(s) 1" in first.stdout
+    again = _run("db", "upgrade", "--config", config)
+    assert again.returncode == 0 and "already current" in again.stdout
+    status = _run("db", "status", "--config", config)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "primary" in status.stdout and "schema:    version 1" in status.stdout
+    listed = _run("queue", "list", "--config", config)
+    assert listed.returncode == 0, listed.stderr
+
+
+def test_a_missing_database_and_a_stopped_server_are_explained(
+        tmp_path: Path, pg_server: PgServer) -> None:
+    config = str(_config(tmp_path, pg_server.dsn("no_such_db")))
+    missing = _run("db", "status", "--config", config)
+    assert missing.returncode == 69
+    assert "database no_such_db does not exist" in missing.stderr
+    assert "createdb" in missing.stderr
+    refused = str(_config(tmp_path, "postgresql://postgres@127.0.0.1:1/x"))
+    down = _run("db", "upgrade", "--config", refused)
+    assert down.returncode == 69 and "start PostgreSQL" in down.stderr
+
+
+def test_db_refuses_a_file_spool(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"spool": {"directory": str(tmp_path / "spool")}}))
+    out = _run("db", "status", "--config", str(path))
+    assert out.returncode == 78 and "for spool.postgres" in out.stderr
