@@ -10,6 +10,8 @@ import pytest
 import yaml
 from pgserver import PgServer
 
+from relay.spool import pgschema
+
 pytest.importorskip("asyncpg")
 
 
@@ -33,7 +35,7 @@ def test_upgrade_twice_then_status_and_queue_list(tmp_path: Path, pg_dsn: str) -
     assert again.returncode == 0 and "already current" in again.stdout
     status = _run("db", "status", "--config", config)
     assert status.returncode == 0, status.stdout + status.stderr
-    assert "primary" in status.stdout and "schema:    version 1" in status.stdout
+    assert "primary" in status.stdout and f"schema:    version {pgschema.LATEST}" in status.stdout
     listed = _run("queue", "list", "--config", config)
     assert listed.returncode == 0, listed.stderr
 

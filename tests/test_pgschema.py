@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pgserver import PgServer
 
 from relay.spool import pgschema
 
@@ -39,3 +40,46 @@ async def test_a_database_newer_than_the_relay_is_refused(pg_dsn: str) -> None:
         assert (await pgschema.status(conn)).newer
     finally:
         await conn.close()
+
+
+async def test_a_version_1_database_is_upgraded_in_place(pg_dsn: str) -> None:
+    """A cluster created by version 1 (window only) gets the cluster-wide spacing of
+    version 2 without losing what it counted."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("CREATE SCHEMA m365relay")
+        await conn.execute(pgschema._VERSION_TABLE)
+        await conn.execute(pgschema.STEPS[1])
+        await conn.execute("INSERT INTO m365relay.schema_version (version) VALUES (1)")
+        await conn.execute("INSERT INTO m365relay.mailbox_sends (mailbox, node) "
+                           "VALUES ('a@contoso.example', 'n1')")
+        assert await pgschema.upgrade(conn) == [v for v in sorted(pgschema.STEPS) if v > 1]
+        assert await conn.fetchval("SELECT count(*) FROM m365relay.mailbox_sends") == 1
+        # The spacing holds: a second admission right after the first must wait.
+        first = await conn.fetchrow("SELECT * FROM m365relay.admit_send('b', 60, 60, 'n1')")
+        second = await conn.fetchrow("SELECT * FROM m365relay.admit_send('b', 60, 60, 'n2')")
+        assert first["wait"] == 0 and first["send_id"] is not None
+        assert 0 < second["wait"] <= 1.0 and second["send_id"] is None
+    finally:
+        await conn.close()
+
+
+async def test_a_role_that_may_only_use_the_schema_starts_on_a_current_one(
+        pg_server: PgServer, pg_dsn: str) -> None:
+    """A DBA migrated the schema; the relay's role has no CREATE on the database. Starting
+    (which runs upgrade) must not need it."""
+    db = pg_dsn.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await pgschema.upgrade(conn)
+    finally:
+        await conn.close()
+    role = f"user_{db}"
+    pg_server.psql(f'CREATE ROLE "{role}" LOGIN; REVOKE CREATE ON DATABASE "{db}" FROM PUBLIC; '
+                   f'GRANT USAGE ON SCHEMA m365relay TO "{role}"; '
+                   f'GRANT SELECT ON ALL TABLES IN SCHEMA m365relay TO "{role}"', db)
+    limited = await asyncpg.connect(pg_server.dsn(db, user=role))
+    try:
+        assert await pgschema.upgrade(limited) == []
+    finally:
+        await limited.close()

@@ -118,6 +118,9 @@ class ExchangeState:
         # mailbox (casefolded) -> its signed-in sessions, oldest first: the first
         # limits.connections of them may submit, the others get 432 4.3.2.
         self._signed_in: dict[str, list[WireSession]] = {}
+        # mailbox (casefolded) -> most sessions signed in as it at once, whoever opened them:
+        # what a cluster of relays must keep within Exchange's 3.
+        self.peak_signed_in: dict[str, int] = {}
         self.throttled = 0  # messages refused by the 30-a-minute limit
         self.refused_for_limits: list[str] = []  # every limit refusal, for tests
 
@@ -187,7 +190,10 @@ class ExchangeState:
         return session in sessions[:self.limits.connections]
 
     def _signed_in_as(self, session: WireSession, mailbox: str) -> None:
-        self._signed_in.setdefault(mailbox.casefold(), []).append(session)
+        sessions = self._signed_in.setdefault(mailbox.casefold(), [])
+        sessions.append(session)
+        box = mailbox.casefold()
+        self.peak_signed_in[box] = max(self.peak_signed_in.get(box, 0), len(sessions))
 
     def reset(self) -> None:
         """Forget injections and recordings; files already written stay on disk."""
@@ -203,6 +209,7 @@ class ExchangeState:
         self._meter.clear()
         self.throttled = 0
         self.refused_for_limits.clear()
+        self.peak_signed_in = {box: len(s) for box, s in self._signed_in.items() if s}
 
     async def wait_for_messages(self, n: int, timeout: float = 10) -> list[ReceivedMessage]:
         """All recorded messages once there are at least ``n``; TimeoutError otherwise."""

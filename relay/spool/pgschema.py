@@ -131,11 +131,56 @@ CREATE TABLE {SCHEMA}.signins (
 """
 
 # Version → the SQL that takes the schema from version-1 to it. Append only, once released.
-STEPS: dict[int, str] = {1: QUEUE + LIMITS + SIGNINS}
+# --- version 2: admissions spaced across the cluster -------------------------------------------
+# Version 1 counted the window only, so two nodes could each start a message at once, and a
+# burst went out in the first seconds of the minute. One relay spaces a mailbox's messages
+# 60 / messages_per_minute seconds apart; now the cluster does, whichever node sends.
+SPACING = f"""
+ALTER TABLE {SCHEMA}.mailbox_sends ADD COLUMN started_at timestamptz NOT NULL DEFAULT now();
+CREATE INDEX mailbox_sends_latest ON {SCHEMA}.mailbox_sends (mailbox, id);
+CREATE OR REPLACE FUNCTION {SCHEMA}.admit_send(p_mailbox text, p_limit integer,
+                                               p_window float8, p_node text,
+                                               OUT wait float8, OUT send_id bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+    oldest timestamptz;
+    latest timestamptz;
+    gap float8;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('m365relay.sends:' || p_mailbox));
+    IF EXISTS (SELECT 1 FROM {SCHEMA}.mailbox_throttle
+               WHERE mailbox = p_mailbox AND slow_until > now()) THEN
+        p_limit := greatest(1, p_limit / 2);
+    END IF;
+    send_id := NULL;
+    -- clock_timestamp(): the lock may have been waited for; now() is when the wait began.
+    gap := p_window / p_limit;
+    SELECT s.started_at INTO latest FROM {SCHEMA}.mailbox_sends s
+    WHERE s.mailbox = p_mailbox ORDER BY s.id DESC LIMIT 1;
+    IF latest IS NOT NULL AND latest + make_interval(secs => gap) > clock_timestamp() THEN
+        wait := greatest(0.01, extract(epoch FROM latest - clock_timestamp()) + gap);
+        RETURN;
+    END IF;
+    SELECT count(*), min(s.sent_at) INTO n, oldest FROM (
+        SELECT sent_at FROM {SCHEMA}.mailbox_sends
+        WHERE mailbox = p_mailbox AND sent_at > clock_timestamp() - make_interval(secs => p_window)
+        ORDER BY sent_at DESC LIMIT p_limit) s;
+    IF n >= p_limit THEN
+        wait := greatest(0.02, extract(epoch FROM oldest - clock_timestamp()) + p_window);
+        RETURN;
+    END IF;
+    INSERT INTO {SCHEMA}.mailbox_sends (mailbox, node, sent_at, started_at)
+    VALUES (p_mailbox, p_node, clock_timestamp(), clock_timestamp())
+    RETURNING id INTO send_id;
+    wait := 0;
+END $$;
+"""
+
+STEPS: dict[int, str] = {1: QUEUE + LIMITS + SIGNINS, 2: SPACING}
 LATEST = max(STEPS)
 
 _VERSION_TABLE = f"""
-CREATE SCHEMA IF NOT EXISTS {SCHEMA};
 CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version (
     version integer PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now(),
@@ -173,9 +218,15 @@ async def upgrade(conn: Any, *, node: str = "") -> list[int]:
     """Apply the missing steps; returns the versions applied (none: already current). Raises
     RuntimeError when the database is newer than this relay."""
     applied: list[int] = []
+    # A current schema needs no DDL, nor the right to create in the database: a relay whose
+    # role may only use the schema (a DBA migrated it) starts without an error.
+    if (await status(conn)).current:
+        return applied
     async with conn.transaction():
         # Serialises upgraders across nodes; held to the end of this transaction.
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", SCHEMA):
+            await conn.execute(f"CREATE SCHEMA {SCHEMA}")
         await conn.execute(_VERSION_TABLE)
         current = (await status(conn)).version
         if current > LATEST:
