@@ -22,11 +22,14 @@ import msal
 from relay.config import commands
 from relay.config import records as config_mod
 from relay.queue.ops import QueueOps
-from relay.spool.base import Change
+from relay.spool.base import Change, Store
 from relay.spool.filestore import FileStore
+from relay.spool.open import open_store
 from relay.tokens.delegated import build_client
 from relay.tokens.provider import TokenProvider
-from relay.tokens.store import TokenStore, TokenStoreError, new_key
+from relay.tokens.shared import SharedSignIns
+from relay.tokens.signins import SignInsUnavailable
+from relay.tokens.store import Sealer, TokenStore, TokenStoreError, new_key
 
 DEFAULT_CONFIG = commands.DEFAULT_CONFIG  # the packaged service's config, as doctor's
 EX_CONFIG = 78
@@ -68,8 +71,8 @@ def run_login(config: config_mod.Config, config_path: Path | None, account_name:
     if app.flow != "delegated" or config.token_store is None:
         raise LoginError(f"account {account_name!r} uses app {account.app!r}, which has no "
                          "`flow: delegated`; only delegated apps sign in with a person")
-    store = TokenStore(config.token_store.directory, config.token_store.key.value,
-                       login=lambda a: commands.command("login", a, config=config_path))
+    sealer = Sealer(config.token_store.key.value,
+                    login=lambda a: commands.command("login", a, config=config_path))
     provider = TokenProvider(config.apps)
     try:
         cache = msal.SerializableTokenCache()
@@ -98,10 +101,9 @@ def run_login(config: config_mod.Config, config_path: Path | None, account_name:
         raise LoginError(f"signed in as {user}, but accounts[{account_name}].mailbox is "
                          f"{account.mailbox}: Outlook accepts XOAUTH2 only for the signed-in "
                          "address; sign in as that mailbox or change `mailbox`")
-    store.save(account.name, cache.serialize())
-    print(f"Signed in as {user or account.mailbox}; sign-in stored in "
-          f"{store.path(account.name)} (a running relay picks it up by itself).",
-          file=out, flush=True)
+    where = save_signin(config, account.name, cache.serialize(), sealer)
+    print(f"Signed in as {user or account.mailbox}; sign-in stored in {where} (a running "
+          "relay picks it up by itself).", file=out, flush=True)
     try:
         waiting = retry_waiting(config, account.app, account.mailbox)
     except (OSError, ValueError) as exc:
@@ -114,26 +116,64 @@ def run_login(config: config_mod.Config, config_path: Path | None, account_name:
     return user or account.mailbox
 
 
-def retry_waiting(config: config_mod.Config, app: str, mailbox: str) -> int:
-    """Make the mailbox's deferred mail due now and tell a running relay, as `m365relay queue
-    retry` does, so a new sign-in does not wait out the backoff (up to delivery.max_backoff)."""
+def save_signin(config: config_mod.Config, account: str, text: str, sealer: Sealer) -> str:
+    """Store a new sign-in where the relay reads it; returns where that is."""
+    settings = config.token_store
+    assert settings is not None  # noqa: S101 -- the caller checked
+    if not config.spool.clustered:
+        assert settings.directory is not None  # noqa: S101 -- Config checks it
+        store = TokenStore(settings.directory, settings.key.value)
+        store.sealer = sealer
+        store.save(account, text)
+        return str(store.path(account))
+
+    async def to_database() -> str:
+        store = open_store(config.spool, listen=False)
+        try:
+            shared = SharedSignIns(store.signins, sealer,  # type: ignore[attr-defined]
+                                   config.spool.postgres.shown)  # type: ignore[union-attr]
+            await shared.login(account, text)
+            return shared.where(account)
+        except SignInsUnavailable as exc:
+            raise LoginError(f"the sign-in worked but cannot be stored: {exc}") from None
+        finally:
+            await store.close()
+    return asyncio.run(to_database())
+
+
+def _queue_store(config: config_mod.Config) -> Store | None:
+    """The queue as a command sees it (no listening, no node lease), or None if there is
+    none yet."""
+    if config.spool.clustered:
+        return open_store(config.spool, listen=False)
     directory = config.spool.directory
     if directory is None or not directory.is_dir():
-        return 0
+        return None
     st = directory.stat()
     # Files we rewrite must stay the relay's when an admin runs this as root.
     owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
     # Never Store.open(): it cleans a live relay's tmp/; and only the relay listens.
-    store = FileStore(directory, owner=owner, listen=False)
+    return FileStore(directory, owner=owner, listen=False)
+
+
+def retry_waiting(config: config_mod.Config, app: str, mailbox: str) -> int:
+    """Make the mailbox's deferred mail due now and tell a running relay, as `m365relay queue
+    retry` does, so a new sign-in does not wait out the backoff (up to delivery.max_backoff)."""
+    store = _queue_store(config)
+    if store is None:
+        return 0
 
     async def retry() -> int:
         ops = QueueOps(store, wait=0)
         ids = [e.id for e in await store.entries(quarantine=False)
                if e.envelope.app == app and e.envelope.mailbox.casefold() == mailbox.casefold()]
         done = [o.id for o in [await ops.retry(i, wait=0) for i in ids] if o.result == "ok"]
-        if done:
-            await store.announce([Change("retry", i) for i in done])
-        return len(done)
+        try:
+            if done:
+                await store.announce([Change("retry", i) for i in done])
+            return len(done)
+        finally:
+            await store.close()
     return asyncio.run(retry())
 
 
@@ -165,7 +205,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "login", help="sign an account of a `flow: delegated` app in (device code)",
         description="Print a URL and a code; sign in with them in any browser. The sign-in is "
-                    "stored encrypted in token_store.directory for the relay to use.")
+                    "stored encrypted in token_store.directory (cluster mode: in the queue "
+                    "database) for the relay to use.")
     p.add_argument("account", nargs="?", help="accounts[].name to sign in")
     p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG,
                    help=f"YAML config file (default {DEFAULT_CONFIG})")

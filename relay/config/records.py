@@ -411,9 +411,10 @@ class AuthLimits(Record):
 
 @record
 class TokenStoreSettings(Record):
-    """Where `m365relay login` keeps delegated sign-ins: one encrypted file per account."""
+    """Where `m365relay login` keeps delegated sign-ins: one encrypted file per account, or in
+    cluster mode (spool.postgres) rows of the queue's database, encrypted with the same key."""
 
-    directory: Path = spec(FilePath)
+    directory: Path | None = spec(optional(FilePath), default=None)
     # A Fernet key (`m365relay login --new-key`), from {env: VAR} or {file: PATH} only.
     key: Secret = spec(_fernet_key)
 
@@ -444,6 +445,11 @@ class Config(Record):
         if delegated and self.token_store is None:
             raise ValueError(f"apps {', '.join(delegated)} use `flow: delegated`; set "
                              "`token_store` (directory + key) to keep their sign-ins")
+        store = self.token_store
+        if store is not None and store.directory is None and not self.spool.clustered:
+            raise ValueError("token_store.directory: required with spool.directory (each "
+                             "sign-in is a file there); in cluster mode (spool.postgres) the "
+                             "sign-ins live in the database and only `key` is needed")
 
     def account_for_user(self, username: str) -> Account | None:
         return next((a for a in self.accounts if a.username == username), None)

@@ -49,6 +49,10 @@ class DelegatedGrants:
         self.device_code_lifetime = 900
         self.device_code_interval = 1
         self.refresh_requests = 0
+        # Seconds a refresh takes to answer (in the HTTP server's thread), as a slow Entra
+        # does: widens the window in which two relays holding one refresh token both use it.
+        self.refresh_delay = 0.0
+        self.refused_refreshes = 0  # refresh tokens presented after they were retired
         self._clock = clock
         self._lock = threading.Lock()
         self._codes: dict[str, _DeviceCode] = {}  # device_code -> state
@@ -121,11 +125,14 @@ class DelegatedGrants:
             return code.user
 
     def redeem_refresh_token(self, tenant: str, form: Mapping[str, str]) -> Outcome:
+        if self.refresh_delay > 0:
+            time.sleep(self.refresh_delay)
         with self._lock:
             self.refresh_requests += 1
             token = form.get("refresh_token", "")
             grant = self._refresh.get(token)
             if grant is None:
+                self.refused_refreshes += 1
                 return 400, "invalid_grant", 50173, "The provided grant has expired due to it " \
                     "being revoked, a fresh auth token is needed. The user might have changed " \
                     "or reset their password."

@@ -40,6 +40,7 @@ from relay.spool.filestore import FileStore
 from relay.spool.open import open_store
 from relay.spool.store import Spool
 from relay.tokens.provider import TokenProvider
+from relay.tokens.signins import SignInsUnavailable
 from relay.upstream.smtp import reset_tls_contexts
 
 if TYPE_CHECKING:
@@ -96,6 +97,20 @@ class Relay:
                                  ack_sum=h.ack_latency.sum)
                 for h, s in zip(self.handlers, self.servers, strict=False)]
 
+    async def _share_signins(self) -> None:
+        """Cluster mode: delegated sign-ins in the queue's database, one copy for all nodes."""
+        rows = getattr(self.store, "signins", None)
+        dsn = self.config.spool.postgres
+        if rows is None or dsn is None or self.config.token_store is None:
+            return
+        shared = self.tokens.share_signins(rows, self.config.token_store.key.value,
+                                           dsn.shown, self.config_path)
+        if shared is not None:
+            try:
+                await shared.refresh_known()
+            except SignInsUnavailable as exc:  # the store just opened; the status page waits
+                log.warning("%s", exc)
+
     async def start(self) -> None:
         try:
             # Also starts listening for changes, before the scan, so a `m365relay queue`
@@ -105,6 +120,7 @@ class Relay:
             raise StartupError(f"cannot open the spool {self.config.spool.directory}: "
                                f"{exc.strerror or exc}; check `spool.directory` and that the "
                                "relay's user owns it") from None
+        await self._share_signins()
         for entry in entries:
             self.delivery.submit(entry)
         if entries:

@@ -10,6 +10,8 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import asyncpg
+
 from relay.config.pgdsn import PgDsn
 from relay.message import (
     READ_CHUNK,
@@ -23,6 +25,7 @@ from relay.spool.base import SpoolError, SpoolUnavailableError
 
 __all__ = [
     "CHUNK",
+    "DOWN",
     "chunks_of",
     "entry_from",
     "envelope_json",
@@ -188,3 +191,13 @@ def unavailable(dsn: PgDsn, exc: BaseException, doing: str) -> SpoolError:
                 "spool.postgres (`m365relay doctor` tests the link)")
     return SpoolUnavailableError(f"cannot {doing}: the queue database ({dsn.shown}) is "
                                  f"unavailable ({text}); {hint}. Clients get 451 and retry")
+
+
+# Failures that mean "the database cannot be used now", as opposed to a bug in a statement.
+DOWN: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError, asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.QueryCanceledError,
+    asyncpg.InsufficientResourcesError, asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidPasswordError,
+)

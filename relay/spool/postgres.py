@@ -37,7 +37,6 @@ from relay.spool import pgqueue
 from relay.spool.base import (
     Change,
     CheckOut,
-    NodeInfo,
     SpoolBusyError,
     SpoolCorruptError,
     SpoolError,
@@ -47,13 +46,14 @@ from relay.spool.base import (
 from relay.spool.base import Claim as AnyClaim
 from relay.spool.fileformat import INLINE_LIMIT, _b32
 from relay.spool.pglimits import SharedLimits
+from relay.spool.pglooking import PgLooking
 from relay.spool.pgnodes import CHANNEL, Heartbeat
 from relay.spool.pgrows import (
     CHUNK,
     CHUNKS_PER_INSERT,
+    DOWN,
     BadContent,
     chunks_of,
-    entry_from,
     envelope_json,
     state_args,
     state_from,
@@ -62,19 +62,12 @@ from relay.spool.pgrows import (
     verified,
 )
 from relay.spool.pgschema import newer_message, status, upgrade
+from relay.spool.pgsignins import PgSignins
 
 __all__ = ["PgClaim", "PgStore"]
 
 log = logging.getLogger("m365relay.spool")
 
-# Failures that mean "the database cannot be used now", as opposed to a bug in a statement.
-_DOWN: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError, asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.QueryCanceledError,
-    asyncpg.InsufficientResourcesError, asyncpg.InvalidAuthorizationSpecificationError,
-    asyncpg.InvalidPasswordError,
-)
 STATEMENT_TIMEOUT = 10.0  # seconds: a hung database gives 451, not a hung client
 
 
@@ -88,7 +81,7 @@ class PgClaim:
     first: list[bytes] | None = None  # a small message's chunks, read with the claim
 
 
-class PgStore:
+class PgStore(PgLooking):
     """The shared queue. ``listen``: follow other processes' changes (the relay does; a queue
     command only announces)."""
 
@@ -106,6 +99,8 @@ class PgStore:
         self.heartbeat: Heartbeat | None = None
         # Exchange's per-mailbox limits for the whole cluster, on the same pool.
         self.limits = SharedLimits(self._pool, settings.node, settings.lease)
+        # Delegated sign-ins, one copy for every node (relay/tokens/shared.py).
+        self.signins = PgSignins(self._pool, settings.node)
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Attempts in flight on this node, by id: the heartbeat renews only their claims.
@@ -126,7 +121,7 @@ class PgStore:
         try:
             async with (await self._pool()).acquire() as conn:
                 await self._schema(conn)
-        except _DOWN as exc:
+        except DOWN as exc:
             await self.close()
             raise unavailable(self.dsn, exc, "open the queue") from exc
         except asyncpg.PostgresError as exc:
@@ -142,7 +137,7 @@ class PgStore:
             await self.heartbeat.register()
             await self.heartbeat.start(listen=True)
             return await pgqueue.owned(self.pool, self._node)
-        except _DOWN as exc:
+        except DOWN as exc:
             await self.close()
             raise unavailable(self.dsn, exc, "open the queue") from exc
 
@@ -156,7 +151,7 @@ class PgStore:
                     self.dsn.uri, min_size=1 if self._listen else 0, max_size=10, timeout=10,
                     command_timeout=STATEMENT_TIMEOUT, server_settings={
                         "application_name": f"m365relay {self.holder}"[:63]})
-            except _DOWN as exc:
+            except DOWN as exc:
                 raise unavailable(self.dsn, exc, "reach the queue") from exc
         return self.pool
 
@@ -185,7 +180,7 @@ class PgStore:
         if self.pool is not None:
             try:
                 await asyncio.wait_for(self.pool.close(), 5)
-            except _DOWN:
+            except DOWN:
                 self.pool.terminate()
             self.pool = None
 
@@ -206,7 +201,7 @@ class PgStore:
                 await self._insert(queue_id, row, parts, size)
             except asyncpg.UniqueViolationError:
                 continue  # the same microsecond and 20 random bits on another node: again
-            except _DOWN as exc:
+            except DOWN as exc:
                 raise unavailable(self.dsn, exc, "store the message") from exc
             return queue_id
         raise SpoolError("could not find a free queue id")  # pragma: no cover
@@ -253,7 +248,7 @@ class PgStore:
             out.message = await self._message(claim)
         except SpoolError as exc:
             out.error = exc
-        except _DOWN as exc:
+        except DOWN as exc:
             out.error = unavailable(self.dsn, exc, f"read message {queue_id}")
         if out.claim is None:
             self._inflight.discard(queue_id)
@@ -357,7 +352,7 @@ class PgStore:
         try:
             async with (await self._pool()).acquire() as conn:
                 return str(await conn.execute(sql, *args))
-        except _DOWN as exc:
+        except DOWN as exc:
             raise unavailable(self.dsn, exc, what) from exc
 
     # --- the queue commands
@@ -373,7 +368,7 @@ class PgStore:
                     return claim
                 if not await self._holds(queue_id, status_):
                     return None
-            except _DOWN as exc:
+            except DOWN as exc:
                 raise unavailable(self.dsn, exc, f"claim message {queue_id}") from exc
             if time.monotonic() >= deadline:
                 raise SpoolBusyError(f"message {queue_id} is being delivered (claimed by "
@@ -402,7 +397,7 @@ class PgStore:
         try:
             async with (await self._pool()).acquire() as conn:
                 return await conn.fetchrow(pgqueue.ROW, queue_id, status_)
-        except _DOWN as exc:
+        except DOWN as exc:
             raise unavailable(self.dsn, exc, f"read message {queue_id}") from exc
 
     async def read(self, queue_id: str, *, held: bool = False) -> bytes:
@@ -431,78 +426,6 @@ class PgStore:
             raise SpoolMissingError(f"message {queue_id} is not "
                                     f"{'held' if held else 'queued'}")
 
-    # --- looking
-
-    async def entries(self, *, quarantine: bool = True, mine: bool = False
-                      ) -> list[QueueEntry]:
-        """The whole cluster's queued mail, oldest first; ``mine``: this node's."""
-        del quarantine  # nothing to move aside: rows are checked when they are read
-        if mine:
-            try:
-                return await pgqueue.owned(await self._pool(), self._node)
-            except _DOWN as exc:
-                raise unavailable(self.dsn, exc, "list the queue") from exc
-        return await self._entries("queued")
-
-    async def held_entries(self) -> list[QueueEntry]:
-        return await self._entries("held")
-
-    async def _entries(self, status_: str) -> list[QueueEntry]:
-        try:
-            async with (await self._pool()).acquire() as conn:
-                rows = await conn.fetch(pgqueue.ENTRIES, status_)
-        except _DOWN as exc:
-            raise unavailable(self.dsn, exc, "list the queue") from exc
-        return [entry_from(row) for row in rows]
-
-    async def entry(self, queue_id: str, *, held: bool = False) -> QueueEntry | None:
-        row = await self._row(queue_id, "held" if held else "queued")
-        return None if row is None else entry_from(row)
-
-    async def locate(self, queue_id: str) -> str | None:
-        row = await self._row(queue_id, None)
-        if row is None:
-            return None
-        found: str = row["status"]
-        return {"queued": "queue", "held": "hold"}.get(found, found)
-
-    async def is_claimed(self, queue_id: str, *, held: bool = False) -> bool:
-        del held
-        try:
-            async with (await self._pool()).acquire() as conn:
-                return bool(await conn.fetchval(pgqueue.CLAIMED, queue_id))
-        except _DOWN as exc:
-            raise unavailable(self.dsn, exc, "look at the queue") from exc
-
-    async def kept_aside(self) -> dict[str, int]:
-        try:
-            async with (await self._pool()).acquire() as conn:
-                rows = await conn.fetch(pgqueue.ASIDE)
-        except _DOWN as exc:
-            raise unavailable(self.dsn, exc, "count failed mail") from exc
-        found = {row["status"]: row["n"] for row in rows}
-        return {"failed": found.get("failed", 0), "corrupt": found.get("corrupt", 0)}
-
-    async def free_space(self) -> int | None:
-        return None  # the database's own business (and its monitoring's)
-
-    async def probe(self) -> str | None:
-        try:
-            async with (await self._pool()).acquire(timeout=5) as conn:
-                await conn.execute(pgqueue.PROBE, self._node, timeout=5)
-        except (*_DOWN, asyncpg.PostgresError) as exc:
-            return str(unavailable(self.dsn, exc, "accept mail"))
-        return None
-
-    async def nodes(self) -> list[NodeInfo]:
-        try:
-            async with (await self._pool()).acquire() as conn:
-                rows = await conn.fetch(pgqueue.NODES)
-        except _DOWN as exc:
-            raise unavailable(self.dsn, exc, "list the nodes") from exc
-        return [NodeInfo(row["name"], row["alive"], row["started"], row["seen"], row["owned"],
-                         row["claimed"]) for row in rows]
-
     # --- change notification
 
     async def changes(self) -> AsyncIterator[Change]:
@@ -517,7 +440,7 @@ class PgStore:
                         await conn.fetchval(pgqueue.OWNER, change.queue_id) or "*")
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL,
                                        f"{change.verb} {change.queue_id} {owner}")
-        except _DOWN as exc:
+        except DOWN as exc:
             raise unavailable(self.dsn, exc, "tell the relays") from exc
         return await self.relay_running()
 
@@ -525,7 +448,7 @@ class PgStore:
         try:
             async with (await self._pool()).acquire() as conn:
                 return bool(await conn.fetchval(pgqueue.ANY_ALIVE))
-        except _DOWN:
+        except DOWN:
             return False
 
 

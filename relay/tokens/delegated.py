@@ -34,6 +34,7 @@ from relay.diagnosis.explain import (
     explain_connection_error,
     explain_token_error,
 )
+from relay.tokens.signins import FileSignIns, SignIns, SignInsUnavailable
 from relay.tokens.store import TokenStore
 
 log = logging.getLogger("m365relay.delegated")
@@ -75,7 +76,7 @@ class _AccountState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     client: Any = None
     cache: msal.SerializableTokenCache | None = None
-    loaded_mtime: int | None = None  # mtime_ns of the file the cache came from
+    loaded_version: int | None = None  # the stored copy's version the cache came from
     token: str = ""
     refresh_at: float = 0.0
     expires_at: float = 0.0
@@ -107,7 +108,16 @@ class DelegatedTokens:
         self._session = session
         self._clock = clock
         self._states: dict[str, _AccountState] = {}
+        self._store: SignIns | None = None
+        self._shared: SignIns | None = None
         self.configure(config, config_path, margin=margin)
+
+    def share(self, signins: SignIns) -> None:
+        """Keep the sign-ins where every node of the cluster finds them (relay/tokens/shared.py),
+        instead of in ``token_store.directory``."""
+        self._shared = self._store = signins
+        for state in self._states.values():
+            state.client, state.token, state.refresh_at = None, "", 0.0
 
     def configure(self, config: Config, config_path: Path | None, *, margin: float) -> None:
         old: Config | None = getattr(self, "_config", None)
@@ -123,9 +133,13 @@ class DelegatedTokens:
         self._config_path = config_path
         self._margin = margin
         store = config.token_store
-        self._store = TokenStore(store.directory, store.key.value,
-                                 login=lambda a: login_command(a, config_path)) \
-            if store else None
+        if self._shared is not None:
+            pass  # the cluster's database: set once by share(), for the process's life
+        elif store is not None and store.directory is not None:
+            self._store = FileSignIns(TokenStore(
+                store.directory, store.key.value, login=lambda a: login_command(a, config_path)))
+        else:
+            self._store = None
         names = {a.name for a in self._accounts()}
         self._states = {n: s for n, s in self._states.items() if n in names}
         for name in names:
@@ -159,7 +173,7 @@ class DelegatedTokens:
         out = []
         for account in self._accounts():
             state = self._states[account.name]
-            signed_in = self._store is not None and self._store.path(account.name).exists()
+            signed_in = self._store is not None and self._store.signed_in(account.name)
             out.append(SignInStatus(
                 account.name, account.app, account.mailbox, signed_in,
                 state.needs_login or not signed_in, state.expires_at, state.error,
@@ -174,7 +188,8 @@ class DelegatedTokens:
     async def token(self, app_name: str, mailbox: str) -> str:
         name = self.account_for(app_name, mailbox)
         state = self._states[name]
-        if state.token and self._clock() < state.refresh_at and not self._changed(name, state):
+        if state.token and self._clock() < state.refresh_at and not await self._changed(
+                name, state):
             return state.token
         async with state.lock:
             # A waiter shares the answer of the refresh it queued behind.
@@ -182,24 +197,59 @@ class DelegatedTokens:
                 return state.token
             return await self._refresh(name, app_name, state)
 
-    def _changed(self, name: str, state: _AccountState) -> bool:
-        return self._store is not None and self._store.mtime(name) != state.loaded_mtime
+    async def _changed(self, name: str, state: _AccountState) -> bool:
+        if self._store is None:
+            return False
+        try:
+            return await self._store.version(name) != state.loaded_version
+        except SignInsUnavailable as exc:
+            raise TokenError(str(exc)) from None
 
     async def _refresh(self, name: str, app_name: str, state: _AccountState) -> str:
         app = self._config.apps[app_name]
         account = next(a for a in self._accounts() if a.name == name)
-        command = login_command(name, self._config_path)
         ctx = Context(mailbox=account.mailbox, app=app_name, client_id=app.client_id,
                       tenant=app.tenant, smtp_host=app.smtp_host,
                       authority_host=urlsplit(app.authority_url).netloc)
-        if state.failed is not None and state.needs_login and not self._changed(name, state):
+        if state.failed is not None and state.needs_login and not await self._changed(
+                name, state):
             # Entra will refuse the same refresh token again; wait for a new sign-in.
             raise TokenError(str(state.failed), explanation=state.failed.explanation)
+        if self._store is None:  # config requires token_store
+            raise TokenError(f"account {name!r} has no token_store to keep its sign-in")
+        try:
+            async with self._store.refreshing(name):
+                return await self._refresh_held(name, app_name, state, ctx)
+        except SignInsUnavailable as exc:
+            state.failures += 1
+            state.error = str(exc)
+            log.warning("token account=%s: %s", name, exc)
+            raise TokenError(str(exc), explanation=Explanation(
+                Verdict.RETRY, str(exc), "the relay retries by itself once the database "
+                "answers")) from None
+
+    async def _refresh_held(self, name: str, app_name: str, state: _AccountState,
+                            ctx: Context) -> str:
+        """The refresh itself, under the store's refresh lease (a cluster's: one node)."""
+        assert self._store is not None  # noqa: S101 -- the caller checked
+        app = self._config.apps[app_name]
+        account = next(a for a in self._accounts() if a.name == name)
+        command = login_command(name, self._config_path)
+        shared = self._store.shared
         state.requests += 1
         try:
-            if state.client is None or self._changed(name, state):
-                await asyncio.to_thread(self._load, name, app_name, app, state)
-            result = await asyncio.to_thread(self._acquire, state, app.scope, account.mailbox)
+            if state.client is None or await self._changed(name, state):
+                text, version = await self._store.load(name)
+                await asyncio.to_thread(self._build, app_name, app, state, text)
+                state.loaded_version = version
+            # One relay refreshes on its own schedule. In a cluster another node may have just
+            # refreshed: its access token, in the copy read above, serves as it is.
+            result = await asyncio.to_thread(self._acquire, state, app.scope, account.mailbox,
+                                             not shared)
+            if shared and result is not None and result.get("token_source") == "cache" \
+                    and float(result.get("expires_in", 0)) <= self._margin:
+                result = await asyncio.to_thread(self._acquire, state, app.scope,
+                                                 account.mailbox, True)
         except (requests.RequestException, msal.exceptions.MsalError, OSError,
                 ValueError) as exc:
             state.failures += 1
@@ -225,7 +275,7 @@ class DelegatedTokens:
         if state.cache is not None and state.cache.has_state_changed:
             # Refresh tokens rotate: persist the new one before using the access token.
             try:
-                await asyncio.to_thread(self._save, name, state)
+                await self._save(name, state)
             except OSError as exc:
                 raise self._unsaved(name, state, exc) from None
         now = self._clock()
@@ -241,7 +291,7 @@ class DelegatedTokens:
     def _unsaved(self, name: str, state: _AccountState, exc: OSError) -> TokenError:
         """The refresh worked but its rotated sign-in cannot be saved: an admin's fix (the
         file system), explained; the new refresh token stays in memory for the next try."""
-        assert self._store is not None  # noqa: S101 - only a store can fail to save
+        assert isinstance(self._store, FileSignIns)  # noqa: S101 - only files raise OSError
         directory = self._store.directory
         reason = exc.strerror or type(exc).__name__
         summary = (f"The sign-in of account {name!r} was refreshed, but the relay cannot save "
@@ -271,32 +321,30 @@ class DelegatedTokens:
         log.error("token account=%s needs sign-in: %s", name, error.describe())
         raise error
 
-    def _load(self, name: str, app_name: str, app: App, state: _AccountState) -> None:
-        assert self._store is not None  # noqa: S101 - config requires token_store
+    def _build(self, app_name: str, app: App, state: _AccountState, text: str | None) -> None:
         cache = msal.SerializableTokenCache()
-        state.loaded_mtime = self._store.mtime(name)
-        text = self._store.load(name)
         if text:
             cache.deserialize(text)
         state.cache = cache
         state.client = build_client(app, cache, self._session(app_name))
         state.token, state.refresh_at = "", 0.0
 
-    def _save(self, name: str, state: _AccountState) -> None:
+    async def _save(self, name: str, state: _AccountState) -> None:
         assert self._store is not None and state.cache is not None  # noqa: S101
-        if self._store.mtime(name) != state.loaded_mtime:
-            return  # a new `m365relay login` wrote the file meanwhile: its sign-in wins
-        self._store.save(name, state.cache.serialize())
-        state.loaded_mtime = self._store.mtime(name)
+        version = await self._store.save(name, state.cache.serialize(), state.loaded_version)
+        if version is None:
+            return  # a new `m365relay login` wrote its sign-in meanwhile: it wins
+        state.loaded_version = version
         state.cache.has_state_changed = False
 
     @staticmethod
-    def _acquire(state: _AccountState, scope: str, mailbox: str) -> dict[str, Any] | None:
+    def _acquire(state: _AccountState, scope: str, mailbox: str, force: bool
+                 ) -> dict[str, Any] | None:
         client = state.client
         accounts = client.get_accounts(username=mailbox) or client.get_accounts()
         if not accounts:
             return None
         # force_refresh: we decide when to refresh (our margin), not msal's 5-minute rule.
         result: dict[str, Any] | None = client.acquire_token_silent_with_error(
-            [scope], account=accounts[0], force_refresh=True)
+            [scope], account=accounts[0], force_refresh=force)
         return result

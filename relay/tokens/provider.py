@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import requests
 
     from relay.tokens.delegated import DelegatedTokens
+    from relay.tokens.shared import SharedSignIns
 
 log = logging.getLogger("m365relay.tokens")
 
@@ -113,6 +114,21 @@ class TokenProvider:
                                              session=self.http_session, clock=self._clock)
         else:
             self.delegated.configure(config, config_path, margin=self._margin)
+
+    def share_signins(self, rows: Any, key: str, where: str, config_path: Path | None
+                      ) -> SharedSignIns | None:
+        """Cluster mode: keep delegated sign-ins in the queue database's ``rows``
+        (:class:`~relay.spool.pgsignins.PgSignins`); None without delegated apps."""
+        if self.delegated is None:
+            return None
+        from relay.tokens.delegated import login_command
+        from relay.tokens.shared import SharedSignIns
+        from relay.tokens.store import Sealer
+
+        shared = SharedSignIns(rows, Sealer(key, login=lambda a: login_command(a, config_path)),
+                               where)
+        self.delegated.share(shared)
+        return shared
 
     def status(self, app_name: str) -> TokenStatus:
         if self.delegated is not None and self._is_delegated(app_name):

@@ -31,11 +31,10 @@ def _bare_login(account: str) -> str:
     return f"m365relay login {account}"
 
 
-class TokenStore:
-    def __init__(self, directory: Path, key: str, *,
-                 login: Callable[[str], str] = _bare_login) -> None:
-        """``login``: the sign-in command for an account, with the config in use."""
-        self.directory = directory
+class Sealer:
+    """Fernet with ``token_store.key``: what the files and the cluster's database rows hold."""
+
+    def __init__(self, key: str, *, login: Callable[[str], str] = _bare_login) -> None:
         self._login = login
         try:
             self._fernet = Fernet(key.strip().encode("ascii"))
@@ -43,6 +42,25 @@ class TokenStore:
             raise TokenStoreError(
                 "token_store.key is not a Fernet key (32 bytes, url-safe base64); create one "
                 "with `m365relay login --new-key`") from None
+
+    def seal(self, text: str) -> bytes:
+        return self._fernet.encrypt(text.encode("utf-8"))
+
+    def unseal(self, blob: bytes, account: str, where: str) -> str:
+        try:
+            return self._fernet.decrypt(blob).decode("utf-8")
+        except InvalidToken:
+            raise TokenStoreError(
+                f"{where} does not decrypt with token_store.key (the key changed, or nodes "
+                f"have different keys?); run `{self._login(account)}` again") from None
+
+
+class TokenStore:
+    def __init__(self, directory: Path, key: str, *,
+                 login: Callable[[str], str] = _bare_login) -> None:
+        """``login``: the sign-in command for an account, with the config in use."""
+        self.directory = directory
+        self.sealer = Sealer(key, login=login)
 
     def path(self, account: str) -> Path:
         return self.directory / f"{_SAFE.sub('_', account)}.token"
@@ -58,12 +76,7 @@ class TokenStore:
             blob = self.path(account).read_bytes()
         except FileNotFoundError:
             return None
-        try:
-            return self._fernet.decrypt(blob).decode("utf-8")
-        except InvalidToken:
-            raise TokenStoreError(
-                f"{self.path(account)} does not decrypt with token_store.key (the key changed?); "
-                f"run `{self._login(account)}` again") from None
+        return self.sealer.unseal(blob, account, str(self.path(account)))
 
     def save(self, account: str, text: str) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -71,7 +84,7 @@ class TokenStore:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)  # mode 0600
         try:
             with os.fdopen(fd, "wb") as out:
-                out.write(self._fernet.encrypt(text.encode("utf-8")))
+                out.write(self.sealer.seal(text))
                 out.flush()
                 os.fsync(out.fileno())
             Path(tmp).replace(target)
