@@ -95,6 +95,13 @@ class RelayCollector(Collector):
 
     def _queue(self) -> Iterator[Metric]:
         queue = self.queue
+        # 0 while the queue cannot be read (cluster mode: the database is away); the queue's
+        # gauges are then left out rather than reported as an empty queue.
+        yield GaugeMetricFamily("m365relay_spool_up", "Whether the queue could be read",
+                                value=0 if queue.unavailable else 1)
+        if queue.unavailable:
+            return
+        yield from self._cluster(queue)
         yield GaugeMetricFamily("m365relay_queue_messages",
                                 "Messages in the spool waiting for delivery", value=queue.count)
         yield GaugeMetricFamily("m365relay_queue_held_messages",
@@ -124,6 +131,33 @@ class RelayCollector(Collector):
         for mailbox in queue.mailboxes:
             by_mailbox.add_metric([mailbox.mailbox], mailbox.count)
         yield by_mailbox
+
+    @staticmethod
+    def _cluster(queue: QueueSummary) -> Iterator[Metric]:
+        """Cluster mode: each relay sharing the queue, as the database sees it. Every node
+        reports the same rows (and the same cluster-wide queue gauges): aggregate with max()
+        by node, not sum()."""
+        if not queue.nodes:
+            return
+        families = {
+            "up": GaugeMetricFamily("m365relay_cluster_node_up",
+                                    "Whether the node's lease is current (it is alive)",
+                                    labels=["node"]),
+            "owned": GaugeMetricFamily("m365relay_cluster_node_messages",
+                                       "Queued messages the node schedules", labels=["node"]),
+            "claimed": GaugeMetricFamily("m365relay_cluster_node_claims",
+                                         "Messages the node holds a lease on (in flight)",
+                                         labels=["node"]),
+            "slots": GaugeMetricFamily("m365relay_cluster_node_connection_slots",
+                                       "Upstream connection slots the node holds",
+                                       labels=["node"]),
+        }
+        for node in queue.nodes:
+            families["up"].add_metric([node.name], int(node.alive))
+            families["owned"].add_metric([node.name], node.owned)
+            families["claimed"].add_metric([node.name], node.claimed)
+            families["slots"].add_metric([node.name], node.slots)
+        yield from families.values()
 
     def _tokens(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("m365relay_token_requests",

@@ -7,10 +7,10 @@ Read from the store at each scrape or page view (for files, a directory scan in 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from relay.message import QueueEntry
-from relay.spool.base import Store
+from relay.spool.base import NodeInfo, SpoolUnavailableError, Store
 
 # Upper bounds in seconds of the age classes the status page's chart and
 # m365relay_queue_messages_by_age use; the last class is everything older.
@@ -52,6 +52,11 @@ class QueueSummary:
     ages: tuple[int, ...] = (0,) * len(AGE_CLASSES)  # messages per AGE_CLASSES entry
     waiting: tuple[Waiting, ...] = ()  # most recently failed first, at most _MAX_WAITING
     free_bytes: int | None = None  # free space on the spool's filesystem
+    # Cluster mode: every relay sharing the queue (the counts above are the whole cluster's),
+    # and this relay's name among them.
+    nodes: tuple[NodeInfo, ...] = ()
+    node: str = ""
+    unavailable: str = ""  # the store cannot be read now (the database is away): why
 
 
 def age_class(age: float) -> int:
@@ -92,7 +97,15 @@ def summarize(entries: list[QueueEntry], held: int = 0, *, now: float | None = N
 async def read_queue(store: Store, now: float | None = None) -> QueueSummary:
     """The queue as the store has it (which includes messages waiting for a retry). Looking
     must not change it, so nothing is quarantined."""
-    entries = await store.entries(quarantine=False)
-    held = await store.held_entries()
-    return summarize(entries, len(held), now=time.time() if now is None else now,
-                     free_bytes=await store.free_space())
+    try:
+        entries = await store.entries(quarantine=False)
+        held = await store.held_entries()
+        summary = summarize(entries, len(held), now=time.time() if now is None else now,
+                            free_bytes=await store.free_space())
+        nodes = getattr(store, "nodes", None)  # a store shared by several relays
+        if nodes is not None:
+            summary = replace(summary, nodes=tuple(await nodes()),
+                              node=str(getattr(store, "node", "")))
+    except SpoolUnavailableError as exc:
+        return QueueSummary(0, None, (), unavailable=str(exc))
+    return summary

@@ -76,11 +76,17 @@ def status_data(relay: RelayView, queue: QueueSummary, *, now: float | None = No
                      "last_error": w.last_error or "no error recorded"}
                     for w in queue.waiting],
         "tokens": _tokens(relay, now),
+        "cluster": [{"node": n.name, "me": n.name == queue.node, "alive": n.alive,
+                     "started": n.started_at, "seen_ago": _age(now - n.seen_at),
+                     "owned": n.owned, "claimed": n.claimed, "slots": n.slots}
+                    for n in queue.nodes],
         **_recent(relay, now, waiting_ids),
     }
 
 
 def _queue_summary(queue: QueueSummary, now: float, config_path: Path | None) -> str:
+    if queue.unavailable:
+        return f"The queue cannot be read: {queue.unavailable}"
     if queue.oldest is None:
         summary = "The queue is empty."
     else:
@@ -172,6 +178,7 @@ def render(relay: RelayView, queue: QueueSummary, *, now: float | None = None) -
         f'<section id="queue">{_queue_html(data)}</section>',
         f'<section id="waiting">{_waiting_html(data)}</section>',
         f'<section id="tokens">{_tokens_html(data)}</section>',
+        f'<section id="cluster">{_cluster_html(data)}</section>',
         f'<section id="recent">{_recent_html(data)}</section>',
         "</body></html>",
     ])
@@ -213,6 +220,21 @@ def _tokens_html(data: dict[str, Any]) -> str:
     return "<h2>Tokens</h2>" + _table(
         ["app", "client id", "state", "expires in", "requests / failures", "explanation"],
         rows, "No apps configured.")
+
+
+def _cluster_html(data: dict[str, Any]) -> str:
+    """Cluster mode only: the relays sharing the queue database."""
+    if not data["cluster"]:
+        return ""
+    rows = [
+        f'<tr><td>{_e(n["node"])}{" (this relay)" if n["me"] else ""}</td>'
+        f'<td class="{"ok" if n["alive"] else "failing"}">{"alive" if n["alive"] else "gone"}'
+        f'</td><td class="nw">{_time(n["started"])}</td><td>{_e(n["seen_ago"])} ago</td>'
+        f'<td>{n["owned"]}</td><td>{n["claimed"]}</td><td>{n["slots"]}</td></tr>'
+        for n in data["cluster"]]
+    return "<h2>Cluster</h2>" + _table(
+        ["node", "state", "started", "last seen", "queued", "in flight", "connection slots"],
+        rows, "")
 
 
 def _recent_html(data: dict[str, Any]) -> str:

@@ -110,6 +110,7 @@ class NodeInfo:
     seen_at: float
     owned: int  # queued messages it schedules
     claimed: int  # messages it holds a lease on now (attempts in flight)
+    slots: int = 0  # upstream connection slots it holds (Exchange's 3 per mailbox, shared)
 
 
 @dataclass(frozen=True)

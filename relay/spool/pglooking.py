@@ -98,4 +98,4 @@ class PgLooking:
         except DOWN as exc:
             raise unavailable(self.dsn, exc, "list the nodes") from exc
         return [NodeInfo(row["name"], row["alive"], row["started"], row["seen"], row["owned"],
-                         row["claimed"]) for row in rows]
+                         row["claimed"], row["slots"]) for row in rows]

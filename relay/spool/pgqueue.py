@@ -82,7 +82,9 @@ SELECT n.name, n.lease_until >= now() AS alive,
     extract(epoch FROM n.started_at)::float8 AS started,
     extract(epoch FROM n.seen_at)::float8 AS seen,
     (SELECT count(*) FROM {M} WHERE owner = n.name AND status = 'queued') AS owned,
-    (SELECT count(*) FROM {M} WHERE claimed_by = n.name AND lease_until >= now()) AS claimed
+    (SELECT count(*) FROM {M} WHERE claimed_by = n.name AND lease_until >= now()) AS claimed,
+    (SELECT count(*) FROM {SCHEMA}.mailbox_slots s
+     WHERE s.node = n.name AND s.lease_until >= now()) AS slots
 FROM {SCHEMA}.nodes n
 WHERE n.seen_at > now() - interval '1 day'
    OR EXISTS (SELECT 1 FROM {M} WHERE owner = n.name AND status = 'queued')

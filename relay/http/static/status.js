@@ -139,6 +139,16 @@
       "requests / failures", "explanation"], rows, "No apps configured.")];
   }
 
+  function drawCluster(data) {
+    if (!data.cluster.length) return [];
+    const rows = data.cluster.map((n) => [cell(n.me ? `${n.node} (this relay)` : n.node),
+      cell(n.alive ? "alive" : "gone", n.alive ? "ok" : "failing"),
+      cell(timeEl(n.started), "nw"), cell(`${n.seen_ago} ago`), cell(n.owned),
+      cell(n.claimed), cell(n.slots)]);
+    return [el("h2", "Cluster"), table(["node", "state", "started", "last seen", "queued",
+      "in flight", "connection slots"], rows)];
+  }
+
   function drawRecent(data) {
     const rows = data.recent.map((ev) => [
       cell([timeEl(ev.time), ` (${ev.ago} ago)`], "nw"), cell(ev.queue_id), cell(ev.account),
@@ -155,6 +165,7 @@
     document.getElementById("queue").replaceChildren(...drawQueue(data));
     document.getElementById("waiting").replaceChildren(...drawWaiting(data));
     document.getElementById("tokens").replaceChildren(...drawTokens(data));
+    document.getElementById("cluster").replaceChildren(...drawCluster(data));
     document.getElementById("recent").replaceChildren(...drawRecent(data));
     document.getElementById("updated").replaceChildren(timeEl(data.now));
     document.body.dataset.refreshed = String(Number(document.body.dataset.refreshed || 0) + 1);
