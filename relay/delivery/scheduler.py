@@ -30,7 +30,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 
 from relay.config.records import Config
@@ -38,6 +38,7 @@ from relay.delivery.bounces import Bouncer
 from relay.delivery.events import Events
 from relay.delivery.lanes import Counters, Lane
 from relay.delivery.pacing import Pacer
+from relay.delivery.slots import SLOT_RETRY, borrowed
 from relay.diagnosis.errors import (
     AuthRejected,
     BounceError,
@@ -55,8 +56,6 @@ from relay.upstream.graph import GraphConnection
 from relay.upstream.smtp import LaneError, UpstreamConnection
 
 log = logging.getLogger("m365relay.delivery")
-# Seconds before a lane asks again for a cluster connection slot that another node held.
-SLOT_RETRY = 0.5
 Upstream = UpstreamConnection | GraphConnection  # apps.<name>.transport: smtp | graph
 
 
@@ -187,39 +186,19 @@ class Delivery:
         self.counters.delivered += count
         self.pacer.sent(mailbox, count)
 
-    @contextlib.asynccontextmanager
-    async def borrow(self, app: str, mailbox: str, timeout: float) -> AsyncIterator[bool]:
+    def borrow(self, app: str, mailbox: str, timeout: float
+               ) -> contextlib.AbstractAsyncContextManager[bool]:
         """One of the mailbox's ``connections_per_mailbox`` slots for a passthrough transaction,
-        shared with this lane's workers so Exchange never sees more; yields False if none
-        came free within ``timeout``."""
+        shared with this lane's workers (and in cluster mode every node's) so Exchange never
+        sees more; yields False if none came free within ``timeout``."""
         lane = self._lane(Envelope(mail_from="", rcpt_tos=(), account="", app=app,
                                    mailbox=mailbox, bounce_to="", client="", received_at=0.0))
-        limit = self.config.delivery.connections_per_mailbox
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        lane.waiting += 1
-        try:
-            while len(lane.workers) + lane.borrowed >= limit:
-                lane.freed.clear()
-                if lane.idle:
-                    lane.wake.set()
-                try:
-                    await asyncio.wait_for(lane.freed.wait(), deadline - loop.time())
-                except TimeoutError:
-                    break
-        finally:
-            lane.waiting -= 1
-        if len(lane.workers) + lane.borrowed >= limit:
-            yield False
-            return
-        lane.borrowed += 1
-        try:
-            yield True
-        finally:
-            lane.borrowed -= 1
-            lane.freed.set()
+
+        def kick() -> None:
             if lane.ready and not self._stopping:
                 self._kick(lane)
+        return borrowed(lane, self.config.delivery.connections_per_mailbox, timeout,
+                        self.limits, kick)
 
     def _timer_fired(self, entry: QueueEntry) -> None:
         self._timers.pop(entry.id, None)
