@@ -181,8 +181,8 @@ async def test_429_retry_after_is_honoured(grelays: RelayFactory) -> None:
     await _deliver(relay, message("throttled"), ("someone@example.org",))
     await graph.wait_for_messages(1, timeout=15)
     sends = [(status, at) for m, p, status, at in graph.requests if p.endswith("/sendMail")]
-    assert [s for s, _ in sends] == [429, 202]
-    assert sends[1][1] - sends[0][1] >= 2.0
+    assert [s for s, _ in sends] == [429, 202], sends
+    assert sends[1][1] - sends[0][1] >= 2.0, sends
 
 
 async def test_5xx_is_deferred_then_delivered(grelays: RelayFactory) -> None:
