@@ -1,6 +1,6 @@
 """The PostgreSQL store's own promises, beyond the seam's contract (test_store_contract.py):
-a 35 MB scan is written and read back in pieces, never held in memory twice, on a real
-PostgreSQL."""
+a 35 MB scan is written and read back in pieces, never held in memory twice, and a database
+that turned read-only answers 451, never 250, on a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import hashlib
 import tracemalloc
 
 import pytest
+from conftest import RelayFactory, message, send
 from pgserver import PgServer
 from test_store_contract import envelope
 
 from relay.config import records as config_mod
 from relay.message import READ_CHUNK
+from relay.sandbox import Sandbox
 
 pytest.importorskip("asyncpg")
 from relay.spool.postgres import PgStore
@@ -56,3 +58,32 @@ async def test_a_35_mb_scan_goes_in_and_out_in_pieces(pg_server: PgServer) -> No
                             dsn.rsplit("/", 1)[1])
     print(f"\ncommit peak {peak_in / 2**20:.1f} MiB, read peak {peak_out / 2**20:.1f} MiB; "
           f"chunks (count|largest): {chunks}")
+
+
+async def test_a_read_only_database_is_451_never_250_and_mail_flows_after(
+        relays: RelayFactory, sandbox: Sandbox, pg_server: PgServer) -> None:
+    """As after a failover that left the relay on a standby: every write refused."""
+    db = pg_server.new_database("ro")
+    data = relays.config()
+    data["spool"] = {"postgres": pg_server.dsn(db), "node": "a", "lease": "5s"}
+    relay = await relays.start(data)
+    address = relay.addresses["local"]
+
+    def read_only(on: bool) -> None:
+        setting = "SET default_transaction_read_only = on" if on else \
+            "RESET default_transaction_read_only"
+        pg_server.psql(f'ALTER DATABASE "{db}" {setting}')
+        # The pool's sessions took the old default: end them, as a failover does.
+        pg_server.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "  # noqa: S608 -- our own name
+                       f"WHERE datname = '{db}'")
+
+    await asyncio.to_thread(read_only, True)
+    for n in range(3):
+        code, reply = await asyncio.to_thread(send, address, message(f"read-only {n}"))
+        assert (code, reply[:5]) == (451, b"4.3.0"), reply
+    await asyncio.to_thread(read_only, False)
+    async with asyncio.timeout(30):  # the pool reconnects by itself
+        while (await asyncio.to_thread(send, address, message("writable")))[0] != 250:
+            await asyncio.sleep(0.2)
+    got = await sandbox.exchange.wait_for_messages(1)
+    assert [m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in got] == [b"writable"]
