@@ -6,6 +6,9 @@ port on 127.0.0.1. Real, never mocked.
 the unprivileged user ``m365relay-pg`` that ``scripts/setup`` creates. Its directory lives under
 /tmp (not pytest's 0700 tmp tree, which that user could not enter).
 
+It speaks TLS too (``ssl = on``, a certificate for 127.0.0.1 and localhost from a test CA,
+:attr:`PgServer.ca_file`), so ``sslmode=verify-full`` is tested against a real server.
+
 One server serves a whole test session; each test gets a database of its own
 (:meth:`PgServer.new_database`), so tests never see each other's rows.
 """
@@ -21,6 +24,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import trustme
 
 USER = "m365relay-pg"
 
@@ -74,8 +79,20 @@ class PgServer:
                               "postgres", "--auth=trust", "-E", "UTF8", "--no-locale",
                               "--no-sync"])
         self._run(self.root, ["mkdir", "-p", str(self.socket_dir)])
+        self.ca = trustme.CA()
+        self.ca_file = self.root / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        cert = self.ca.issue_cert("127.0.0.1", "localhost")
+        cert.cert_chain_pems[0].write_to_path(str(self.data / "server.crt"))
+        cert.private_key_pem.write_to_path(str(self.data / "server.key"))
+        (self.data / "server.key").chmod(0o600)  # or postgres refuses to start
+        if self._as:
+            for name in ("server.crt", "server.key"):
+                os.chown(self.data / name, int(self._as["user"]),  # type: ignore[call-overload]
+                         int(self._as["group"]))  # type: ignore[call-overload]
         conf = self.data / "postgresql.conf"
         with conf.open("a") as f:
+            f.write("ssl = on\n")
             # Durable as in production (fsync on), but small and quick to start.
             f.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
                     f"unix_socket_directories = '{self.socket_dir}'\n"

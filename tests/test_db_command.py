@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trustme
 import yaml
 from pgserver import PgServer
 
@@ -57,3 +58,18 @@ def test_db_refuses_a_file_spool(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"spool": {"directory": str(tmp_path / "spool")}}))
     out = _run("db", "status", "--config", str(path))
     assert out.returncode == 78 and "for spool.postgres" in out.stderr
+
+
+def test_tls_verify_full_against_the_servers_ca_and_a_wrong_one(
+        tmp_path: Path, pg_server: PgServer) -> None:
+    db = pg_server.new_database("tls")
+    good = f"{pg_server.dsn(db)}?sslmode=verify-full&sslrootcert={pg_server.ca_file}"
+    status = _run("db", "status", "--config", str(_config(tmp_path, good)))
+    assert status.returncode in (0, 1), status.stderr  # 1: no schema yet, said as such
+    assert "TLSv1.3" in status.stdout, status.stdout  # encrypted, and the CA checked
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    wrong = f"{pg_server.dsn(db)}?sslmode=verify-full&sslrootcert={other}"
+    refused = _run("db", "status", "--config", str(_config(tmp_path, wrong)))
+    assert refused.returncode == 69, refused.stdout + refused.stderr
+    assert "does not verify" in refused.stderr and "sslrootcert=" in refused.stderr
