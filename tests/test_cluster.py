@@ -144,7 +144,11 @@ async def _drained(pg: PgServer, db: str, relays: list[RelayProcess], timeout: f
         left = pg.psql("SELECT id, owner, claimed_by, lease_until > now(), attempts, "
                        "last_error FROM m365relay.messages LIMIT 10", db)
         nodes = pg.psql("SELECT name, lease_until > now() FROM m365relay.nodes", db)
-        said = "\n".join(f"[{i}] {line}" for i, r in enumerate(relays) for line in r.lines[-25:])
+        stuck = [row.split("|")[0] for row in left.splitlines()]
+        about = [f"[{i}] {line}" for i, r in enumerate(relays) for line in r.lines
+                 if any(queue_id in line for queue_id in stuck)]
+        said = "\n".join(about + [f"[{i}] {line}" for i, r in enumerate(relays)
+                                   for line in r.lines[-25:]])
         raise AssertionError(f"queue not drained:\n{left}\nnodes:\n{nodes}\n{said}") from None
 
 

@@ -87,3 +87,33 @@ async def test_a_read_only_database_is_451_never_250_and_mail_flows_after(
             await asyncio.sleep(0.2)
     got = await sandbox.exchange.wait_for_messages(1)
     assert [m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in got] == [b"writable"]
+
+
+@pytest.mark.slow
+async def test_a_delivery_the_database_could_not_record_is_not_sent_twice(
+        relays: RelayFactory, sandbox: Sandbox, pg_server: PgServer) -> None:
+    """Exchange said 250, then the database was away for longer than a lease before the
+    DELETE that records it: the node keeps the claim and keeps trying, and nobody sends it
+    again (a copy is sent twice only when a node dies, at most once per message in flight)."""
+    db = pg_server.new_database("late")
+    data = relays.config()
+    data["spool"] = {"postgres": pg_server.dsn(db), "node": "a", "lease": "5s"}
+    relay = await relays.start(data)
+    sandbox.exchange.delay("data", 2.0)  # Exchange thinks; the database goes meanwhile
+    code, _ = await asyncio.to_thread(send, relay.addresses["local"], message("once"))
+    assert code == 250
+    async with asyncio.timeout(10):
+        while not sandbox.exchange.delays_started:
+            await asyncio.sleep(0.02)
+    await asyncio.to_thread(pg_server.stop, "fast")
+    try:
+        await sandbox.exchange.wait_for_messages(1, timeout=10)
+        await asyncio.sleep(7)  # longer than the lease: the DELETE's own retries give up
+    finally:
+        await asyncio.to_thread(pg_server.start)
+    async with asyncio.timeout(30):
+        while pg_server.psql("SELECT count(*) FROM m365relay.messages", db) != "0":
+            await asyncio.sleep(0.2)
+    # Past another lease and a heartbeat: still the one copy.
+    await asyncio.sleep(6)
+    assert len(sandbox.exchange.messages) == 1

@@ -27,7 +27,6 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -38,14 +37,13 @@ from relay.spool import pgqueue
 from relay.spool.base import (
     Change,
     CheckOut,
-    SpoolBusyError,
     SpoolCorruptError,
     SpoolError,
     SpoolMissingError,
     SpoolUnavailableError,
 )
-from relay.spool.base import Claim as AnyClaim
 from relay.spool.fileformat import INLINE_LIMIT, _b32
+from relay.spool.pgcommands import PgClaim, PgCommands
 from relay.spool.pglimits import SharedLimits
 from relay.spool.pglooking import PgLooking
 from relay.spool.pgnodes import CHANNEL, Heartbeat
@@ -72,17 +70,7 @@ log = logging.getLogger("m365relay.spool")
 STATEMENT_TIMEOUT = 10.0  # seconds: a hung database gives 451, not a hung client
 
 
-@dataclass
-class PgClaim:
-    id: str
-    state: DeliveryState
-    holder: str
-    size: int = 0
-    sha256: str = ""
-    first: list[bytes] | None = None  # a small message's chunks, read with the claim
-
-
-class PgStore(PgLooking):
+class PgStore(PgCommands, PgLooking):
     """The shared queue. ``listen``: follow other processes' changes (the relay does; a queue
     command only announces)."""
 
@@ -106,6 +94,9 @@ class PgStore(PgLooking):
         self._loop: asyncio.AbstractEventLoop | None = None
         # Attempts in flight on this node, by id: the heartbeat renews only their claims.
         self._inflight: set[str] = set()
+        # Delivered, but the DELETE that records it has not committed yet (database away).
+        self._undeleted: set[str] = set()
+        self._deleter: asyncio.Task[None] | None = None
 
     @property
     def node(self) -> str:
@@ -175,6 +166,14 @@ class PgStore(PgLooking):
         return await asyncpg.connect(self.dsn.uri, timeout=10)
 
     async def close(self) -> None:
+        if self._deleter is not None:
+            self._deleter.cancel()
+            await asyncio.gather(self._deleter, return_exceptions=True)
+            self._deleter = None
+        if self._undeleted:
+            log.error("%d delivered message(s) could not be removed from the queue before the "
+                      "stop (the database was away); another node sends them again: %s",
+                      len(self._undeleted), ", ".join(sorted(self._undeleted)))
         if self.heartbeat is not None:
             await self.heartbeat.stop(clean=True)
             self.heartbeat = None
@@ -251,8 +250,16 @@ class PgStore(PgLooking):
             out.error = exc
         except DOWN as exc:
             out.error = unavailable(self.dsn, exc, f"read message {queue_id}")
-        if out.claim is None:
-            self._inflight.discard(queue_id)
+        except Exception as exc:
+            # Whatever the driver raised while the database went away (each outage finds
+            # another class): never out of here, or the attempt's claim stays in _inflight
+            # and the heartbeat renews it for good, with nobody delivering the message.
+            log.warning("%s: cannot claim or read it (%s: %s); it is tried again later",
+                        queue_id, type(exc).__name__, exc)
+            out.error = unavailable(self.dsn, exc, f"read message {queue_id}")
+        finally:
+            if out.claim is None:
+                self._inflight.discard(queue_id)
         return out
 
     async def _claim(self, queue_id: str, status_: str, *, owned: bool, inline: int
@@ -300,16 +307,24 @@ class PgStore(PgLooking):
         await self._exec(pgqueue.SET_STATUS, queue_id, "corrupt", why, what="set aside")
 
     async def checkin(self, out: CheckOut, *, remove: bool = False) -> None:
+        if out.queue_id in self._undeleted:
+            return  # delivered; the claim stays until its removal is recorded
         if out.message is not None:
             out.message.close()
         claim = out.claim
         holder = claim.holder if isinstance(claim, PgClaim) else ""
         if isinstance(claim, PgClaim):
             claim.holder = ""  # a second call is harmless
+        if remove:
+            try:
+                await self._record_delivery(out.queue_id)
+            except SpoolUnavailableError as exc:
+                self._keep_deleting(out.queue_id, exc)
+                return
         self._inflight.discard(out.queue_id)  # a release that fails is the heartbeat's now
         if remove:
-            await self._record_delivery(out.queue_id)
-        elif holder:
+            return
+        if holder:
             try:
                 await self._exec(pgqueue.UNCLAIM, out.queue_id, holder, what="release")
             except SpoolUnavailableError as exc:
@@ -331,6 +346,30 @@ class PgStore(PgLooking):
                     raise
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
+
+    def _keep_deleting(self, queue_id: str, exc: SpoolUnavailableError) -> None:
+        """Exchange has it but the database was away for a whole lease: keep the claim (the
+        heartbeat renews what is in flight, so no node sends it again) and keep trying."""
+        log.warning("%s: delivered, but its removal from the queue cannot be recorded yet "
+                    "(%s); retrying, and no node sends it again meanwhile", queue_id, exc)
+        self._undeleted.add(queue_id)
+        if self._deleter is None or self._deleter.done():
+            self._deleter = asyncio.get_running_loop().create_task(
+                self._delete_later(), name="m365relay-record-deliveries")
+
+    async def _delete_later(self) -> None:
+        pause = 1.0
+        while self._undeleted:
+            await asyncio.sleep(pause)
+            for queue_id in list(self._undeleted):
+                try:
+                    await self._exec(pgqueue.DELETE, queue_id, what="record the delivery")
+                except SpoolUnavailableError:
+                    pause = min(pause * 2, 10.0)
+                    break
+                self._undeleted.discard(queue_id)
+                self._inflight.discard(queue_id)
+                log.info("%s: removed (its delivery recorded late)", queue_id)
 
     async def save_state(self, queue_id: str, state: DeliveryState, *, urgent: bool = False
                          ) -> None:
@@ -355,77 +394,6 @@ class PgStore(PgLooking):
                 return str(await conn.execute(sql, *args))
         except DOWN as exc:
             raise unavailable(self.dsn, exc, what) from exc
-
-    # --- the queue commands
-
-    async def claim(self, queue_id: str, *, held: bool = False, wait: float | None = None
-                    ) -> PgClaim | None:
-        status_ = "held" if held else "queued"
-        deadline = time.monotonic() + (wait if wait is not None else self.settings.lease * 2)
-        while True:
-            try:
-                claim = await self._claim(queue_id, status_, owned=False, inline=0)
-                if claim is not None:
-                    return claim
-                if not await self._holds(queue_id, status_):
-                    return None
-            except DOWN as exc:
-                raise unavailable(self.dsn, exc, f"claim message {queue_id}") from exc
-            if time.monotonic() >= deadline:
-                raise SpoolBusyError(f"message {queue_id} is being delivered (claimed by "
-                                     "another node or command); try again in a moment")
-            await asyncio.sleep(0.1)  # another holder's lease: poll it with the deadline
-
-    async def _holds(self, queue_id: str, status_: str) -> bool:
-        async with (await self._pool()).acquire() as conn:
-            return bool(await conn.fetchval(pgqueue.IN_STATUS, queue_id, status_))
-
-    async def unclaim(self, claim: AnyClaim) -> None:
-        if isinstance(claim, PgClaim) and claim.holder:
-            holder, claim.holder = claim.holder, ""
-            await self._exec(pgqueue.UNCLAIM, claim.id, holder, what="release")
-
-    async def load(self, queue_id: str, *, claim: AnyClaim | None = None, held: bool = False
-                   ) -> Message:
-        row = await self._row(queue_id, "held" if held else "queued")
-        if row is None:
-            raise SpoolMissingError(f"message {queue_id} is not in the queue at "
-                                    f"{self.dsn.shown}")
-        fake = PgClaim(queue_id, state_from(row), "", row["size"], row["sha256"])
-        return await self._message(fake)
-
-    async def _row(self, queue_id: str, status_: str | None) -> Any:
-        try:
-            async with (await self._pool()).acquire() as conn:
-                return await conn.fetchrow(pgqueue.ROW, queue_id, status_)
-        except DOWN as exc:
-            raise unavailable(self.dsn, exc, f"read message {queue_id}") from exc
-
-    async def read(self, queue_id: str, *, held: bool = False) -> bytes:
-        message = await self.load(queue_id, held=held)
-        return message.data if message.data is not None else await asyncio.to_thread(
-            message.read_all)
-
-    async def remove(self, queue_id: str) -> None:
-        await self._exec(pgqueue.DELETE, queue_id, what="record the delivery")
-
-    async def hold(self, queue_id: str) -> None:
-        await self._move(queue_id, "queued", "held", "put on hold")
-
-    async def release(self, queue_id: str) -> None:
-        await self._move(queue_id, "held", "queued", "released")
-
-    async def _move(self, queue_id: str, src: str, dest: str, what: str) -> None:
-        done = await self._exec(pgqueue.MOVE, queue_id, src, dest, what=what)
-        if done == "UPDATE 0":
-            raise SpoolMissingError(f"message {queue_id} is not {src}")
-
-    async def delete(self, queue_id: str, *, held: bool = False) -> None:
-        done = await self._exec(pgqueue.DELETE_IN, queue_id, "held" if held else "queued",
-                                what="delete")
-        if done == "DELETE 0":
-            raise SpoolMissingError(f"message {queue_id} is not "
-                                    f"{'held' if held else 'queued'}")
 
     # --- change notification
 

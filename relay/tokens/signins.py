@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from relay.tokens.store import TokenStore
+if TYPE_CHECKING:  # cryptography costs memory; serve imports this module before any sign-in
+    from relay.tokens.store import TokenStore
 
 __all__ = ["FileSignIns", "SignIns", "SignInsUnavailable"]
 
