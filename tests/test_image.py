@@ -170,6 +170,13 @@ async def relay(address: tuple[str, int], subject: str) -> None:
     assert code == 250, reply
 
 
+def test_the_postgres_driver_is_in_the_image(engine: Engine, image: str) -> None:
+    """The default build (EXTRAS=postgres) runs cluster mode without another image."""
+    found = engine.run("run", "--rm", "--network", "none", "--entrypoint", "python3", image,
+                       "-c", "import asyncpg; print(asyncpg.__version__)", check=False)
+    assert found.returncode == 0, found.stderr
+
+
 async def test_env_config_delivers_as_uid_10025_healthy_soon_doctor_and_queue(
         run: Run, sandbox: Sandbox) -> None:
     port = free_port()
