@@ -165,6 +165,9 @@ def test_workload_identity_needs_no_secret(tmp_path: Path) -> None:
     container = relay_container(pod["spec"])
     assert "credentials" not in {v["name"] for v in pod["spec"]["volumes"]}
     assert "credentials" not in {m["name"] for m in container["volumeMounts"]}
+    # Only that mount goes: the config and the spool stay where the relay looks for them.
+    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]} == {
+        "config": "/etc/m365relay", "spool": envconfig.DEFAULT_SPOOL}
     assert not any(d["kind"] == "Secret" for d in docs)
 
 
