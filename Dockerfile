@@ -12,6 +12,9 @@ FROM ${BASE} AS build
 # pip settings of the host, if the index is not PyPI or a TLS proxy sits in between (build
 # arguments live in this stage only; none reaches the image).
 ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_CERT
+# The wheel's extras: `postgres` (asyncpg) by default, so one image runs both the file spool and
+# cluster mode (spool.postgres); `--build-arg EXTRAS=` gives the lean image without it.
+ARG EXTRAS=postgres
 WORKDIR /src
 # Only what the wheel is made of, so edits to tests or docs do not rebuild this layer.
 COPY pyproject.toml README.md ./
@@ -19,7 +22,9 @@ COPY relay/ relay/
 # The venv's own pip builds and installs, then goes: the runtime gets no pip or setuptools.
 RUN python3 -m venv /opt/m365relay \
  && /opt/m365relay/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
- && /opt/m365relay/bin/pip install --no-cache-dir --disable-pip-version-check /dist/*.whl \
+ && wheel=$(echo /dist/*.whl) \
+ && /opt/m365relay/bin/pip install --no-cache-dir --disable-pip-version-check \
+      "${wheel}${EXTRAS:+[$EXTRAS]}" \
  && /opt/m365relay/bin/pip uninstall -y -q pip setuptools
 
 # --- runtime: the virtualenv on a slim Python, no compilers, no pip ----------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +18,10 @@ from relay.spool import pgschema
 pytest.importorskip("asyncpg")
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "relay", *argv], capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=60, check=False,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def _config(tmp_path: Path, dsn: str) -> Path:
@@ -51,6 +54,30 @@ def test_a_missing_database_and_a_stopped_server_are_explained(
     refused = str(_config(tmp_path, "postgresql://postgres@127.0.0.1:1/x"))
     down = _run("db", "upgrade", "--config", refused)
     assert down.returncode == 69 and "start PostgreSQL" in down.stderr
+
+
+def test_upgrade_and_queue_list_from_the_variables(tmp_path: Path, pg_dsn: str) -> None:
+    """The image's way: no config file where --config points, the M365RELAY_* variables (a
+    Kubernetes init container with the Deployment's environment)."""
+    url = tmp_path / "database-url"
+    url.write_text(pg_dsn)
+    env = {"M365RELAY_DATABASE_URL_FILE": str(url), "M365RELAY_NODE": "pod-1"}
+    absent = str(tmp_path / "absent.yaml")
+    upgraded = _run("db", "upgrade", "--config", absent, "--config-from-env", env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "applied schema version(s)" in upgraded.stdout
+    status = _run("db", "status", "--config", absent, "--config-from-env", env=env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert re.search(r"schema:    version (\d+) \(this relay: \1\)", status.stdout), status.stdout
+    listed = _run("queue", "list", "--config", absent, "--config-from-env", env=env)
+    assert listed.returncode == 0, listed.stderr
+    both = _run("db", "status", "--config", absent, "--config-from-env",
+                env=env | {"M365RELAY_DATABASE_URL": pg_dsn})
+    assert both.returncode == 78
+    assert "M365RELAY_DATABASE_URL and M365RELAY_DATABASE_URL_FILE are both set" in both.stderr
+    spool = _run("db", "status", "--config", absent, "--config-from-env",
+                 env={"M365RELAY_SPOOL": str(tmp_path)})
+    assert spool.returncode == 78 and "set M365RELAY_DATABASE_URL" in spool.stderr
 
 
 def test_db_refuses_a_file_spool(tmp_path: Path) -> None:

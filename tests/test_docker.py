@@ -99,6 +99,19 @@ def test_multi_stage_build_into_a_slim_runtime() -> None:
     assert not any("apt-get" in run or "pip install" in run for run in runtime.all("RUN"))
 
 
+def test_the_image_has_the_postgres_extra_unless_built_lean() -> None:
+    """Cluster mode (spool.postgres) needs asyncpg; `--build-arg EXTRAS=` leaves it out."""
+    build = dockerfile()[0]
+    extras = dict(arg.partition("=")[::2] for arg in build.all("ARG") if "=" in arg)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert extras["EXTRAS"] == "postgres"
+    assert extras["EXTRAS"] in pyproject["project"]["optional-dependencies"]
+    (install,) = [run for run in build.all("RUN") if "pip install" in run]
+    # The extra only when EXTRAS is not empty: `wheel[]` would be a pip error.
+    assert '"${wheel}${EXTRAS:+[$EXTRAS]}"' in install
+    assert "/dist/*.whl" in install
+
+
 def test_runs_as_an_unprivileged_user() -> None:
     runtime = dockerfile()[-1]
     user = runtime.last("USER")

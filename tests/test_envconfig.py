@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import TLSFiles
 
-from relay.config.env import from_env, load_source
+from relay.config.env import from_env, load_source, spool_from_env
 from relay.config.records import ConfigError
 from relay.policy.passwords import hash_password
 from relay.service import healthcheck
@@ -130,6 +130,98 @@ def test_a_mounted_file_wins_over_the_variables(env: dict[str, str], tmp_path: P
     assert config.accounts[0].name == "from-file"
     with pytest.raises(ConfigError, match=r"no config file at .* and no M365RELAY_"):
         load_source(tmp_path / "absent.yaml", from_env_vars=True, environ={})
+
+
+# The password in the connection strings below: no repr and no message may show any of it.
+PASSWORD = "Hunter2Zq"
+DATABASE = f"postgresql://relay:{PASSWORD}@db.example:6432/mail?sslmode=verify-full"
+
+
+@pytest.fixture
+def cluster_env(env: dict[str, str]) -> dict[str, str]:
+    """The variables of one cluster node: no spool directory, a database instead."""
+    return {k: v for k, v in env.items() if k != "M365RELAY_SPOOL"} | {
+        "M365RELAY_DATABASE_URL": DATABASE, "M365RELAY_NODE": "m365relay-7f9c-x2",
+        "M365RELAY_LEASE": "45s"}
+
+
+def test_database_url_is_the_cluster_queue(cluster_env: dict[str, str]) -> None:
+    config = from_env(cluster_env)
+    spool = config.spool
+    assert spool.clustered and spool.directory is None
+    assert spool.postgres is not None and spool.postgres.shown == "postgresql db.example:6432/mail"
+    assert spool.postgres.sslmode == "verify-full"
+    assert (spool.node, spool.lease) == ("m365relay-7f9c-x2", 45.0)
+    for shown in (repr(config), str(config), repr(spool), repr(spool.postgres)):
+        assert PASSWORD not in shown
+    # `queue` and `db` read only the spool: no app credential or mailbox needed there.
+    alone = spool_from_env({k: v for k, v in cluster_env.items()
+                            if k.startswith(("M365RELAY_DATABASE", "M365RELAY_NODE",
+                                             "M365RELAY_LEASE"))})
+    assert alone == spool
+
+
+def test_database_url_file_is_read_as_a_secret(cluster_env: dict[str, str],
+                                               tmp_path: Path) -> None:
+    secret = tmp_path / "database-url"
+    secret.write_text(DATABASE + "\n")  # as `kubectl create secret --from-file` may keep it
+    del cluster_env["M365RELAY_DATABASE_URL"]
+    config = from_env(cluster_env | {"M365RELAY_DATABASE_URL_FILE": str(secret)})
+    assert config.spool.postgres is not None
+    assert config.spool.postgres.params["dbname"] == "mail"
+    assert PASSWORD not in repr(config)
+    found = problems(cluster_env | {"M365RELAY_DATABASE_URL_FILE": str(tmp_path / "absent")})
+    assert [p for p in found if p.startswith("M365RELAY_DATABASE_URL_FILE: cannot read")], found
+
+
+def test_spool_takes_the_directory_or_the_database(cluster_env: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    found = problems(cluster_env | {"M365RELAY_DATABASE_URL_FILE": str(tmp_path / "url"),
+                                    "M365RELAY_SPOOL": str(tmp_path / "spool")})
+    assert "M365RELAY_DATABASE_URL and M365RELAY_DATABASE_URL_FILE are both set; keep one " \
+           "(the _FILE one for a mounted Secret)" in found
+    assert any(p.startswith("M365RELAY_SPOOL and M365RELAY_DATABASE_URL are both set") and
+               "unset M365RELAY_SPOOL" in p for p in found), found
+    # Cluster variables without a database: most likely the URL was forgotten.
+    found = problems({k: v for k, v in cluster_env.items() if k != "M365RELAY_DATABASE_URL"})
+    assert any(p.startswith("M365RELAY_NODE, M365RELAY_LEASE set without "
+                            "M365RELAY_DATABASE_URL") for p in found), found
+    found = problems(cluster_env | {"M365RELAY_NODE": "no spaces", "M365RELAY_LEASE": "1s"})
+    assert any(p.startswith("M365RELAY_NODE: a node name is") for p in found), found
+    found = problems(cluster_env | {"M365RELAY_LEASE": "1s"})
+    assert any("`lease` must be between 5s and 10m" in p for p in found), found
+
+
+def test_cluster_mode_needs_the_listener_certificate(cluster_env: dict[str, str],
+                                                     tls_files: TLSFiles) -> None:
+    """No spool volume to keep a self-signed certificate in; said once, by variable."""
+    (problem,) = problems(cluster_env | {"M365RELAY_TLS": "starttls"})
+    assert problem.startswith("M365RELAY_TLS=starttls needs M365RELAY_TLS_CERTIFICATE and "
+                              "M365RELAY_TLS_PRIVATE_KEY in cluster mode")
+    config = from_env(cluster_env | {"M365RELAY_TLS_CERTIFICATE": str(tls_files.cert),
+                                     "M365RELAY_TLS_PRIVATE_KEY": str(tls_files.key)})
+    assert all(lis.tls == "starttls" for lis in config.listeners)
+
+
+@pytest.mark.parametrize("url", [
+    f"postgresql://relay:{PASSWORD}@db/mail?sslmode=verify-al",  # a bad value elsewhere
+    f"postgresql://relay:{PASSWORD[:4]}/{PASSWORD[4:]}@db/mail",  # '/' not percent-encoded
+    f"postgresql://relay:{PASSWORD[:4]}?{PASSWORD[4:]}@db/mail",
+    f"postgresql://relay:{PASSWORD[:4]}#{PASSWORD[4:]}@db/mail",
+    f"postgresql://relay:{PASSWORD[:4]}:{PASSWORD[4:]}@db:port/mail",
+    f"host=db password={PASSWORD[:4]} {PASSWORD[4:]} dbname=mail",  # a space, unquoted
+    f"host=db password={PASSWORD} sslmod=require",
+], ids=["sslmode", "slash", "question", "hash", "port", "space", "keyword"])
+def test_the_password_is_in_no_problem(cluster_env: dict[str, str], url: str) -> None:
+    found = problems(cluster_env | {"M365RELAY_DATABASE_URL": url})
+    (problem,) = found
+    assert problem.startswith("M365RELAY_DATABASE_URL: ")
+    assert problem.endswith("(config key spool.postgres)")
+    for piece in (PASSWORD, PASSWORD[:4], PASSWORD[4:]):
+        assert piece not in problem
+    with pytest.raises(ConfigError) as caught:
+        spool_from_env({"M365RELAY_DATABASE_URL": url})
+    assert PASSWORD[4:] not in str(caught.value) and PASSWORD[:4] not in str(caught.value)
 
 
 async def test_probe_sees_a_banner_a_refusal_and_nothing(relays: Any) -> None:

@@ -170,6 +170,13 @@ async def relay(address: tuple[str, int], subject: str) -> None:
     assert code == 250, reply
 
 
+def test_the_postgres_driver_is_in_the_image(engine: Engine, image: str) -> None:
+    """The default build (EXTRAS=postgres) runs cluster mode without another image."""
+    found = engine.run("run", "--rm", "--network", "none", "--entrypoint", "python3", image,
+                       "-c", "import asyncpg; print(asyncpg.__version__)", check=False)
+    assert found.returncode == 0, found.stderr
+
+
 async def test_env_config_delivers_as_uid_10025_healthy_soon_doctor_and_queue(
         run: Run, sandbox: Sandbox) -> None:
     port = free_port()
@@ -307,6 +314,34 @@ async def test_read_only_root_and_no_capabilities(run: Run, sandbox: Sandbox,
         assert time.monotonic() < deadline, found
         await asyncio.sleep(0.5)
     assert found[1].strip() == "600"
+
+
+async def test_cluster_mode_from_the_variables(run: Run, sandbox: Sandbox, pg_dsn: str) -> None:
+    """As overlays/cluster runs it: `db upgrade` in a container of its own first, then the
+    relay on the database; no spool volume, read-only root, no capabilities."""
+    url = run.folder / "database-url"
+    url.write_text(pg_dsn)
+    url.chmod(0o644)
+    port = free_port()
+    env = run.env((port,), M365RELAY_DATABASE_URL_FILE="/run/test/database-url",
+                  M365RELAY_NODE="relay-a")
+    locked = ("--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
+    variables = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+    upgrade = await asyncio.to_thread(
+        run.engine.run, "run", "--rm", "--network", "host", "-v", f"{run.folder}:/run/test:ro",
+        *locked, *variables, run.image, "db", "upgrade", check=False)
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert "applied schema version(s)" in upgrade.stdout
+    name = run.start(*locked, env=env)
+    await run.ready(name)
+    await relay(("127.0.0.1", port), "through the database")
+    (received,) = await sandbox.exchange.wait_for_messages(1, timeout=30)
+    assert b"through the database" in received.data
+    code, out = await run.exec(name, "m365relay", "db", "status")
+    assert code == 0, out
+    assert "relay-a (alive)" in out
+    code, out = await run.exec(name, "m365relay", "queue", "list")
+    assert code == 0, out
 
 
 async def test_a_root_owned_bind_mounted_spool_is_explained(run: Run, tmp_path: Path) -> None:

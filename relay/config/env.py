@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import records as config_mod
-from relay.config.records import Config, ConfigError
+from relay.config.check import Failed, Run, validate
+from relay.config.records import Config, ConfigError, SpoolSettings
 from relay.config.values import Secret
 
 PREFIX = "M365RELAY_"
@@ -50,17 +51,26 @@ KEYS = {
     "M365RELAY_TLS": "listeners[].tls",
     "M365RELAY_MIN_TLS_VERSION": "listeners[].min_tls_version",
     "M365RELAY_SPOOL": "spool.directory",
+    "M365RELAY_DATABASE_URL": "spool.postgres",
+    "M365RELAY_DATABASE_URL_FILE": "spool.postgres",
+    "M365RELAY_NODE": "spool.node",
+    "M365RELAY_LEASE": "spool.lease",
     "M365RELAY_HOSTNAME": "hostname",
 }
 _ALSO = {"listeners[].networks": "M365RELAY_NETWORKS",
          "listeners[].cleartext_auth_networks": "M365RELAY_NETWORKS"}
 REQUIRED = ("M365RELAY_TENANT", "M365RELAY_CLIENT_ID", "M365RELAY_MAILBOX", "M365RELAY_NETWORKS")
 _LOOPBACK = ["127.0.0.0/8", "::1/128"]
-_CHECKED_BY_BUILD = (f"apps.{APP}: ", "accounts[0]: ")
+# The last: cluster mode's certificate rule, which build() words by variable too.
+_CHECKED_BY_BUILD = (f"apps.{APP}: ", "accounts[0]: ", "(top level): listeners[")
 
 
 def _items(value: str) -> list[str]:
     return [item for item in re.split(r"[\s,]+", value) if item]
+
+
+def _ours(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k.startswith(PREFIX) and v.strip()}
 
 
 def _plain(env: Mapping[str, str], name: str) -> str | None:
@@ -70,7 +80,7 @@ def _plain(env: Mapping[str, str], name: str) -> str | None:
 
 def build(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str], dict[str, str]]:
     """The config data, the problems found on the way, and key path -> variable."""
-    env = {k: v for k, v in environ.items() if k.startswith(PREFIX) and v.strip()}
+    env = _ours(environ)
     problems = []
     for name in sorted(set(env) - set(KEYS)):
         guess = difflib.get_close_matches(name, KEYS, n=1)
@@ -92,7 +102,7 @@ def build(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str], dict[s
         "listeners": _listeners(env, networks, logs_in, problems),
         "apps": {APP: app},
         "accounts": [account],
-        "spool": {"directory": _plain(env, "M365RELAY_SPOOL") or DEFAULT_SPOOL},
+        "spool": _spool(env, problems, sources),
     }
     if (hostname := _plain(env, "M365RELAY_HOSTNAME")) is not None:
         data["hostname"] = hostname
@@ -132,6 +142,11 @@ def _listeners(env: Mapping[str, str], networks: list[str], logs_in: bool,
     # TLS with the files given, or M365RELAY_TLS=starttls with none: a self-signed certificate
     # kept in the spool volume (relay/ingress/selfsigned.py).
     mode = _plain(env, "M365RELAY_TLS") or ("starttls" if tls else "none")
+    if mode != "none" and not tls and _database(env):
+        problems.append(f"M365RELAY_TLS={mode} needs M365RELAY_TLS_CERTIFICATE and "
+                        "M365RELAY_TLS_PRIVATE_KEY in cluster mode (M365RELAY_DATABASE_URL): "
+                        "every relay behind the load balancer presents the same certificate, "
+                        "and there is no spool volume to keep a self-signed one")
     ignored = [n for n in ("M365RELAY_TLS_CERTIFICATE", "M365RELAY_TLS_PRIVATE_KEY",
                            "M365RELAY_MIN_TLS_VERSION") if mode == "none" and _plain(env, n)]
     if ignored:
@@ -157,6 +172,62 @@ def _listeners(env: Mapping[str, str], networks: list[str], logs_in: bool,
             listener["cleartext_auth_networks"] = networks
         listeners.append(listener)
     return listeners
+
+
+def _database(env: Mapping[str, str]) -> str | None:
+    return "M365RELAY_DATABASE_URL" if "M365RELAY_DATABASE_URL" in env else (
+        "M365RELAY_DATABASE_URL_FILE" if "M365RELAY_DATABASE_URL_FILE" in env else None)
+
+
+def _spool(env: Mapping[str, str], problems: list[str], sources: dict[str, str]
+           ) -> dict[str, Any]:
+    """The file spool (M365RELAY_SPOOL, or the image's volume), or with a database URL the
+    cluster queue: exactly one, as spool takes."""
+    spool: dict[str, Any] = {}
+    url, url_file = env.get("M365RELAY_DATABASE_URL"), env.get("M365RELAY_DATABASE_URL_FILE")
+    if url and url_file:
+        problems.append("M365RELAY_DATABASE_URL and M365RELAY_DATABASE_URL_FILE are both set; "
+                        "keep one (the _FILE one for a mounted Secret)")
+    if url:
+        # A Secret, as the client secret: the URL may hold the password, and the value comes
+        # from `environ`, which may not be os.environ.
+        spool["postgres"] = Secret(url.strip(), "env:M365RELAY_DATABASE_URL")
+        sources["spool.postgres"] = "M365RELAY_DATABASE_URL"
+    elif url_file:
+        spool["postgres"] = {"file": url_file.strip()}
+        sources["spool.postgres"] = "M365RELAY_DATABASE_URL_FILE"
+    directory = _plain(env, "M365RELAY_SPOOL")
+    if "postgres" not in spool:
+        spool["directory"] = directory or DEFAULT_SPOOL
+        stray = [n for n in ("M365RELAY_NODE", "M365RELAY_LEASE") if n in env]
+        if stray:
+            problems.append(f"{', '.join(stray)} set without M365RELAY_DATABASE_URL (or "
+                            "_FILE): they are for cluster mode; set the database URL, or "
+                            "unset them")
+    elif directory is not None:
+        problems.append(f"M365RELAY_SPOOL and {_database(env)} are both set: in cluster mode "
+                        "mail waits in the database; unset M365RELAY_SPOOL")
+    for name, key in (("M365RELAY_NODE", "node"), ("M365RELAY_LEASE", "lease")):
+        if (value := _plain(env, name)) is not None:
+            spool[key] = value
+    return spool
+
+
+def spool_from_env(environ: Mapping[str, str] | None = None) -> SpoolSettings:
+    """Only the spool of the variables: what `queue` and `db` act on. They need no app
+    credential, so the other variables are not required (nor checked) here."""
+    env = _ours(os.environ if environ is None else environ)
+    problems: list[str] = []
+    sources = {key: var for var, key in KEYS.items()}
+    data = _spool(env, problems, sources)
+    run = Run({}, "spool")
+    try:
+        settings = validate(SpoolSettings, data, run)
+    except Failed:
+        problems += [_rename(p, sources) for p in run.problems]
+    if problems:
+        raise ConfigError(SOURCE, problems)
+    return settings
 
 
 def _credential(env: Mapping[str, str], app: dict[str, Any], sources: dict[str, str]

@@ -11,7 +11,7 @@ environment variables and ``~/.pgpass``, as psql would.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 __all__ = ["SSLMODES", "PgDsn", "parse_dsn"]
@@ -31,7 +31,9 @@ _PAIR = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|\S*)")
 
 @dataclass(frozen=True)
 class PgDsn:
-    uri: str  # what the driver connects with (password included)
+    # What the driver connects with: the password is in it, so the repr (a Config's, in a
+    # traceback or a debug log) leaves it out.
+    uri: str = field(repr=False)
     params: dict[str, str]  # every keyword, the URI's parts included (password removed)
 
     @property
@@ -71,6 +73,13 @@ def parse_dsn(text: str) -> PgDsn:
 
 def _from_uri(text: str) -> dict[str, str]:
     parts = urlsplit(text)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if "@" not in parts.netloc and ("@" in parts.path + parts.fragment
+                                    or any("@" in key for key, _ in query)):
+        # A '/', '?' or '#' in the password ended the user info early: what urlsplit calls
+        # the port, path or query is a piece of the password, which no message may quote.
+        raise ValueError("the user or password holds '/', '?' or '#': percent-encode them in a "
+                         "URI (%2F, %3F, %23; '@' is %40), or use keyword=value pairs")
     if parts.scheme not in ("postgresql", "postgres"):
         raise ValueError(f"scheme {parts.scheme}:// is not postgresql://")
     params: dict[str, str] = {}
@@ -88,7 +97,7 @@ def _from_uri(text: str) -> dict[str, str]:
         params["password"] = unquote(parts.password)
     if parts.path.strip("/"):
         params["dbname"] = unquote(parts.path.lstrip("/"))
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    for key, value in query:
         params[key] = value
     return params
 
@@ -96,11 +105,15 @@ def _from_uri(text: str) -> dict[str, str]:
 def _from_keywords(text: str) -> dict[str, str]:
     params: dict[str, str] = {}
     pos = 0
+    last = ""
     while pos < len(text):
         if text[pos:].strip() == "":
             break
         match = _PAIR.match(text, pos)
         if match is None:
+            if last == "password":  # what cannot be read is most likely the rest of it
+                raise ValueError("cannot read what follows password=: quote a value with "
+                                 "spaces or quotes in it (password='...', \\' for a quote)")
             word = text[pos:].split(maxsplit=1)[0]
             raise ValueError(f"cannot read {word!r}: write keyword=value pairs "
                              "(host=db dbname=m365relay) or a postgresql:// URI")
@@ -108,6 +121,7 @@ def _from_keywords(text: str) -> dict[str, str]:
         if value.startswith("'"):
             value = re.sub(r"\\(.)", r"\1", value[1:-1])
         params[match.group(1)] = value
+        last = match.group(1)
         pos = match.end()
     return params
 

@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from relay.config.check import Failed, Run, validate
-from relay.config.env import DEFAULT_SPOOL, PREFIX
-from relay.config.records import DEFAULT_PATH, SpoolSettings
+from relay.config.env import DEFAULT_SPOOL, PREFIX, spool_from_env
+from relay.config.records import DEFAULT_PATH, ConfigError, SpoolSettings
 from relay.queue import view
 from relay.queue.ops import Outcome, QueueOps
 from relay.spool.base import Change, SpoolError, Store
@@ -114,9 +114,10 @@ def _common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
                        help="the spool directory itself")
     p.add_argument("--config-from-env", action="store_true", default=default(False),
                    help="the spool of the M365RELAY_* variables ($M365RELAY_SPOOL, default "
-                        f"{DEFAULT_SPOOL}) when the --config file does not exist, as `serve "
-                        "--config-from-env` has it; the default when no config file is found "
-                        "and such variables are set (the container image)")
+                        f"{DEFAULT_SPOOL}; or the database of $M365RELAY_DATABASE_URL or "
+                        "$M365RELAY_DATABASE_URL_FILE) when the --config file does not exist, "
+                        "as `serve --config-from-env` has it; the default when no config file "
+                        "is found and such variables are set (the container image)")
     p.add_argument("--json", action="store_true", default=default(False),
                    help="machine-readable output")
 
@@ -169,7 +170,7 @@ def _spool_dir(args: argparse.Namespace) -> Path | SpoolSettings:
     elif config is None and DEFAULT_CONFIG.exists():
         directory = _from_config(DEFAULT_CONFIG)
     elif from_env:
-        directory = Path(os.environ.get("M365RELAY_SPOOL", "").strip() or DEFAULT_SPOOL)
+        directory = _from_env()
     else:
         raise _Usage(f"say which spool: --config FILE (the relay's config; {DEFAULT_CONFIG} "
                      "does not exist), --config-from-env (M365RELAY_* variables) or "
@@ -199,6 +200,15 @@ def _from_config(path: Path) -> Path | SpoolSettings:
         settings = validate(SpoolSettings, section, run)
     except Failed:
         raise _Usage(f"{path}: {'; '.join(run.problems)}", EX_CONFIG) from None
+    return settings.directory if settings.directory is not None else settings
+
+
+def _from_env() -> Path | SpoolSettings:
+    # M365RELAY_SPOOL, or the cluster queue of M365RELAY_DATABASE_URL(_FILE).
+    try:
+        settings = spool_from_env()
+    except ConfigError as exc:
+        raise _Usage("; ".join(exc.problems), EX_CONFIG) from None
     return settings.directory if settings.directory is not None else settings
 
 

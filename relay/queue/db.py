@@ -3,22 +3,25 @@
 ``upgrade`` applies the missing schema steps under an advisory lock, so two nodes, or a
 Kubernetes init container beside running pods, may run it at once; a second run does nothing
 and exits 0. ``status`` shows what an admin checks first: the server, primary or standby, TLS,
-the schema version, the rights of the relay's user, the nodes and the queue. Exit codes as the
-queue commands: 0 fine, 1 a problem (each printed with its fix), 69 database unreachable,
-78 no usable ``spool.postgres`` in the config.
+the schema version, the rights of the relay's user, the nodes and the queue. The config is
+chosen as ``queue`` chooses it: the file, else the ``M365RELAY_DATABASE_URL`` variables (the
+container image). Exit codes as the queue commands: 0 fine, 1 a problem (each printed with its
+fix), 69 database unreachable, 78 no usable ``spool.postgres`` in the config.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
 from relay.config.check import Failed, Run, validate
-from relay.config.records import DEFAULT_PATH, SpoolSettings
+from relay.config.env import PREFIX, spool_from_env
+from relay.config.records import DEFAULT_PATH, ConfigError, SpoolSettings
 from relay.spool import pgcheck
 
 __all__ = ["add_parser"]
@@ -35,10 +38,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                    "nodes at once; a no-op when current)"),
                        ("status", "the database link, schema version, rights, nodes, queue")):
         p = actions.add_parser(name, help=text, description=text)
-        p.add_argument("--config", "-c", type=Path, default=DEFAULT_PATH, metavar="FILE",
+        p.add_argument("--config", "-c", type=Path, default=None, metavar="FILE",
                        help=f"the relay's config file (only spool is read; default "
                             f"{DEFAULT_PATH})")
+        p.add_argument("--config-from-env", action="store_true",
+                       help="the database of $M365RELAY_DATABASE_URL or "
+                            "$M365RELAY_DATABASE_URL_FILE when the --config file does not "
+                            "exist, as `serve --config-from-env` has it; the default when no "
+                            "config file is found and M365RELAY_* variables are set (the "
+                            "container image)")
         p.set_defaults(func=_main)
+
+
+def _chosen(args: argparse.Namespace) -> SpoolSettings:
+    """The file if it exists, else the variables: as `serve` and `queue` choose, so an init
+    container of the image runs `db upgrade` alone with the relay's own configuration."""
+    path = args.config if args.config is not None else DEFAULT_PATH
+    from_env = args.config_from_env or (
+        args.config is None and any(k.startswith(PREFIX) for k in os.environ))
+    if path.exists() or not from_env:
+        return _settings(path)
+    try:
+        settings = spool_from_env()
+    except ConfigError as exc:
+        raise _Usage(f"{exc.source}: {'; '.join(exc.problems)}") from None
+    if settings.postgres is None:
+        raise _Usage("the variables give a file spool (M365RELAY_SPOOL); `db` is for cluster "
+                     "mode: set M365RELAY_DATABASE_URL or M365RELAY_DATABASE_URL_FILE")
+    return settings
 
 
 def _settings(path: Path) -> SpoolSettings:
@@ -64,7 +91,7 @@ class _Usage(Exception):
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        settings = _settings(args.config)
+        settings = _chosen(args)
     except _Usage as exc:
         print(f"m365relay db: {exc}", file=sys.stderr)
         return EX_CONFIG
