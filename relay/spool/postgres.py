@@ -54,6 +54,7 @@ from relay.spool.pgrows import (
     BadContent,
     chunks_of,
     envelope_json,
+    no_reset,
     state_args,
     state_from,
     threadsafe_fetch,
@@ -141,7 +142,7 @@ class PgStore(PgCommands, PgLooking):
             try:
                 self.pool = await asyncpg.create_pool(
                     self.dsn.uri, min_size=1 if self._listen else 0, max_size=10, timeout=10,
-                    command_timeout=STATEMENT_TIMEOUT, server_settings={
+                    command_timeout=STATEMENT_TIMEOUT, reset=no_reset, server_settings={
                         "application_name": f"m365relay {self.holder}"[:63]})
             except DOWN as exc:
                 raise unavailable(self.dsn, exc, "reach the queue") from exc
