@@ -14,6 +14,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,10 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import procstat, report
+from bench import database, procstat, report
+from bench.database import BenchDatabase
 from bench.harness import FakesProcess, Run
-from bench.scenarios import FULL, select
-from bench.targets import BENCH_VENV, ROOT, TARGETS
+from bench.scenarios import FULL, select, targets_of
+from bench.targets import BENCH_VENV, PG_TARGETS, ROOT, TARGETS
 
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "bench" / "README.md"
@@ -85,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", action="append", choices=names,
                         help="run only this scenario (repeatable)")
     parser.add_argument("--target", action="append", choices=list(TARGETS),
-                        help="run only this target (repeatable)")
+                        help="run only this target (repeatable); m365relay-pg and "
+                             "m365relay-pg2 (cluster mode on a throwaway PostgreSQL) run in "
+                             "burst by default and in any load scenario when named here")
     parser.add_argument("--json", type=Path, default=None,
                         help="where to write results (default bench/results/{quick,full}.json)")
     parser.add_argument("--no-pin", action="store_true",
@@ -111,25 +115,40 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     rounds = args.rounds or (1 if args.quick else 3)
     layout = procstat.plan_layout(pin=not args.no_pin)
     work = Path(tempfile.mkdtemp(prefix="m365relay-bench-"))
+    pg_problem = database.available()
+    plan = {s.name: targets_of(s, args.target, pg=pg_problem is None) for s in scenarios}
+    if pg_problem and not args.target:
+        print(f"PostgreSQL targets left out: {pg_problem}", flush=True)
     fakes = await FakesProcess.start(work / "sandbox", layout.fakes)
     procstat.pin_process(os.getpid(), layout.load)
     print(f"process layout: {layout.describe()}", flush=True)
     results: list[dict[str, Any]] = []
     started = time.time()
     load_at_start = os.getloadavg()
+    db: BenchDatabase | None = None
+    # A SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C, so the finally below still
+    # stops the PostgreSQL server, which would otherwise outlive the run.
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     try:
+        # One server for the whole bench run, a database per run (bench/database.py).
+        if any(t in PG_TARGETS for targets in plan.values() for t in targets):
+            db = await asyncio.to_thread(BenchDatabase.start, layout.sut)
         for scenario in scenarios:
-            targets = [t for t in scenario.targets if not args.target or t in args.target]
+            targets = plan[scenario.name]
             for round_no in range(rounds):
                 shift = round_no % max(len(targets), 1)
                 for target in targets[shift:] + targets[:shift]:
                     run = Run(scenario, target, round_no, fakes=fakes, layout=layout, work=work,
-                              profile=args.profile)
+                              profile=args.profile, db=db)
                     result = await run.execute()
                     results.append(result)
                     print(_line(result), flush=True)
     finally:
         await fakes.stop()
+        if db is not None:
+            await asyncio.to_thread(db.destroy)
         if args.keep:
             print(f"work directory kept: {work}")
         else:
@@ -153,13 +172,15 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def _line(result: dict[str, Any]) -> str:
     status = "ok" if result.get("ok") else "FAILED"
-    parts = [f"{result['scenario']:>17} {result['target']:>10} round {result['round']}: {status}"]
+    parts = [f"{result['scenario']:>17} {result['target']:>13} round {result['round']}: {status}"]
     for key, fmt in (("msgs_per_s", "{:.1f} msgs/s"), ("ack_p99_ms", "p99 {:.1f} ms"),
                      ("end_s", "wall {:.2f} s"), ("token_requests", "tokens {}"),
                      ("upstream_connections", "upstream {}"),
                      ("idle_connections", "{} idle held"),
                      ("idle_added_bytes", "+{:.1f} MB idle"),
-                     ("cold_start_s", "cold {:.2f} s")):
+                     ("cold_start_s", "cold {:.2f} s"),
+                     ("db_statements_per_msg", "db stmts/msg {:.2f}"),
+                     ("db_xacts_per_msg", "db xacts/msg {:.2f}")):
         value = result.get(key)
         if value is not None:
             parts.append(fmt.format(value / 2**20 if key == "idle_added_bytes" else value))
@@ -175,6 +196,9 @@ def _print(data: dict[str, Any]) -> None:
     comparison = report.auth_comparison(data["summary"])
     if comparison:
         print(comparison)
+    cluster = report.pg_section(data["summary"], data["runs"])
+    if cluster:
+        print(cluster)
     print("Targets of issue 6 (m365relay):")
     print(report.targets_text(data["targets"]))
 
@@ -194,6 +218,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         report.tables(data["summary"], titles, markdown=True),
         report.auth_comparison(data["summary"], markdown=True),
+        report.pg_section(data["summary"], data["runs"], markdown=True),
         "**Targets of issue 6 (m365relay)**",
         "",
         report.targets_text(data["targets"], markdown=True),

@@ -29,10 +29,12 @@ import random
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from relay.sandbox import DEMO_APP, SCOPE, FakeExchange, ReceivedMessage, Sandbox
+from relay.sandbox.rules import MICROSOFT
 
 # What Exchange Online says when a mailbox has too many submissions in flight.
 REPLY_432 = ("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded "
@@ -104,7 +106,11 @@ class Fakes:
         self.box = Sandbox(directory)
         # Recording to memory only: the store under test is the fake's list, and writing
         # .eml files would spend the fakes' core on disk I/O the relay does not cause.
-        self.exchange = BenchExchange(self.box.entra, mail_dir=None)
+        # Exchange's 30 messages a minute per mailbox off, as the relay's pacing is in the
+        # bench config: what is measured is the relay's own cost (issue 6). The 3 connections
+        # per mailbox stay: the relay must keep to them.
+        self.exchange = BenchExchange(self.box.entra, mail_dir=None,
+                                      limits=replace(MICROSOFT, messages=0))
         self.box.exchange = self.exchange
 
     def hello(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A run resets the fakes, starts a fresh target process (its cold start is measured on the way),
 drives the load, waits until every acknowledged message is in the fake store (and the relay's
-spool is empty, so a late duplicate cannot slip past), then checks every message.
+spool is empty, or for the PostgreSQL targets the shared queue table, so a late duplicate cannot
+slip past), then checks every message.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import procstat
+import asyncpg
+
+from bench import database, procstat
+from bench.database import BenchDatabase
 from bench.load import Connector, Outcome, close_all, hold_idle, run_load
 from bench.messages import Message, mailbox_name, make, verify
 from bench.scenarios import Scenario
-from bench.targets import BENCH_VENV, ROOT, Server, start
+from bench.targets import BENCH_VENV, PG_TARGETS, ROOT, Server, is_relay, start
 
 STALL = 20.0  # longer than the relay's longest retry delay in the bench config (2 s)
 
@@ -103,7 +107,8 @@ class Run:
     """Measures one (scenario, target, round)."""
 
     def __init__(self, scenario: Scenario, target: str, round_no: int, *, fakes: FakesProcess,
-                 layout: procstat.Layout, work: Path, profile: bool = False) -> None:
+                 layout: procstat.Layout, work: Path, profile: bool = False,
+                 db: BenchDatabase | None = None) -> None:
         self.scenario = scenario
         self.target = target
         self.round = round_no
@@ -113,7 +118,16 @@ class Run:
         self.profile = profile
         self.result: dict[str, Any] = {"scenario": scenario.name, "target": target,
                                        "round": round_no}
-        self.server: Server | None = None
+        self.server: Server | None = None  # the first (the only one but in m365relay-pg2)
+        self.servers: list[Server] = []
+        # The PostgreSQL targets: the bench run's server, this run's database in it, and two
+        # connections of the harness's own: to the run's database for the queue-empty check,
+        # to the `postgres` database for the counters (so they never count as the relay's).
+        self.db = db if target in PG_TARGETS else None
+        self.dbname = ""
+        self._queue_conn: Any = None
+        self._stats_conn: Any = None
+        self._polls = 0
         self.sent: dict[str, Message] = {}
         self.outcome = Outcome()
         self._spy: asyncio.subprocess.Process | None = None
@@ -129,13 +143,27 @@ class Run:
         me = os.getpid()
         procstat.pin_process(me, self.layout.sut if self.target == "direct"
                              else self.layout.load)
+        counters: database.Snapshot | None = None
         try:
             async with asyncio.timeout(scenario.timeout):
-                self.server = await start(self.target, self.fakes.info, self.dir,
-                                          max(scenario.mailboxes, 1), self.layout.sut,
-                                          auth=scenario.auth)
+                dsn = None
+                if self.db is not None:
+                    self.dbname, dsn = await asyncio.to_thread(self.db.new_database)
+                    self._stats_conn = await asyncpg.connect(self.db.admin_dsn())
+                    # Before the relays start: what the run costs the database includes their
+                    # start (the schema) and their stop, a few statements for 1,000 messages.
+                    counters = await self.db.snapshot(self._stats_conn, self.dbname)
+                self.servers = await start(self.target, self.fakes.info, self.dir,
+                                           max(scenario.mailboxes, 1), self.layout.sut,
+                                           auth=scenario.auth, postgres=dsn,
+                                           cpus2=self.layout.sut2)
+                self.server = self.servers[0] if self.servers else None
+                if dsn is not None:
+                    self._queue_conn = await asyncpg.connect(dsn)
                 if self.server is not None:
-                    self.result["cold_start_s"] = self.server.cold_start
+                    self.result["cold_start_s"] = (max(s.ready_at for s in self.servers)
+                                                   - min(s.spawned_at for s in self.servers))
+                    self.result["relays"] = len(self.servers)
                     # emailproxy dials Exchange for every client, our readiness probe too.
                     probe = await self.fakes.call("stats")
                     self.result["probe_connections"] = (
@@ -153,11 +181,41 @@ class Run:
             await self._stop_profiler()
             if self.server is not None:
                 self.result["log"] = str(self.server.log)
-                await self.server.stop()
-                self.result.update(log_errors(self.server.log))
-                if self.scenario.auth and self.target == "m365relay":
-                    self.result.update(auth_stats(self.server.log))
+            await asyncio.gather(*(server.stop() for server in self.servers))
+            if self.servers:
+                self.result.update(_summed([log_errors(s.log) for s in self.servers]))
+                if self.scenario.auth and is_relay(self.target):
+                    self.result.update(_summed([auth_stats(s.log) for s in self.servers]))
+            await self._close_database(counters)
         return self.result
+
+    async def _close_database(self, before: database.Snapshot | None) -> None:
+        """The database's counters once the relays have gone (a backend reports its last
+        statistics when it exits), then the run's database dropped."""
+        try:
+            if self._queue_conn is not None:
+                await self._queue_conn.close()
+            if self._stats_conn is not None and before is not None and self.db is not None:
+                after = await self.db.snapshot(self._stats_conn, self.dbname)
+                self.result.update(database.usage(
+                    before, after, int(self.result.get("accepted", 0)), self._polls))
+        except (OSError, asyncpg.PostgresError) as exc:
+            self.result.setdefault("error", f"database counters: {type(exc).__name__}: {exc}")
+        finally:
+            if self._stats_conn is not None:
+                await self._stats_conn.close()
+            if self.db is not None and self.dbname:
+                # Left behind, its dead rows could only wake autovacuum in a later run.
+                with contextlib.suppress(RuntimeError):
+                    await asyncio.to_thread(self.db.drop_database, self.dbname)
+
+    async def _backlog(self) -> int:
+        """Messages the relay still holds: its spool's queue/ entries, or the shared queue's
+        rows (any status) for the PostgreSQL targets."""
+        if self._queue_conn is not None:
+            self._polls += 1
+            return int(await self._queue_conn.fetchval(database.BACKLOG_SQL))
+        return sum(s.spool_backlog() for s in self.servers)
 
     # -- scenario kinds ------------------------------------------------------------------
 
@@ -165,15 +223,19 @@ class Run:
         """One per run, so a direct client's token is fetched once and reused throughout."""
         if self._conn is None:
             self._conn = Connector(self.target, self.fakes.info,
-                                   self.server.port if self.server is not None else 0,
-                                   auth=self.scenario.auth)
+                                   [s.port for s in self.servers], auth=self.scenario.auth)
         return self._conn
 
     def _snapshot(self) -> dict[str, float]:
         snap = {"client_cpu": procstat.cpu_seconds(os.getpid()),
                 "fakes_cpu": procstat.cpu_seconds(self.fakes.pid), "t": time.monotonic()}
-        if self.server is not None:
-            snap["sut_cpu"] = procstat.cpu_seconds(self.server.pid)
+        if self.servers:
+            snap["sut_cpu"] = sum(procstat.cpu_seconds(s.pid) for s in self.servers)
+        if self.db is not None:
+            cpu = self.db.cpu()
+            # Backends started during the run count from 0; one that exits is lost (the
+            # pool keeps its connections, so only autovacuum workers come and go).
+            snap.update({f"db_cpu_{pid}": t for pid, t in cpu.items()})
         return snap
 
     async def _load(self) -> None:
@@ -252,7 +314,7 @@ class Run:
         # The relay may still hold a copy it is about to send twice: wait for an empty spool
         # (a directory has no event to wait on, so poll, bounded by the run's timeout).
         for _ in range(int(self.scenario.timeout / 0.05)):
-            if self.server is None or not self.server.spool_backlog():
+            if not self.servers or not await self._backlog():
                 break
             await asyncio.sleep(0.05)
         return stats
@@ -299,13 +361,19 @@ class Run:
         })
         if "sut_cpu" in after:
             self.result["sut_cpu_s"] = after["sut_cpu"] - before["sut_cpu"]
+        if self.db is not None:
+            self.result["db_cpu_s"] = sum(t - before.get(key, 0.0) for key, t in after.items()
+                                          if key.startswith("db_cpu_"))
 
     async def _settle(self) -> None:
-        if self.server is not None:
-            self.result["sut_peak_rss"] = procstat.peak_rss_bytes(self.server.pid)
-            self.result["sut_rss_end"] = procstat.rss_bytes(self.server.pid)
-            self.result["sut_cpu_total_s"] = procstat.cpu_seconds(self.server.pid)
-            self.result["spool_backlog"] = self.server.spool_backlog()
+        if self.servers:
+            # Per relay process (the largest, when there are two), as the column says.
+            self.result["sut_peak_rss"] = max(procstat.peak_rss_bytes(s.pid)
+                                              for s in self.servers)
+            self.result["sut_rss_end"] = max(procstat.rss_bytes(s.pid) for s in self.servers)
+            self.result["sut_cpu_total_s"] = sum(procstat.cpu_seconds(s.pid)
+                                                 for s in self.servers)
+            self.result["spool_backlog"] = await self._backlog()
 
     async def _collect(self) -> None:
         report = await self.fakes.call("report")
@@ -382,6 +450,20 @@ def auth_stats(log: Path) -> dict[str, Any]:
     ok = [line for line in lines if ": AUTH PLAIN ok " in line]
     cached = sum(line.endswith("(cached)") for line in ok)
     return {"auth_logins": len(ok), "auth_checks": len(ok) - cached}
+
+
+def _summed(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Log figures of several relays as one: counts added, the first sample kept."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+            elif value and not out.get(key):
+                out[key] = value
+            else:
+                out.setdefault(key, value)
+    return out
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -30,7 +30,13 @@ import msal
 import requests
 
 from bench.messages import RCPT, Message
-from bench.targets import EMAILPROXY_PASSWORD, RELAY_PASSWORD, relay_username, source_address
+from bench.targets import (
+    EMAILPROXY_PASSWORD,
+    RELAY_PASSWORD,
+    is_relay,
+    relay_username,
+    source_address,
+)
 
 MAX_ATTEMPTS = 25
 SMTP_TIMEOUT = 120.0  # a 30 MB message through a slow proxy on a busy machine
@@ -51,14 +57,16 @@ class Outcome:
 
 
 class Connector:
-    """Opens a ready-to-send client session for one target and mailbox."""
+    """Opens a ready-to-send client session for one target and mailbox. ``ports``: the
+    target's listeners; client *c* talks to ``ports[c % len(ports)]`` (two relays of a
+    cluster split the clients, as a load balancer would)."""
 
-    def __init__(self, target: str, fakes: dict[str, Any], port: int, *,
+    def __init__(self, target: str, fakes: dict[str, Any], ports: Sequence[int], *,
                  auth: bool = False) -> None:
         self.target = target
         self.auth = auth
         self.fakes = fakes
-        self.port = port
+        self.ports = tuple(ports) or (0,)
         self.token = ""
         self._tls = ssl.create_default_context(cafile=fakes["ca_file"])
 
@@ -83,8 +91,8 @@ class Connector:
                                f"{result.get('error_description')}")
         return str(result["access_token"])
 
-    async def open(self, mailbox: int, address: str) -> aiosmtplib.SMTP:
-        smtp = self._client(mailbox)
+    async def open(self, mailbox: int, address: str, client: int = 0) -> aiosmtplib.SMTP:
+        smtp = self._client(mailbox, self.ports[client % len(self.ports)])
         try:
             await smtp.connect()
             await smtp.ehlo()
@@ -99,17 +107,17 @@ class Connector:
             raise
         return smtp
 
-    def _client(self, mailbox: int) -> aiosmtplib.SMTP:
+    def _client(self, mailbox: int, port: int) -> aiosmtplib.SMTP:
         if self.target == "direct":
             return aiosmtplib.SMTP(hostname=self.fakes["smtp_host"],
                                    port=self.fakes["smtp_port"], start_tls=True,
                                    tls_context=self._tls, timeout=SMTP_TIMEOUT,
                                    local_hostname="bench-client.example")
-        if self.target == "m365relay" and not self.auth:
-            return aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, start_tls=False,
+        if is_relay(self.target) and not self.auth:
+            return aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
                                    source_address=(source_address(mailbox), 0),
                                    timeout=SMTP_TIMEOUT, local_hostname="bench-device.example")
-        return aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, start_tls=False,
+        return aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
                                timeout=SMTP_TIMEOUT, local_hostname="bench-device.example")
 
 
@@ -121,12 +129,12 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
 
 
 async def run_client(connector: Connector, mailbox: int, messages: Sequence[Message],
-                     per_connection: int, outcome: Outcome) -> None:
+                     per_connection: int, outcome: Outcome, *, client: int = 0) -> None:
     queue = deque((m, 0) for m in messages)
     address = messages[0].mailbox if messages else ""
     while queue:
         try:
-            smtp = await connector.open(mailbox, address)
+            smtp = await connector.open(mailbox, address, client)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 500:
                 # A refused login does not get better by retrying: the device gives up.
@@ -200,8 +208,9 @@ async def run_load(connector: Connector, plan: Sequence[tuple[int, Sequence[Mess
     """Run one client per plan entry (mailbox index, its messages) concurrently."""
     outcome = Outcome()
     await connector.prepare()
-    await asyncio.gather(*(run_client(connector, mailbox, messages, per_connection, outcome)
-                           for mailbox, messages in plan))
+    await asyncio.gather(*(run_client(connector, mailbox, messages, per_connection, outcome,
+                                      client=client)
+                           for client, (mailbox, messages) in enumerate(plan)))
     return outcome
 
 

@@ -51,25 +51,45 @@ def threads(pid: int) -> int:
     return _status_kib(pid, "Threads")
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (PostgreSQL's backends and helpers of its postmaster)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue  # exited meanwhile
+        if int(raw.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 @dataclass(frozen=True)
 class Layout:
     """Which CPUs each process of a run may use; empty sets mean "no pinning".
 
     ``sut`` is the core of the thing that talks TLS + XOAUTH2 to the fake Exchange: the relay
     or emailproxy, or in the direct runs the load generator itself, so every target gets the
-    same dedicated core for the path under test.
+    same dedicated core for the path under test. In cluster mode the PostgreSQL server is part
+    of the system under test and shares ``sut`` (as the file store's fsyncs, kernel time on the
+    relay's core, do); the second relay of ``m365relay-pg2`` runs on ``sut2``.
     """
 
     fakes: frozenset[int]
     load: frozenset[int]
     sut: frozenset[int]
+    sut2: frozenset[int] = frozenset()
 
     def describe(self) -> str:
         if not self.sut:
             return "not pinned (the scheduler places every process)"
         return (f"fakes on CPU {_cpus(self.fakes)}, load generator on CPU {_cpus(self.load)}, "
                 f"system under test on CPU {_cpus(self.sut)} (in direct runs the load "
-                f"generator moves to CPU {_cpus(self.sut)}: it is the one doing TLS + XOAUTH2)")
+                f"generator moves to CPU {_cpus(self.sut)}: it is the one doing TLS + XOAUTH2; "
+                f"PostgreSQL, when a target needs it, on CPU {_cpus(self.sut)} too, the second "
+                f"relay of m365relay-pg2 on CPU {_cpus(self.sut2)})")
 
 
 def _cpus(cpus: frozenset[int]) -> str:
@@ -81,9 +101,14 @@ def plan_layout(pin: bool) -> Layout:
     if not pin or len(cpus) < 2:
         return Layout(frozenset(), frozenset(), frozenset())
     if len(cpus) == 2:
-        # Two cores: the fakes and the load generator share one, the SUT gets the other.
-        return Layout(frozenset({cpus[0]}), frozenset({cpus[0]}), frozenset({cpus[1]}))
-    return Layout(frozenset({cpus[0]}), frozenset({cpus[2]}), frozenset({cpus[1]}))
+        # Two cores: the fakes and the load generator share one, the SUT gets the other (both
+        # relays of a two-node run and their database included: what a second node costs
+        # shows up as lost throughput, not as a borrowed core).
+        sut = frozenset({cpus[1]})
+        return Layout(frozenset({cpus[0]}), frozenset({cpus[0]}), sut, sut)
+    sut = frozenset({cpus[1]})
+    return Layout(frozenset({cpus[0]}), frozenset({cpus[2]}), sut,
+                  frozenset({cpus[3]}) if len(cpus) >= 4 else sut)
 
 
 def pin_process(pid: int, cpus: frozenset[int]) -> None:

@@ -27,19 +27,25 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("auth_logins", "logins", lambda v: f"{v:g}"),
     ("auth_checks", "argon2 checks", lambda v: f"{v:g}"),
     ("client_login_refused", "logins refused", lambda v: f"{v:g}"),
+    ("db_cpu_s", "DB CPU s", lambda v: f"{v:.2f}"),
+    ("db_round_trips_per_msg", "DB round trips/msg", lambda v: f"{v:.1f}"),
+    ("db_xacts_per_msg", "DB xacts/msg", lambda v: f"{v:.1f}"),
 )
+_DB = ("db_cpu_s", "db_round_trips_per_msg", "db_xacts_per_msg")
+PG_TARGETS = ("m365relay-pg", "m365relay-pg2")
+PG_GOAL = 0.8  # the PostgreSQL store on one node against the file store, burst throughput
 # Per scenario, the columns worth showing (the rest are in the JSON).
 SHOWN = {
     "burst": ("msgs_per_s", "ack_p50_ms", "ack_p99_ms", "token_requests",
-              "upstream_connections", "sut_cpu_s", "client_cpu_s", "sut_peak_rss"),
+              "upstream_connections", "sut_cpu_s", "client_cpu_s", "sut_peak_rss", *_DB),
     "printer": ("msgs_per_s", "ack_p50_ms", "ack_p99_ms", "token_requests",
-                "upstream_connections", "sut_cpu_s", "client_cpu_s", "sut_peak_rss"),
+                "upstream_connections", "sut_cpu_s", "client_cpu_s", "sut_peak_rss", *_DB),
     "large": ("end_s", "ack_p50_ms", "idle_rss", "sut_peak_rss", "sut_cpu_s", "token_requests",
               "upstream_connections"),
     "idle": ("idle_rss", "idle_connections", "idle_added_bytes", "sut_peak_rss", "token_requests",
              "upstream_connections"),
     "faults": ("msgs_per_s", "ack_p50_ms", "ack_p99_ms", "token_requests",
-               "upstream_connections", "sut_cpu_s", "sut_peak_rss"),
+               "upstream_connections", "sut_cpu_s", "sut_peak_rss", *_DB),
     "cold": ("cold_start_s", "first_delivery_s", "sut_peak_rss"),
 }
 _AUTH_SHOWN = ("msgs_per_s", "ack_p50_ms", "ack_p99_ms", "upstream_connections", "sut_cpu_s",
@@ -104,6 +110,8 @@ def tables(summary: dict[str, dict[str, dict[str, Any]]], titles: dict[str, str]
     parts: list[str] = []
     for scenario, targets in summary.items():
         keys = SHOWN.get(scenario, ("msgs_per_s",))
+        if not any(t in PG_TARGETS for t in targets):  # no database: no empty columns
+            keys = tuple(k for k in keys if k not in _DB)
         heads = ["target", *(title for key, title, _ in COLUMNS if key in keys), "verified"]
         rows = []
         for target, slot in targets.items():
@@ -138,6 +146,10 @@ def ratios(targets: dict[str, dict[str, Any]]) -> str:
         out.append(f"m365relay/direct = {relay / direct:.2f}x")
     if relay and proxy:
         out.append(f"m365relay/emailproxy = {relay / proxy:.1f}x")
+    for pg in PG_TARGETS:
+        value = median(pg)
+        if relay and value:
+            out.append(f"{pg}/m365relay = {value / relay:.2f}x")
     return "throughput (medians): " + ", ".join(out) if out else ""
 
 
@@ -165,6 +177,68 @@ def auth_comparison(summary: dict[str, dict[str, dict[str, Any]]],
                    markdown)
 
 
+def pg_section(summary: dict[str, dict[str, dict[str, Any]]], results: list[dict[str, Any]],
+               markdown: bool = False) -> str:
+    """Cluster mode against the file store of the same run: the throughput goal, ack p99, and
+    what each message cost the database (statements per message, from pg_stat_statements)."""
+    parts: list[str] = []
+    for scenario, targets in summary.items():
+        pgs = [t for t in PG_TARGETS if t in targets]
+        if not pgs:
+            continue
+        file_rate = _m(summary, scenario, "m365relay", "msgs_per_s")
+        heads = ["target", "msgs/s", f"x file store (goal >= {PG_GOAL:g} on one node)",
+                 "ack p50 ms", "ack p99 ms", "relay CPU s", "DB CPU s", "DB round trips/msg",
+                 "DB statements/msg", "DB xacts/msg", "WAL KiB/msg", "WAL flushes/msg"]
+        rows = []
+        for target in ("m365relay", *pgs):
+            if target not in targets:
+                continue
+            rate = _m(summary, scenario, target, "msgs_per_s")
+            if target == "m365relay" or rate is None or not file_rate:
+                versus = "—" if target != "m365relay" else "1.00x"
+            else:
+                verdict = ("holds" if rate / file_rate >= PG_GOAL else "MISSED"
+                           ) if target == "m365relay-pg" else ""
+                versus = f"{rate / file_rate:.2f}x {verdict}".strip()
+            rows.append([target, _fmt(rate, "{:.1f}"), versus] + [
+                _fmt(_m(summary, scenario, target, key), fmt) for key, fmt in (
+                    ("ack_p50_ms", "{:.1f}"), ("ack_p99_ms", "{:.1f}"), ("sut_cpu_s", "{:.2f}"),
+                    ("db_cpu_s", "{:.2f}"), ("db_round_trips_per_msg", "{:.2f}"),
+                    ("db_statements_per_msg", "{:.2f}"), ("db_xacts_per_msg", "{:.2f}"),
+                    ("db_wal_kib_per_msg", "{:.1f}"), ("db_wal_syncs_per_msg", "{:.2f}"))])
+        parts.append(_render(f"{scenario}: PostgreSQL queue (cluster mode) against the file "
+                             "store, medians over rounds", heads, rows, markdown))
+        for target in pgs:
+            table = statement_table(results, scenario, target)
+            if table:
+                parts.append(_render(f"{scenario} {target}: statements per message (median "
+                                     "over complete runs; >= 0.01 per message)",
+                                     ["statement", "calls/msg", "mean ms"], table, markdown))
+    return "\n".join(parts)
+
+
+def statement_table(results: list[dict[str, Any]], scenario: str, target: str
+                    ) -> list[list[str]]:
+    runs = [r for r in results if r["scenario"] == scenario and r["target"] == target
+            and r.get("ok") and r.get("db_statements")]
+    per_msg: dict[str, list[float]] = {}
+    mean: dict[str, list[float]] = {}
+    for run in runs:
+        for item in run["db_statements"]:
+            per_msg.setdefault(item["query"], []).append(item["per_msg"])
+            mean.setdefault(item["query"], []).append(item["mean_ms"])
+    rows = []
+    for query, values in per_msg.items():
+        # A run in which it never ran counts as 0.
+        calls = statistics.median(values + [0.0] * (len(runs) - len(values)))
+        if calls >= 0.01:
+            rows.append((calls, [query, f"{calls:.2f}",
+                                 f"{statistics.median(mean[query]):.3f}"]))
+    rows.sort(key=lambda r: -r[0])
+    return [row for _, row in rows]
+
+
 def _fmt(value: float | None, fmt: str) -> str:
     return "—" if value is None else fmt.format(value)
 
@@ -173,7 +247,7 @@ def _render(title: str, heads: list[str], rows: list[list[str]], markdown: bool)
     if markdown:
         lines = [f"**{title}**", "", "| " + " | ".join(heads) + " |",
                  "|" + "|".join("---" for _ in heads) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         return "\n".join(lines) + "\n"
     widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads))]
     lines = [title, "  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bench.targets import TARGETS
+from bench.targets import BASE_TARGETS, PG_TARGETS
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -22,7 +22,9 @@ class Scenario:
     idle_connections: int = 0
     drop: float = 0.0          # share of DATA attempts hung up on after the final dot
     data_432: float = 0.0      # share of DATA attempts answered 432 4.3.2
-    targets: tuple[str, ...] = TARGETS
+    # The PostgreSQL targets run where m365relay does when asked for with --target (load
+    # scenarios only), and in burst by default.
+    targets: tuple[str, ...] = BASE_TARGETS
     timeout: float = 900.0     # the whole run, delivery included
     # Relay clients log in (AUTH PLAIN, one account per mailbox, all from 127.0.0.1) on every
     # connection instead of being mapped by source address, as pooled apps and NATed
@@ -49,7 +51,8 @@ class Scenario:
 
 FULL: tuple[Scenario, ...] = (
     Scenario("burst", "load",
-             messages=1000, clients=10, per_connection=10, mailboxes=5),
+             messages=1000, clients=10, per_connection=10, mailboxes=5,
+             targets=BASE_TARGETS + PG_TARGETS),
     Scenario("printer", "load",
              messages=200, clients=1, per_connection=1, mailboxes=1),
     # The same shapes with a login per connection, from one address (issue 14): only the relay
@@ -81,6 +84,18 @@ def quick(scenario: Scenario) -> Scenario:
     if scenario.kind == "idle":
         return replace(scenario, idle_connections=100, timeout=120)
     return replace(scenario, timeout=120)
+
+
+def targets_of(scenario: Scenario, wanted: list[str] | None, *, pg: bool = True
+               ) -> list[str]:
+    """The targets a scenario runs: ``wanted`` (--target) if given, else its own; ``pg``:
+    whether PostgreSQL can run here (without it a default run leaves those targets out)."""
+    own = list(scenario.targets)
+    if wanted and scenario.kind == "load" and "m365relay" in own:
+        own += [t for t in PG_TARGETS if t not in own]
+    if not wanted:
+        return [t for t in own if pg or t not in PG_TARGETS]
+    return [t for t in own if t in wanted]
 
 
 def select(names: list[str] | None, quick_mode: bool) -> list[Scenario]:

@@ -4,6 +4,10 @@
 * ``m365relay``: ``python -m relay serve`` with a generated config, one account per mailbox
   chosen by the client's loopback source address (127.0.0.10, .11, ...) so devices need no
   AUTH, as printers on a LAN do.
+* ``m365relay-pg``: the same relay on the cluster queue (``spool.postgres``), a fresh database
+  per run on the bench run's PostgreSQL server (bench/database.py).
+* ``m365relay-pg2``: two such relays (nodes ``bench-a`` and ``bench-b``) on one database, the
+  load clients split between them (client *c* talks to relay *c* mod 2).
 * ``emailproxy``: simonrob/email-oauth2-proxy from PyPI in ``bench/.venv``, in its
   client-credentials mode against the same fakes. Devices log in with the mailbox address and
   any password (emailproxy uses it to encrypt the cached token).
@@ -34,9 +38,17 @@ from relay.config.records import DeliverySettings, Listener
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_VENV = ROOT / "bench" / ".venv"
-TARGETS = ("direct", "m365relay", "emailproxy")
+BASE_TARGETS = ("direct", "m365relay", "emailproxy")
+PG_TARGETS = ("m365relay-pg", "m365relay-pg2")
+TARGETS = BASE_TARGETS + PG_TARGETS
+NODES = {"m365relay-pg": ("bench-a",), "m365relay-pg2": ("bench-a", "bench-b")}
 EMAILPROXY_PASSWORD = "bench-device-password"  # noqa: S105 - emailproxy's local login, any value
 RELAY_PASSWORD = "bench relay device password"  # noqa: S105 - the AUTH scenarios' accounts
+
+
+def is_relay(target: str) -> bool:
+    """m365relay, whatever its store: the clients talk to it alike."""
+    return target == "m365relay" or target in PG_TARGETS
 
 
 def relay_username(mailbox: int) -> str:
@@ -161,7 +173,8 @@ def _field_names(record: type) -> set[str]:
 
 
 def relay_config(fakes: dict[str, Any], port: int, run_dir: Path, mailboxes: int,
-                 auth: bool = False) -> dict[str, Any]:
+                 auth: bool = False, *, postgres: str | None = None, node: str = ""
+                 ) -> dict[str, Any]:
     listener: dict[str, Any] = {"name": "bench", "bind": f"127.0.0.1:{port}", "tls": "none",
                                 "networks": ["127.0.0.0/8"]}
     if auth:  # AUTH over plain SMTP on loopback, as a listener allows it for listed networks
@@ -189,16 +202,20 @@ def relay_config(fakes: dict[str, Any], port: int, run_dir: Path, mailboxes: int
                       **({"username": relay_username(k), "password_hash": _relay_password_hash()}
                          if auth else {"networks": [f"{source_address(k)}/32"]})}
                      for k in range(mailboxes)],
-        "spool": {"directory": str(run_dir / "spool"), "min_free_space": 0},
+        "spool": ({"postgres": postgres, "node": node} if postgres else
+                  {"directory": str(run_dir / "spool"), "min_free_space": 0}),
         "delivery": delivery,
     }
 
 
 async def start_relay(fakes: dict[str, Any], run_dir: Path, mailboxes: int,
-                      cpus: frozenset[int], *, auth: bool = False) -> Server:
+                      cpus: frozenset[int], *, auth: bool = False, postgres: str | None = None,
+                      node: str = "") -> Server:
     port = free_port()
-    config = run_dir / "relay.yaml"
-    data = await asyncio.to_thread(relay_config, fakes, port, run_dir, mailboxes, auth)
+    suffix = f"-{node}" if node else ""
+    config = run_dir / f"relay{suffix}.yaml"
+    data = await asyncio.to_thread(relay_config, fakes, port, run_dir, mailboxes, auth,
+                                   postgres=postgres, node=node)
     config.write_text(yaml.safe_dump(data), encoding="utf-8")
     command = [sys.executable, "-m", "relay", "serve", "--config", str(config),
                "--shutdown-timeout", "5"]
@@ -208,8 +225,9 @@ async def start_relay(fakes: dict[str, Any], run_dir: Path, mailboxes: int,
     # Cached bytecode, as an installed relay has (pip compiles it): without it every start
     # compiles relay/ again, ~0.1 s and ~1 MB. emailproxy's wheel ships its bytecode too.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return await _spawn("m365relay", command, log=run_dir / "relay.log", cwd=ROOT, env=env,
-                        port=port, cpus=cpus, spool=run_dir / "spool")
+    return await _spawn(f"m365relay{suffix}", command, log=run_dir / f"relay{suffix}.log",
+                        cwd=ROOT, env=env, port=port, cpus=cpus,
+                        spool=None if postgres else run_dir / "spool")
 
 
 def emailproxy_config(fakes: dict[str, Any], port: int, mailboxes: int) -> str:
@@ -256,12 +274,30 @@ async def start_emailproxy(fakes: dict[str, Any], run_dir: Path, mailboxes: int,
 
 
 async def start(target: str, fakes: dict[str, Any], run_dir: Path, mailboxes: int,
-                cpus: frozenset[int], *, auth: bool = False) -> Server | None:
+                cpus: frozenset[int], *, auth: bool = False, postgres: str | None = None,
+                cpus2: frozenset[int] = frozenset()) -> list[Server]:
+    """The target's processes (none for direct); ``postgres``: the run's database, for the
+    PostgreSQL targets. The relays of a cluster start at once, as a deployment's pods do (the
+    schema is created under a lock by whichever comes first)."""
     await asyncio.to_thread(run_dir.mkdir, parents=True, exist_ok=True)
     if target == "direct":
-        return None
+        return []
     if target == "m365relay":
-        return await start_relay(fakes, run_dir, mailboxes, cpus, auth=auth)
+        return [await start_relay(fakes, run_dir, mailboxes, cpus, auth=auth)]
     if target == "emailproxy":
-        return await start_emailproxy(fakes, run_dir, mailboxes, cpus)
+        return [await start_emailproxy(fakes, run_dir, mailboxes, cpus)]
+    if target in PG_TARGETS:
+        if postgres is None:
+            raise ValueError(f"{target} needs the bench run's PostgreSQL server")
+        starts = [start_relay(fakes, run_dir, mailboxes, cpus if i == 0 else cpus2 or cpus,
+                              auth=auth, postgres=postgres, node=node)
+                  for i, node in enumerate(NODES[target])]
+        started = await asyncio.gather(*starts, return_exceptions=True)
+        servers = [s for s in started if isinstance(s, Server)]
+        failed = [s for s in started if isinstance(s, BaseException)]
+        if failed:
+            for server in servers:
+                await server.stop(timeout=5)
+            raise failed[0]
+        return servers
     raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")

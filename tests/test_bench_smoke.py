@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+from pgserver import available as pg_problem
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is not an installed package; the relay is
     sys.path.insert(0, str(ROOT))
@@ -63,6 +66,38 @@ def test_quick_relay_run_delivers_and_verifies(tmp_path: Path) -> None:
     assert run["token_requests"] == 1
     assert run["msgs_per_s"] > 0 and run["sut_peak_rss"] > 0 and run["cold_start_s"] > 0
     assert "printer" in proc.stdout  # the terminal table
+
+
+@pytest.mark.slow
+def test_quick_cluster_runs_deliver_verify_and_count_round_trips(tmp_path: Path) -> None:
+    # One relay on PostgreSQL and two on one database, beside the file store: the queue-empty
+    # check on the shared table, and pg_stat_statements' counts per message.
+    problem = pg_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    out = tmp_path / "pg.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenario", "burst",
+         "--target", "m365relay", "--target", "m365relay-pg", "--target", "m365relay-pg2",
+         "--rounds", "1", "--no-install", "--no-pin", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = {r["target"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"m365relay", "m365relay-pg", "m365relay-pg2"}
+    for target in ("m365relay-pg", "m365relay-pg2"):
+        run = runs[target]
+        assert run["ok"] and run["spool_backlog"] == 0, run
+        assert run["verified"]["delivered"] == run["messages"] > 0
+        assert run["relays"] == (2 if target == "m365relay-pg2" else 1)
+        calls = {s["query"].split(" (")[0]: s["calls"] for s in run["db_statements"]}
+        # The relay's one statement to accept a message, one to delete it once delivered.
+        assert calls["DELETE FROM messages WHERE id = $1"] == run["messages"]
+        assert run["db_round_trips_per_msg"] >= 3 and run["db_xacts_per_msg"] >= 3
+    assert "m365relay-pg/m365relay = " in proc.stdout  # the ratio for the issue
+    assert "statements per message" in proc.stdout
 
 
 def test_checker_accepts_added_headers_and_flags_every_kind_of_damage() -> None:
