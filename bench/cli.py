@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to write results (default bench/results/{quick,full}.json)")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin processes to CPUs (see bench/README.md)")
+    parser.add_argument("--db-cpu", choices=("sut", "load"), default="sut",
+                        help="where the PostgreSQL of the cluster targets runs: beside the "
+                             "relay on its core (sut: one VM, the default) or with the fakes "
+                             "and the load generator (load: as a database on its own host "
+                             "takes nothing from the relay's core)")
     parser.add_argument("--profile", action="store_true",
                         help="record a py-spy profile of every m365relay/emailproxy run "
                              "(speedscope JSON next to the run's log); costs CPU, so the "
@@ -134,7 +139,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     try:
         # One server for the whole bench run, a database per run (bench/database.py).
         if any(t in PG_TARGETS for targets in plan.values() for t in targets):
-            db = await asyncio.to_thread(BenchDatabase.start, layout.sut)
+            db_cpus = layout.sut if args.db_cpu == "sut" else layout.load
+            db = await asyncio.to_thread(BenchDatabase.start, db_cpus)
         for scenario in scenarios:
             targets = plan[scenario.name]
             for round_no in range(rounds):

@@ -36,3 +36,6 @@ class Lane:
     # ends it. Not a 421 or a Retry-After: those are the server's to lift.
     reload_may_fix: bool = False
     epoch: int = 0  # bumped when a reload changed the app: workers reconnect with the new one
+    # Cluster mode: every connection slot of the mailbox is held by other nodes; no worker
+    # starts (each would ask the database again) until the retry timer asks once.
+    slot_retry: bool = False

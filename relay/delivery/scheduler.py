@@ -219,10 +219,15 @@ class Delivery:
         limit = 1 if lane.failures else self.config.delivery.connections_per_mailbox
         if lane.idle:
             lane.wake.set()
-        elif len(lane.workers) + lane.borrowed < limit:
+        elif len(lane.workers) + lane.borrowed < limit and not lane.slot_retry:
             task = asyncio.create_task(self._worker(lane), name=f"deliver {lane.mailbox}")
             lane.workers.add(task)
             task.add_done_callback(lambda t: self._worker_done(lane, t))
+
+    def _slot_retry(self, lane: Lane) -> None:
+        lane.slot_retry = False
+        if lane.ready and not self._stopping:
+            self._kick(lane)
 
     def _worker_done(self, lane: Lane, task: asyncio.Task[None]) -> None:
         lane.workers.discard(task)
@@ -244,8 +249,9 @@ class Delivery:
             return
         slot = await limits.acquire_slot(lane.mailbox, self.config.delivery.connections_per_mailbox)
         if slot is None:
-            if not self._stopping:
-                asyncio.get_running_loop().call_later(SLOT_RETRY, self._kick, lane)
+            if not self._stopping and not lane.slot_retry:
+                lane.slot_retry = True  # one timer per lane, not one per kick (a query storm)
+                asyncio.get_running_loop().call_later(SLOT_RETRY, self._slot_retry, lane)
             return
         try:
             await self._work(lane)
