@@ -100,6 +100,10 @@ async def test_two_relays_sending_as_one_mailbox_stay_within_exchanges_limits(
         took = time.monotonic() - began
         await wait_until(lambda: pg_server.psql(
             "SELECT count(*) FROM m365relay.messages", db) == "0", timeout=30)
+        # The rolling day's recipients, counted for the cluster (each node adds its own).
+        await wait_until(lambda: pg_server.psql(
+            "SELECT coalesce(sum(recipients), 0) FROM m365relay.mailbox_sends", db)
+            == str(2 * PER_RELAY), timeout=15)
         by_node = pg_server.psql("SELECT node || '=' || count(*) FROM m365relay.mailbox_sends "
                                  "GROUP BY node ORDER BY node", db).split()
     finally:
