@@ -39,3 +39,7 @@ class Lane:
     # Cluster mode: every connection slot of the mailbox is held by other nodes; no worker
     # starts (each would ask the database again) until the retry timer asks once.
     slot_retry: bool = False
+    # Cluster mode, while other nodes wait for the mailbox's slots: how many of them this node
+    # may keep (delivery/slots.py SlotShares); None: no one waits, all of them.
+    share: int | None = None
+    active: int = 0  # workers in their loop, not on their way out

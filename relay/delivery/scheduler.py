@@ -38,7 +38,7 @@ from relay.delivery.bounces import Bouncer
 from relay.delivery.events import Events
 from relay.delivery.lanes import Counters, Lane
 from relay.delivery.pacing import Pacer
-from relay.delivery.slots import SLOT_RETRY, borrowed
+from relay.delivery.slots import SLOT_RETRY, SlotShares, borrowed
 from relay.diagnosis.errors import (
     AuthRejected,
     BounceError,
@@ -87,6 +87,9 @@ class Delivery:
         # A store shared by several relays keeps Exchange's limits for all of them.
         self.limits: SharedLimits | None = getattr(store, "limits", None)
         self.pacer.shared = self.limits
+        self.shares = None if self.limits is None else SlotShares(
+            self.limits, lambda: list(self._lanes.values()),
+            lambda: self.config.delivery.connections_per_mailbox, self._kick_ready)
         self._bouncer = Bouncer(self, store, self.events, self.counters, clock=clock,
                                 hostname=self._hostname)
 
@@ -217,6 +220,8 @@ class Delivery:
             return
         # A path that just failed gets one probe after its pause, not a worker per message.
         limit = 1 if lane.failures else self.config.delivery.connections_per_mailbox
+        if lane.share is not None:  # other nodes wait for this mailbox's slots
+            limit = min(limit, lane.share)
         if lane.idle:
             lane.wake.set()
         elif len(lane.workers) + lane.borrowed < limit and not lane.slot_retry:
@@ -224,10 +229,13 @@ class Delivery:
             lane.workers.add(task)
             task.add_done_callback(lambda t: self._worker_done(lane, t))
 
-    def _slot_retry(self, lane: Lane) -> None:
-        lane.slot_retry = False
+    def _kick_ready(self, lane: Lane) -> None:
         if lane.ready and not self._stopping:
             self._kick(lane)
+
+    def _slot_retry(self, lane: Lane) -> None:
+        lane.slot_retry = False
+        self._kick_ready(lane)
 
     def _worker_done(self, lane: Lane, task: asyncio.Task[None]) -> None:
         lane.workers.discard(task)
@@ -244,9 +252,10 @@ class Delivery:
         mailbox's connection slots, shared with every node: none free means another node
         holds them all, and the lane asks again in a moment."""
         limits = self.limits
-        if limits is None:
+        if limits is None or self.shares is None:
             await self._work(lane)
             return
+        self.shares.start()
         slot = await limits.acquire_slot(lane.mailbox, self.config.delivery.connections_per_mailbox)
         if slot is None:
             if not self._stopping and not lane.slot_retry:
@@ -275,8 +284,11 @@ class Delivery:
                         opened=self.opened)
         epoch = lane.epoch
         self.connections.add(conn)
+        lane.active += 1
         try:
             while not self._stopping:
+                if lane.share is not None and lane.active > lane.share:
+                    return  # other nodes wait for this mailbox: its slot goes to them
                 paused = lane.blocked_until > self._clock()
                 if paused or not lane.ready:
                     if lane.waiting:
@@ -308,6 +320,7 @@ class Delivery:
             conn.abort()  # the shutdown deadline passed mid-send: no polite QUIT to wait on
             raise
         finally:
+            lane.active -= 1
             self.connections.discard(conn)
             await conn.close()
 
@@ -505,6 +518,8 @@ class Delivery:
         for lane in self._lanes.values():
             lane.wake.set()
         await self.pacer.close()  # wakes workers waiting for their pace; saves the counts
+        if self.shares is not None:
+            await self.shares.stop()
         if workers:
             await self._finish(workers, timeout)
 

@@ -63,3 +63,53 @@ async def borrowed(lane: Lane, limit: int, timeout: float, limits: SharedLimits 
         lane.borrowed -= 1
         lane.freed.set()
         kick()
+
+
+class SlotShares:
+    """Cluster mode: gives other nodes their share of a mailbox's connection slots. Without it
+    a node keeps a slot for as long as its own queue for the mailbox lasts and then for its
+    idle_timeout, while a scan accepted by another node waits for all of that.
+
+    Once a second it asks the database which of the mailboxes this node holds slots of other
+    nodes are waiting for, and sets each such lane's ``share``: the connection limit divided
+    among the nodes that want it (none when they outnumber the slots). Workers over the share
+    leave after their current message (idle ones at once), releasing their slots for the
+    waiting nodes to take; the lane starts no new worker until the next look."""
+
+    INTERVAL = 1.0
+
+    def __init__(self, limits: SharedLimits, lanes: Callable[[], list[Lane]],
+                 limit: Callable[[], int], kick: Callable[[Lane], None]) -> None:
+        self._limits = limits
+        self._lanes = lanes
+        self._limit = limit
+        self._kick = kick
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="m365relay-slot-shares")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.INTERVAL)
+            self.apply(await self._limits.wanted())
+
+    def apply(self, wanted: dict[str, int]) -> None:
+        limit = self._limit()
+        for lane in self._lanes():
+            others = wanted.get(lane.mailbox.lower())
+            # 0 when there are more nodes than slots: this node lets go, and once it holds
+            # none it asks again like the others (time-sharing, a message at a time).
+            before, lane.share = lane.share, None if others is None else limit // (others + 1)
+            if lane.share is not None and lane.idle and lane.active > lane.share:
+                lane.wake.set()  # an idle worker over the share leaves now
+            elif before is not None and (lane.share is None or lane.share > before):
+                self._kick(lane)  # it may start workers again (it does if it has mail)

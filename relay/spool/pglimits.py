@@ -36,6 +36,22 @@ ON CONFLICT (mailbox, slot) DO UPDATE SET node = EXCLUDED.node,
 RETURNING slot
 """
 _RELEASE = f"DELETE FROM {SCHEMA}.mailbox_slots WHERE mailbox = $1 AND slot = $2 AND node = $3"
+# No slot free: this node wants one (for a few seconds; renewed while it keeps asking).
+_WANT = f"""
+INSERT INTO {SCHEMA}.mailbox_wants (mailbox, node, until)
+VALUES ($1, $2, now() + make_interval(secs => $3))
+ON CONFLICT (mailbox, node) DO UPDATE SET until = EXCLUDED.until
+"""
+_GOT = f"DELETE FROM {SCHEMA}.mailbox_wants WHERE mailbox = $1 AND node = $2"
+# The mailboxes this node holds slots of that other nodes want, and how many nodes want each.
+_WANTED = f"""
+SELECT w.mailbox, count(DISTINCT w.node)::int AS nodes FROM {SCHEMA}.mailbox_wants w
+WHERE w.until > now() AND w.node <> $1 AND EXISTS (
+    SELECT 1 FROM {SCHEMA}.mailbox_slots s
+    WHERE s.mailbox = w.mailbox AND s.node = $1 AND s.lease_until >= now())
+GROUP BY w.mailbox
+"""
+WANT_FOR = 3.0  # seconds a want lasts unless asked again (the asker retries every 0.5 s)
 _ADMIT = f"SELECT wait, send_id FROM {SCHEMA}.admit_send($1, $2, $3, $4)"
 _SENT = f"UPDATE {SCHEMA}.mailbox_sends SET sent_at = now() WHERE id = $1"
 # The recipients Exchange took, on this node's latest send for the mailbox; returns the
@@ -70,6 +86,7 @@ class SharedLimits:
         self.node = node
         self.lease = lease
         self._down = False
+        self._wanting: set[str] = set()  # mailboxes this node registered a want for
 
     async def _run(self, fetch: str, sql: str, *args: Any) -> Any:
         pool = await self._pool()
@@ -91,12 +108,28 @@ class SharedLimits:
         """One of the mailbox's ``limit`` connection slots for this node, or None (all taken
         by live nodes, or the database is away)."""
         try:
-            slot = await self._run("fetchval", _ACQUIRE, mailbox.lower(), self.node, limit,
-                                   self.lease)
+            box = mailbox.lower()
+            slot = await self._run("fetchval", _ACQUIRE, box, self.node, limit, self.lease)
+            if slot is None:  # every slot held by others: ask for a share
+                await self._run("execute", _WANT, box, self.node, WANT_FOR)
+                self._wanting.add(box)
+            elif box in self._wanting:
+                self._wanting.discard(box)
+                await self._run("execute", _GOT, box, self.node)
         except Exception as exc:  # fail closed: no slot
             self._failed("lease a connection slot", exc)
             return None
         return None if slot is None else int(slot)
+
+    async def wanted(self) -> dict[str, int]:
+        """Mailboxes whose slots this node holds while other nodes wait for one: how many
+        nodes wait, by mailbox (lower case). Empty when the database is away."""
+        try:
+            rows = await self._run("fetch", _WANTED, self.node)
+        except Exception as exc:
+            self._failed("see who waits for a connection slot", exc)
+            return {}
+        return {row["mailbox"]: int(row["nodes"]) for row in rows}
 
     async def release_slot(self, mailbox: str, slot: int) -> None:
         try:

@@ -177,7 +177,20 @@ BEGIN
 END $$;
 """
 
-STEPS: dict[int, str] = {1: QUEUE + LIMITS + SIGNINS, 2: SPACING}
+# --- version 3: a fair share of a mailbox's connection slots between nodes --------------------
+# A node that finds every slot of a mailbox held by others says so here; the holders give
+# slots back until each wanting node can have its share (relay/delivery/slots.py), instead of
+# keeping them for as long as their own queue lasts (or their idle_timeout).
+WANTS = f"""
+CREATE TABLE {SCHEMA}.mailbox_wants (
+    mailbox text NOT NULL,
+    node text NOT NULL,
+    until timestamptz NOT NULL,
+    PRIMARY KEY (mailbox, node)
+);
+"""
+
+STEPS: dict[int, str] = {1: QUEUE + LIMITS + SIGNINS, 2: SPACING, 3: WANTS}
 LATEST = max(STEPS)
 
 _VERSION_TABLE = f"""
