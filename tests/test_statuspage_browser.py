@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from cdp import Page, chromium, trust_certificate_flag
 from conftest import PASSWORD, RelayFactory, TLSFiles, message, send
+from pgserver import PgServer
 from watchrelay import BUSY, SANDBOX_APPS, Watched, start_watched
 
 from relay.sandbox import Sandbox
@@ -174,4 +175,30 @@ async def test_status_page_over_tls_with_basic_auth(
         challenges = [p for name, p in page.events if name == "Fetch.authRequired"]
         assert len(challenges) == 1  # asked once, for the page; the script's fetches reuse it
         assert page.console_problems() == []
+        assert await page.evaluate("window.__csp") == []
+
+
+async def test_cluster_table_is_drawn_by_the_script(
+        relays: RelayFactory, sandbox: Sandbox, pg_server: PgServer, tmp_path: Path) -> None:
+    """Cluster mode: the page's script redraws the Cluster table from /api/status, with no
+    error and within the CSP, and shows both nodes."""
+    dsn = pg_server.dsn(pg_server.new_database("page"))
+    data = relays.config()
+    data["http"] = {"bind": "127.0.0.1:0"}
+    data["spool"] = {"postgres": dsn, "node": "web-a", "lease": "5s"}
+    relay = await relays.start(data)
+    other = relays.config()
+    other["spool"] = {"postgres": dsn, "node": "web-b", "lease": "5s"}
+    await relays.start(other)
+    assert relay.http_address is not None
+    host, port = relay.http_address
+    async with chromium(tmp_path / "profile") as browser:
+        page = await browser.new_page(timezone=ZONE)
+        await page.send("Page.addScriptToEvaluateOnNewDocument", source=_WATCH_CSP)
+        await page.send("Page.navigate", url=f"http://{host}:{port}/")
+        await page.wait_event("Page.loadEventFired")
+        await page.wait_for("Number(document.body.dataset.refreshed || 0) >= 1")
+        table = await page.evaluate(text_of("#cluster"))
+        assert "web-a (this relay)" in table and "web-b" in table, table
+        assert "alive" in table and "connection slots" in table
         assert await page.evaluate("window.__csp") == []
