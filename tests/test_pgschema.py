@@ -83,3 +83,33 @@ async def test_a_role_that_may_only_use_the_schema_starts_on_a_current_one(
         assert await pgschema.upgrade(limited) == []
     finally:
         await limited.close()
+
+
+async def test_rights_on_only_the_queue_tables_are_a_problem_naming_the_others(
+        pg_server: PgServer, pg_dsn: str) -> None:
+    """Every node writes the limits, sign-ins and node leases too: doctor and `db status` must
+    not pass a role a DBA granted only messages and chunks."""
+    from relay.config.pgdsn import parse_dsn
+    from relay.spool import pgcheck
+
+    db = pg_dsn.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await pgschema.upgrade(conn)
+    finally:
+        await conn.close()
+    role = f"half_{db}"
+    pg_server.psql(f'CREATE ROLE "{role}" LOGIN; GRANT USAGE ON SCHEMA m365relay TO "{role}"; '
+                   "GRANT SELECT, INSERT, UPDATE, DELETE ON m365relay.messages, "
+                   f'm365relay.chunks TO "{role}"; '
+                   f'GRANT SELECT ON m365relay.schema_version TO "{role}"', db)
+    dsn = parse_dsn(pg_server.dsn(db, user=role))
+    report = await pgcheck.inspect(dsn)
+    assert not report.can_write and "mailbox_slots" in report.lacking, report.lacking
+    (what, fix), = [p for p in pgcheck.problems(report, dsn) if "may not" in p[0]]
+    assert "mailbox_slots" in what and "more" in what, what
+    assert "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES" in fix
+    pg_server.psql("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA m365relay "
+                   f'TO "{role}"; GRANT USAGE ON ALL SEQUENCES IN SCHEMA m365relay TO "{role}"',
+                   db)
+    assert (await pgcheck.inspect(dsn)).can_write

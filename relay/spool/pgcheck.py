@@ -27,8 +27,18 @@ class DbReport:
     latest: int = 0
     can_write: bool = False  # SELECT/INSERT/UPDATE/DELETE on the queue's tables
     can_create: bool = False  # CREATE on the database: `db upgrade` may make the schema
+    lacking: list[str] = field(default_factory=list)  # tables/sequences without the rights
     nodes: list[tuple[str, bool]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+
+
+_LACKING = """
+SELECT c.relname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname <> 'schema_version' AND (
+    (c.relkind = 'r' AND NOT has_table_privilege(c.oid, 'SELECT,INSERT,UPDATE,DELETE'))
+    OR (c.relkind = 'S' AND NOT has_sequence_privilege(c.oid, 'USAGE')))
+ORDER BY c.relname
+"""
 
 
 async def inspect(dsn: PgDsn) -> DbReport:
@@ -57,10 +67,10 @@ async def _look(conn: Any) -> DbReport:
     found = await status(conn)
     report.version, report.latest = found.version, found.latest
     if found.version:
-        report.can_write = bool(await conn.fetchval(
-            "SELECT has_table_privilege($1, 'SELECT,INSERT,UPDATE,DELETE') AND "
-            "has_table_privilege($2, 'SELECT,INSERT,UPDATE,DELETE')",
-            f"{SCHEMA}.messages", f"{SCHEMA}.chunks"))
+        # Every table and sequence of the schema: the limits, sign-ins and node leases are
+        # written by every node too, not only the queue's two tables.
+        report.lacking = [r["name"] for r in await conn.fetch(_LACKING, SCHEMA)]
+        report.can_write = not report.lacking
         if report.can_write:
             report.nodes = [(r["name"], r["alive"]) for r in await conn.fetch(
                 f"SELECT name, lease_until >= now() AS alive FROM {SCHEMA}.nodes "
@@ -92,7 +102,9 @@ def problems(report: DbReport, dsn: PgDsn) -> list[tuple[str, str]]:
         found.append((f"the schema is version {report.version}, this relay needs "
                       f"{report.latest}", "run `m365relay db upgrade`"))
     elif not report.can_write:
-        found.append((f"user {report.user} may not read and write the queue's tables",
+        more = len(report.lacking) - 6
+        found.append((f"user {report.user} may not read and write the queue's tables "
+                      f"({', '.join(report.lacking[:6])}{f' and {more} more' if more > 0 else ''})",
                       f"GRANT USAGE ON SCHEMA {SCHEMA} TO {report.user}; GRANT SELECT, "
                       f"INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} TO "
                       f"{report.user}; GRANT USAGE ON ALL SEQUENCES IN SCHEMA {SCHEMA} TO "
