@@ -101,9 +101,13 @@ async def test_rights_on_only_the_queue_tables_are_a_problem_naming_the_others(
     role = f"half_{db}"
     pg_server.psql(f'CREATE ROLE "{role}" LOGIN; GRANT USAGE ON SCHEMA m365relay TO "{role}"; '
                    "GRANT SELECT, INSERT, UPDATE, DELETE ON m365relay.messages, "
-                   f'm365relay.chunks TO "{role}"; '
-                   f'GRANT SELECT ON m365relay.schema_version TO "{role}"', db)
+                   f'm365relay.chunks TO "{role}"', db)
     dsn = parse_dsn(pg_server.dsn(db, user=role))
+    with pytest.raises(asyncpg.InsufficientPrivilegeError) as denied:  # not schema_version
+        await pgcheck.inspect(dsn)
+    what, fix = pgcheck.explain(denied.value, dsn)
+    assert "may not use the m365relay schema" in what and "GRANT USAGE ON SCHEMA" in fix
+    pg_server.psql(f'GRANT SELECT ON m365relay.schema_version TO "{role}"', db)
     report = await pgcheck.inspect(dsn)
     assert not report.can_write and "mailbox_slots" in report.lacking, report.lacking
     (what, fix), = [p for p in pgcheck.problems(report, dsn) if "may not" in p[0]]

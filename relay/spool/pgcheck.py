@@ -141,6 +141,11 @@ def explain(exc: BaseException, dsn: PgDsn) -> tuple[str, str]:
     if name == "InvalidAuthorizationSpecificationError":
         return (f"the server refused user {user}: {exc}",
                 "create the role (CREATE ROLE ... LOGIN) or allow this host in pg_hba.conf")
+    if name == "InsufficientPrivilegeError":
+        return (f"user {user} may not use the m365relay schema ({exc})",
+                f"GRANT USAGE ON SCHEMA {SCHEMA} TO {user}; GRANT SELECT, INSERT, UPDATE, "
+                f"DELETE ON ALL TABLES IN SCHEMA {SCHEMA} TO {user}; GRANT USAGE ON ALL "
+                f"SEQUENCES IN SCHEMA {SCHEMA} TO {user} (as the schema's owner)")
     if name == "InvalidCatalogNameError":
         return (f"database {db} does not exist",
                 f"create it: createdb -O {user} {db} (or CREATE DATABASE)")
