@@ -73,3 +73,22 @@ def test_libpq_forms_become_the_uri_the_driver_takes(text: str, uri: str) -> Non
 def test_a_typo_in_a_keyword_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown connection keyword"):
         parse_dsn("host=db sslmod=require")
+
+
+def test_token_store_needs_a_directory_only_with_files(tmp_path: Path) -> None:
+    """Delegated sign-ins are files beside a file spool, rows beside a PostgreSQL one."""
+    from cryptography.fernet import Fernet
+
+    key = tmp_path / "token.key"
+    key.write_text(Fernet.generate_key().decode())
+    base = _minimal(tmp_path)
+    base["apps"]["a"].update(flow="delegated")
+    del base["apps"]["a"]["client_secret"]
+    base["token_store"] = {"key": {"file": str(key)}}
+    clustered = config_mod.parse(_config(base, {"postgres": "host=db", "node": "n1"}),
+                                 base_dir=tmp_path)
+    assert clustered.token_store is not None and clustered.token_store.directory is None
+    with pytest.raises(config_mod.ConfigError) as problem:
+        config_mod.parse(_config(base, {"directory": str(tmp_path / "spool")}),
+                         base_dir=tmp_path)
+    assert "token_store.directory: required with spool.directory" in str(problem.value)
