@@ -49,6 +49,7 @@ CHUNKS = (f"SELECT data FROM {SCHEMA}.chunks WHERE message_id = $1 AND seq BETWE
 SET_STATUS = (f"UPDATE {M} SET status = $2, reason = $3, claimed_by = NULL, lease_until = NULL, "
               "changed_at = now() WHERE id = $1")
 DELETE = f"DELETE FROM {M} WHERE id = $1"
+DELETE_MANY = f"DELETE FROM {M} WHERE id = ANY($1::text[])"
 DELETE_IN = f"DELETE FROM {M} WHERE id = $1 AND status = $2"
 UNCLAIM = (f"UPDATE {M} SET claimed_by = NULL, lease_until = NULL "
            "WHERE id = $1 AND claimed_by = $2")

@@ -43,6 +43,7 @@ from relay.spool.base import (
     SpoolUnavailableError,
 )
 from relay.spool.fileformat import INLINE_LIMIT, _b32
+from relay.spool.pgbatch import Batch
 from relay.spool.pgcommands import PgClaim, PgCommands
 from relay.spool.pglimits import SharedLimits
 from relay.spool.pglooking import PgLooking
@@ -98,6 +99,7 @@ class PgStore(PgCommands, PgLooking):
         # Delivered, but the DELETE that records it has not committed yet (database away).
         self._undeleted: set[str] = set()
         self._deleter: asyncio.Task[None] | None = None
+        self._deletes = Batch(self._delete_many)  # deliveries recorded a few at a time
 
     @property
     def node(self) -> str:
@@ -340,13 +342,16 @@ class PgStore(PgCommands, PgLooking):
         pause = 0.2
         while True:
             try:
-                await self._exec(pgqueue.DELETE, queue_id, what="record the delivery")
+                await self._deletes.add(queue_id)
                 return
             except SpoolUnavailableError:
                 if time.monotonic() + pause > deadline:
                     raise
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
+
+    async def _delete_many(self, ids: list[str]) -> None:
+        await self._exec(pgqueue.DELETE_MANY, ids, what="record the delivery")
 
     def _keep_deleting(self, queue_id: str, exc: SpoolUnavailableError) -> None:
         """Exchange has it but the database was away for a whole lease: keep the claim (the
