@@ -11,9 +11,10 @@ leases have run out.
 
 Round trips per message: one statement to accept it (row and chunks in one ``INSERT ... WITH``,
 for anything up to 2 MB; larger ones add a 2 MB statement per 2 MB in the same transaction),
-one to claim and load it, one to delete it once Exchange said 250. A failure to reach the
-database is :class:`SpoolUnavailableError`: 451 4.3.0 to the client, and the pool reconnects
-by itself once the database is back.
+one to claim and load it, and once Exchange said 250 a share of one DELETE (those of the same
+few milliseconds go together: pgbatch.py). A failure to reach the database is
+:class:`SpoolUnavailableError`: 451 4.3.0 to the client, and the pool reconnects by itself
+once the database is back.
 """
 
 from __future__ import annotations
