@@ -64,16 +64,21 @@ async def test_a_version_1_database_is_upgraded_in_place(pg_dsn: str) -> None:
         await conn.close()
 
 
-async def test_a_role_that_may_only_use_the_schema_starts_on_a_current_one(
-        pg_server: PgServer, pg_dsn: str) -> None:
-    """A DBA migrated the schema; the relay's role has no CREATE on the database. Starting
-    (which runs upgrade) must not need it."""
-    db = pg_dsn.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(pg_dsn)
+async def _upgraded(dsn: str) -> str:
+    """Create the schema as the owner; the database's name."""
+    conn = await asyncpg.connect(dsn)
     try:
         await pgschema.upgrade(conn)
     finally:
         await conn.close()
+    return dsn.rsplit("/", 1)[1]
+
+
+async def test_a_role_that_may_only_use_the_schema_starts_on_a_current_one(
+        pg_server: PgServer, pg_dsn: str) -> None:
+    """A DBA migrated the schema; the relay's role has no CREATE on the database. Starting
+    (which runs upgrade) must not need it."""
+    db = await _upgraded(pg_dsn)
     role = f"user_{db}"
     pg_server.psql(f'CREATE ROLE "{role}" LOGIN; REVOKE CREATE ON DATABASE "{db}" FROM PUBLIC; '
                    f'GRANT USAGE ON SCHEMA m365relay TO "{role}"; '
@@ -92,12 +97,7 @@ async def test_rights_on_only_the_queue_tables_are_a_problem_naming_the_others(
     from relay.config.pgdsn import parse_dsn
     from relay.spool import pgcheck
 
-    db = pg_dsn.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await pgschema.upgrade(conn)
-    finally:
-        await conn.close()
+    db = await _upgraded(pg_dsn)
     role = f"half_{db}"
     pg_server.psql(f'CREATE ROLE "{role}" LOGIN; GRANT USAGE ON SCHEMA m365relay TO "{role}"; '
                    "GRANT SELECT, INSERT, UPDATE, DELETE ON m365relay.messages, "
