@@ -71,8 +71,6 @@ def run_login(config: config_mod.Config, config_path: Path | None, account_name:
     if app.flow != "delegated" or config.token_store is None:
         raise LoginError(f"account {account_name!r} uses app {account.app!r}, which has no "
                          "`flow: delegated`; only delegated apps sign in with a person")
-    sealer = Sealer(config.token_store.key.value,
-                    login=lambda a: commands.command("login", a, config=config_path))
     provider = TokenProvider(config.apps)
     try:
         cache = msal.SerializableTokenCache()
@@ -101,7 +99,8 @@ def run_login(config: config_mod.Config, config_path: Path | None, account_name:
         raise LoginError(f"signed in as {user}, but accounts[{account_name}].mailbox is "
                          f"{account.mailbox}: Outlook accepts XOAUTH2 only for the signed-in "
                          "address; sign in as that mailbox or change `mailbox`")
-    where = save_signin(config, account.name, cache.serialize(), sealer)
+    where = save_signin(config, account.name, cache.serialize(),
+                        login=lambda a: commands.command("login", a, config=config_path))
     print(f"Signed in as {user or account.mailbox}; sign-in stored in {where} (a running "
           "relay picks it up by itself).", file=out, flush=True)
     try:
@@ -116,16 +115,18 @@ def run_login(config: config_mod.Config, config_path: Path | None, account_name:
     return user or account.mailbox
 
 
-def save_signin(config: config_mod.Config, account: str, text: str, sealer: Sealer) -> str:
-    """Store a new sign-in where the relay reads it; returns where that is."""
+def save_signin(config: config_mod.Config, account: str, text: str, *,
+                login: Callable[[str], str]) -> str:
+    """Store a new sign-in where the relay reads it; returns where that is. ``login``: the
+    sign-in command, for the message when the key does not fit."""
     settings = config.token_store
     assert settings is not None  # noqa: S101 -- the caller checked
     if not config.spool.clustered:
         assert settings.directory is not None  # noqa: S101 -- Config checks it
-        store = TokenStore(settings.directory, settings.key.value)
-        store.sealer = sealer
+        store = TokenStore(settings.directory, settings.key.value, login=login)
         store.save(account, text)
         return str(store.path(account))
+    sealer = Sealer(settings.key.value, login=login)
 
     async def to_database() -> str:
         store = open_store(config.spool, listen=False)

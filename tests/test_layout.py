@@ -112,7 +112,7 @@ TABLES = {
 # Over the limit when issue 11 closed and not split yet; each may shrink, none may grow, and
 # nothing may join. Remove an entry when its file or function is split.
 NOT_YET_SPLIT = {
-    "relay/delivery/scheduler.py": 453,
+    "relay/delivery/scheduler.py": 448,
     # Cluster mode: the looking half is in pglooking.py, the commands in pgcommands.py.
     "relay/spool/postgres.py": 443,
 }

@@ -114,12 +114,8 @@ class Delivery(Schedule):
         sees more; yields False if none came free within ``timeout``."""
         lane = self._lane(Envelope(mail_from="", rcpt_tos=(), account="", app=app,
                                    mailbox=mailbox, bounce_to="", client="", received_at=0.0))
-
-        def kick() -> None:
-            if lane.ready and not self._stopping:
-                self._kick(lane)
         return borrowed(lane, self.config.delivery.connections_per_mailbox, timeout,
-                        self.limits, kick)
+                        self.limits, lambda: self._kick_ready(lane))
 
     def _kick(self, lane: Lane) -> None:
         if lane.blocked_until > self._clock():
@@ -136,6 +132,7 @@ class Delivery(Schedule):
             task.add_done_callback(lambda t: self._worker_done(lane, t))
 
     def _kick_ready(self, lane: Lane) -> None:
+        """Kick a lane that has mail, unless delivery is stopping."""
         if lane.ready and not self._stopping:
             self._kick(lane)
 
@@ -148,8 +145,7 @@ class Delivery(Schedule):
         lane.freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery worker for %s crashed", lane.mailbox, exc_info=task.exception())
-        if lane.ready and not self._stopping:
-            self._kick(lane)
+        self._kick_ready(lane)
 
     # --- workers -------------------------------------------------------------------------
 
@@ -372,8 +368,7 @@ class Delivery(Schedule):
         if pause != lane.pauses:
             return
         lane.blocked_until = 0.0
-        if lane.ready and not self._stopping:
-            self._kick(lane)
+        self._kick_ready(lane)
 
     def _backoff(self, attempts: int) -> float:
         settings = self.config.delivery

@@ -323,11 +323,11 @@ class PgStore(PgCommands, PgLooking):
             try:
                 await self._record_delivery(out.queue_id)
             except SpoolUnavailableError as exc:
-                self._keep_deleting(out.queue_id, exc)
+                self._keep_deleting(out.queue_id, exc)  # in flight until it is recorded
                 return
-        self._inflight.discard(out.queue_id)  # a release that fails is the heartbeat's now
-        if remove:
+            self._inflight.discard(out.queue_id)
             return
+        self._inflight.discard(out.queue_id)  # a release that fails is the heartbeat's now
         if holder:
             try:
                 await self._exec(pgqueue.UNCLAIM, out.queue_id, holder, what="release")
@@ -368,15 +368,15 @@ class PgStore(PgCommands, PgLooking):
         pause = 1.0
         while self._undeleted:
             await asyncio.sleep(pause)
-            for queue_id in list(self._undeleted):
-                try:
-                    await self._exec(pgqueue.DELETE, queue_id, what="record the delivery")
-                except SpoolUnavailableError:
-                    pause = min(pause * 2, 10.0)
-                    break
-                self._undeleted.discard(queue_id)
-                self._inflight.discard(queue_id)
-                log.info("%s: removed (its delivery recorded late)", queue_id)
+            ids = sorted(self._undeleted)
+            try:
+                await self._delete_many(ids)
+            except SpoolUnavailableError:
+                pause = min(pause * 2, 10.0)
+                continue
+            self._undeleted.difference_update(ids)
+            self._inflight.difference_update(ids)
+            log.info("%s: removed (delivery recorded late)", ", ".join(ids))
 
     async def save_state(self, queue_id: str, state: DeliveryState, *, urgent: bool = False
                          ) -> None:

@@ -25,7 +25,7 @@ import requests
 
 from relay import logsafe
 from relay.config.commands import command
-from relay.config.records import App, Config
+from relay.config.records import Account, App, Config
 from relay.diagnosis.errors import TokenError, aadsts_code
 from relay.diagnosis.explain import (
     Context,
@@ -109,13 +109,12 @@ class DelegatedTokens:
         self._clock = clock
         self._states: dict[str, _AccountState] = {}
         self._store: SignIns | None = None
-        self._shared: SignIns | None = None
         self.configure(config, config_path, margin=margin)
 
     def share(self, signins: SignIns) -> None:
         """Keep the sign-ins where every node of the cluster finds them (relay/tokens/shared.py),
         instead of in ``token_store.directory``."""
-        self._shared = self._store = signins
+        self._store = signins
         for state in self._states.values():
             state.client, state.token, state.refresh_at = None, "", 0.0
 
@@ -133,7 +132,7 @@ class DelegatedTokens:
         self._config_path = config_path
         self._margin = margin
         store = config.token_store
-        if self._shared is not None:
+        if self._store is not None and self._store.shared:
             pass  # the cluster's database: set once by share(), for the process's life
         elif store is not None and store.directory is not None:
             self._store = FileSignIns(TokenStore(
@@ -219,7 +218,7 @@ class DelegatedTokens:
             raise TokenError(f"account {name!r} has no token_store to keep its sign-in")
         try:
             async with self._store.refreshing(name):
-                return await self._refresh_held(name, app_name, state, ctx)
+                return await self._refresh_held(account, app, state, ctx)
         except SignInsUnavailable as exc:
             state.failures += 1
             state.error = str(exc)
@@ -228,12 +227,11 @@ class DelegatedTokens:
                 Verdict.RETRY, str(exc), "the relay retries by itself once the database "
                 "answers")) from None
 
-    async def _refresh_held(self, name: str, app_name: str, state: _AccountState,
+    async def _refresh_held(self, account: Account, app: App, state: _AccountState,
                             ctx: Context) -> str:
         """The refresh itself, under the store's refresh lease (a cluster's: one node)."""
         assert self._store is not None  # noqa: S101 -- the caller checked
-        app = self._config.apps[app_name]
-        account = next(a for a in self._accounts() if a.name == name)
+        name, app_name = account.name, account.app
         command = login_command(name, self._config_path)
         shared = self._store.shared
         state.requests += 1
